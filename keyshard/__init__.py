@@ -1,0 +1,3 @@
+"""keyshard: block-wise secret-key encryption of segmentation datasets into WebDataset shards."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,54 @@
+"""The ``keyshard`` command: a click group; each stage's package contributes its commands.
+
+User mistakes surface as ``KeyshardError`` and are printed as one ``keyshard: error: ...`` line
+with exit status 1 — never a traceback.
+"""
+
+from __future__ import annotations
+
+import click
+
+from keyshard import __version__
+from keyshard.errors import KeyshardError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyshardError as exc:
+            click.echo(f"keyshard: error: {exc}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            click.echo("keyshard: interrupted (an unfinished job can be continued with --resume)", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="keyshard")
+def cli():
+    """Protect segmentation models with a secret block-wise key.
+
+    \b
+    Typical chain:
+      keyshard toy-voc toy/ --images 60          # or use the real VOC2012 dir / tar
+      keyshard keygen --method ffx --block-size 4 -o key.json
+      keyshard encrypt --voc toy/ --key key.json -o shards/enc
+      keyshard encrypt --voc toy/ --plain -o shards/plain
+      keyshard verify shards/enc
+    """
+
+
+def _register() -> None:
+    from keyshard.key_commands import key_info, keygen
+    from keyshard.pipeline.commands import decrypt, encrypt, toy_voc, verify
+
+    for command in (keygen, key_info, toy_voc, encrypt, verify, decrypt):
+        cli.add_command(command)
+
+
+_register()
+
+
+def main() -> None:
+    cli(prog_name="keyshard")

@@ -1,0 +1,64 @@
+"""``keyshard keygen`` and ``keyshard key-info``."""
+
+from __future__ import annotations
+
+import click
+
+from keyshard import keys
+from keyshard.errors import KeyshardError
+
+
+@click.command("keygen")
+@click.option("--method", type=click.Choice(keys.METHODS), required=True,
+              help="shf: pixel shuffling; np: negative/positive flipping; ffx: FFX format-preserving encryption.")
+@click.option("--block-size", "-M", type=int, required=True, help="Block size M (e.g. 2, 4, ..., 256).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="Key file to create (mode 0600).")
+@click.option("--image-size", type=int, default=256, show_default=True,
+              help="Image size the key will be used with; M must divide it.")
+@click.option("--reference-seed", type=click.IntRange(min=0), default=None,
+              help="Derive the key exactly as the authors' reference code (torch.manual_seed + randperm). "
+                   "Only as strong as the seed.")
+@click.option("--ffx-password", default=None,
+              help="FFX only: fixed password (the paper used one). Default: derived from the secret.")
+@click.option("--force", is_flag=True, help="Replace an existing key file (the old key is lost).")
+def keygen(method, block_size, output, image_size, reference_seed, ffx_password, force):
+    """Create a new secret key file.
+
+    The file holds 32 random bytes from the OS; the permutation / mask / FFX table are derived
+    from them (see `key-info`).  It is written with mode 0600 and never overwritten without --force.
+    """
+    if block_size < 1 or image_size % block_size:
+        raise KeyshardError(f"--block-size {block_size} does not divide --image-size {image_size}")
+    key = keys.generate(method, block_size, reference_seed,
+                        ffx_password.encode() if ffx_password is not None else None)
+    keys.save(key, output, force=force)
+    click.echo(f"wrote {output} (mode 0600): {method} M={block_size}, fingerprint {key.fingerprint}")
+    for warning in key.describe_warnings():
+        click.echo(f"warning: {warning}", err=True)
+
+
+@click.command("key-info")
+@click.argument("key_file", type=click.Path(dir_okay=False))
+def key_info(key_file):
+    """Show a key's method, block size, fingerprint and key-space size (never the secret)."""
+    key = keys.load(key_file)
+    bits = key.keyspace_bits()
+    count = key.keyspace_count()
+    rows = [
+        ("file", key_file),
+        ("method", key.method),
+        ("block size", f"{key.block_size} (block vector of {key.material.block_len} values)"),
+        ("derivation", key.derivation + (f" (seed {key.reference_seed})" if key.reference_seed is not None else "")),
+        ("fingerprint", key.fingerprint),
+        ("key space", f"2^{bits:.1f}" + (f" = {count} keys" if count is not None else "")
+         + (" (masks; FFX password assumed known, the paper's setting)" if key.method == "ffx" else "")),
+    ]
+    if key.method != "shf":
+        rows.append(("mask", f"{int(key.material.mask.sum())} of {key.material.block_len} positions transformed"))
+    if key.method == "ffx":
+        rows.append(("pixel divisor", str(key.material.divisor)))
+    for name, value in rows:
+        click.echo(f"{name:12} {value}")
+    mode_warning = keys.check_file_mode(key_file)
+    for warning in key.describe_warnings() + ([mode_warning] if mode_warning else []):
+        click.echo(f"warning: {warning}", err=True)

@@ -1,0 +1,1 @@
+"""JSON Schema of manifest.json and example manifests (shipped as package data)."""

@@ -1,0 +1,1 @@
+"""Data pipeline: VOC readers, the encryption job, manifests and verification (keyshard.pipeline)."""

@@ -1,0 +1,180 @@
+"""CLI commands of the data pipeline: ``toy-voc``, ``encrypt``, ``verify``, ``decrypt``."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from keyshard import keys
+from keyshard.errors import KeyshardError
+from keyshard.pipeline.splits import SPLITS
+
+
+def _parse_splits(ctx, param, value):
+    names = tuple(s.strip() for s in value.split(",") if s.strip())
+    bad = [s for s in names if s not in SPLITS]
+    if bad or not names:
+        raise click.BadParameter(f"choose from {', '.join(SPLITS)} (comma-separated)")
+    return tuple(s for s in SPLITS if s in names)
+
+
+def _parse_scale(ctx, param, value):
+    try:
+        lo, hi = (float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter("expected MIN,MAX such as 0.08,1.0") from None
+    if not 0 < lo <= hi <= 1:
+        raise click.BadParameter("need 0 < MIN <= MAX <= 1")
+    return (lo, hi)
+
+
+@click.command("toy-voc")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--images", type=int, default=60, show_default=True,
+              help="Number of images, split about evenly into train.txt and val.txt.")
+@click.option("--voc-sizes", is_flag=True, help="Exactly VOC2012's 1464 train / 1449 val ids instead of --images.")
+@click.option("--tar", "make_tar", is_flag=True, help="Also pack it as OUT/VOCtrainval_11-May-2012.tar (official layout).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--min-side", type=int, default=48, show_default=True, help="Smallest image side in pixels.")
+@click.option("--max-side", type=int, default=96, show_default=True, help="Largest image side in pixels.")
+def toy_voc(out, images, voc_sizes, make_tar, seed, min_side, max_side):
+    """Write a small synthetic dataset in the exact VOC2012 layout (OUT/VOCdevkit/VOC2012)."""
+    from keyshard.pipeline.toy_voc import TAR_NAME, make_toy_voc
+
+    if not 8 <= min_side <= max_side:
+        raise KeyshardError("--min-side must be at least 8 and not above --max-side")
+    root = make_toy_voc(out, images, seed, voc_sizes, make_tar, min_side, max_side)
+    click.echo(f"wrote {root}" + (f" and {Path(out) / TAR_NAME}" if make_tar else ""))
+
+
+@click.command("encrypt")
+@click.option("--voc", required=True, type=click.Path(),
+              help="VOCdevkit/VOC2012 (or a folder above it), or the official VOC tar read in place.")
+@click.option("--key", "key_file", type=click.Path(dir_okay=False), help="Key file from `keyshard keygen`.")
+@click.option("--plain", is_flag=True, help="Write the unencrypted baseline instead (same format).")
+@click.option("--output", "-o", required=True, type=click.Path(), help="Output directory (new, or --resume).")
+@click.option("--splits", default="train,holdout,test", show_default=True, callback=_parse_splits,
+              help="Which splits to write: train/holdout come from train.txt, test is val.txt.")
+@click.option("--size", type=int, default=256, show_default=True, help="Images and masks are resized to SIZE x SIZE.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=128, show_default=True, help="Samples per shard.")
+@click.option("--jobs", "-j", type=int, default=-1, show_default=True, help="Parallel workers (joblib; -1 = all cores).")
+@click.option("--backend", default="loky", show_default=True,
+              help="joblib backend: loky, multiprocessing, threading, or dask (needs dask[distributed]).")
+@click.option("--dask-scheduler", default=None, metavar="ADDRESS",
+              help="With --backend dask: address of a running dask scheduler (tcp://host:8786). "
+                   "Without it a local cluster is started.")
+@click.option("--augment-copies", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Extra randomly augmented replicas of each train image (random resized crop + hflip, "
+                   "made before encryption). Replica r goes to its own shards.")
+@click.option("--augment-seed", type=int, default=0, show_default=True, help="Seed of the replicas' randomness.")
+@click.option("--crop-scale", default="0.08,1.0", show_default=True, callback=_parse_scale,
+              help="Area range of the random resized crop.")
+@click.option("--split-seed", type=int, default=0, show_default=True, help="Seed of the train/holdout draw.")
+@click.option("--holdout", type=click.IntRange(min=0), default=None,
+              help="Holdout size (default: round(n x 146/1464), at least 1).")
+@click.option("--skip-bad", is_flag=True,
+              help="Skip unreadable samples and list them in the manifest instead of stopping.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in OUTPUT (same settings required).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def encrypt(voc, key_file, plain, output, splits, size, shard_size, jobs, backend, dask_scheduler,
+            augment_copies, augment_seed, crop_scale, split_seed, holdout, skip_bad, resume, quiet):
+    """Encrypt VOC into keyed WebDataset shards (or --plain shards) with a manifest.
+
+    Output: OUTPUT/<split>-NNNNNN.tar and OUTPUT/manifest.json (written last).  The same input,
+    key and options give byte-identical shards whatever --jobs.  Bad input stops the run with one
+    line naming the file and leaves no manifest; --resume then continues it.
+
+    \b
+    On a dask cluster (shared file system for VOC and OUTPUT):
+      dask scheduler  &   dask worker tcp://HOST:8786  (on each node)
+      keyshard encrypt ... --backend dask --dask-scheduler tcp://HOST:8786 --jobs -1
+    """
+    from keyshard.pipeline import encrypt_job
+
+    if plain == bool(key_file):
+        raise KeyshardError("give exactly one of --key KEY_FILE or --plain")
+    key = keys.load(key_file) if key_file else None
+    if key is not None and size % key.block_size:
+        raise KeyshardError(f"{key_file}: block size {key.block_size} does not divide --size {size}")
+    options = encrypt_job.EncryptOptions(size=size, splits=splits, shard_size=shard_size,
+                                         augment_copies=augment_copies, augment_seed=augment_seed,
+                                         crop_scale=crop_scale, split_seed=split_seed, holdout=holdout,
+                                         skip_bad=skip_bad)
+    client = _dask_client(dask_scheduler, jobs) if backend == "dask" else None
+    try:
+        doc = encrypt_job.run(voc, output, key, options, jobs=jobs, backend=backend, resume=resume,
+                              command=["keyshard", *sys.argv[1:]], progress=not quiet)
+    finally:
+        if client is not None:
+            client.close()
+    n = sum(s["samples"] for s in doc["shards"])
+    counts = ", ".join(f"{k} {v}" for k, v in doc["splits"]["counts"].items())
+    click.echo(f"wrote {n} samples in {len(doc['shards'])} shards to {output} ({counts}); manifest.json written")
+    if doc["failed"]:
+        click.echo(f"warning: skipped {len(doc['failed'])} bad samples (listed in manifest.json 'failed')", err=True)
+
+
+def _dask_client(address, jobs):
+    try:
+        from dask.distributed import Client
+    except ImportError:
+        raise KeyshardError("--backend dask needs dask: pip install 'keyshard[dask]'") from None
+    if address:
+        return Client(address)
+    return Client(n_workers=(os.cpu_count() if jobs < 1 else jobs), threads_per_worker=1, processes=True)
+
+
+@click.command("verify")
+@click.argument("shards", type=click.Path())
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def verify(shards, quiet):
+    """Re-hash every shard against manifest.json and recount samples (exit 1 on any mismatch)."""
+    from keyshard.pipeline.manifest import verify as verify_dir
+
+    problems = verify_dir(shards, progress=not quiet)
+    for line in problems:
+        click.echo(f"keyshard: verify: {line}", err=True)
+    if problems:
+        raise SystemExit(1)
+    from keyshard.pipeline.manifest import load
+
+    doc = load(shards)
+    n = sum(s["samples"] for s in doc["shards"])
+    click.echo(f"OK: {len(doc['shards'])} shards, {n} samples match {Path(shards) / 'manifest.json'}")
+
+
+@click.command("decrypt")
+@click.argument("shards", type=click.Path())
+@click.option("--key", "key_file", required=True, type=click.Path(dir_okay=False))
+@click.option("--sample", "sample_key", required=True, help="Sample key, e.g. 2007_000032 or 2007_000032_a1.")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+def decrypt(shards, key_file, sample_key, output):
+    """Invert one encrypted sample with its key and save the plain image as PNG (for audits)."""
+    from PIL import Image
+
+    from keyshard.pipeline.manifest import load
+    from keyshard.shardformat import decode_npy, iter_tar_samples
+    from keyshard.transforms import compile_plan
+
+    doc = load(shards)
+    enc = doc["encryption"]
+    if enc["plain"]:
+        raise KeyshardError(f"{shards}: holds plain shards; nothing to decrypt")
+    key = keys.load(key_file)
+    if key.fingerprint != enc["key_fingerprint"]:
+        raise KeyshardError(f"{key_file}: fingerprint does not match {shards}/manifest.json (another key)")
+    if Path(output).exists():
+        raise KeyshardError(f"{output}: already exists; refusing to overwrite")
+    for shard in doc["shards"]:
+        for name, files in iter_tar_samples(Path(shards) / shard["file"]):
+            if name == sample_key:
+                pixels = decode_npy(files["img.npy"])
+                plan = compile_plan(key.material, pixels.shape[0], pixels.shape[1])
+                Image.fromarray(plan.decrypt(pixels)).save(output)
+                click.echo(f"wrote {output}")
+                return
+    raise KeyshardError(f"{shards}: no sample {sample_key!r}")

@@ -1,0 +1,259 @@
+"""The encryption job: VOC → (plain or keyed) WebDataset shards + manifest, parallel and resumable.
+
+Work is cut into shards; each shard is one joblib task that reads, decodes, resizes, encrypts and
+writes its samples to a temporary file, then renames it into place and drops a small completion
+record.  A shard's bytes depend only on its inputs, the key material and the options, so the
+output is byte-identical whatever ``--jobs`` or backend ran it, and a resumed run only redoes
+shards without a verified record.  The manifest is written last; a directory without one is an
+unfinished job.
+
+Workers receive the compiled key *material*, never the key file's secret.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from keyshard import __version__, shardformat
+from keyshard.errors import KeyshardError
+from keyshard.fsutil import write_json_atomic
+from keyshard.keys import Key, KeyMaterial
+from keyshard.transforms import check_divisible, compile_plan
+from keyshard.pipeline import manifest as manifest_mod
+from keyshard.pipeline.samples import BadSample, prepare, replica_seed
+from keyshard.pipeline.splits import SPLITS, split_ids
+from keyshard.pipeline.voc import SampleRef, VocSource
+
+PARTIAL_DIR = ".keyshard-partial"
+
+
+@dataclass(frozen=True)
+class EncryptOptions:
+    """Everything that changes the bytes of the output (recorded in job.json and the manifest)."""
+
+    size: int = 256
+    splits: tuple[str, ...] = SPLITS
+    shard_size: int = 128
+    augment_copies: int = 0
+    augment_seed: int = 0
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    split_seed: int = 0
+    holdout: int | None = None
+    skip_bad: bool = False
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    name: str
+    split: str
+    replica: int
+    refs: tuple[SampleRef, ...] = field(repr=False)
+
+
+# -- worker side ----------------------------------------------------------------------------
+
+_PLAN_CACHE: dict = {}
+
+
+def _plan_for(material: KeyMaterial | None, size: int):
+    """Compile the key once per worker process (plans are pure functions of material and size)."""
+    if material is None:
+        return None
+    ident = (hashlib.sha256(material.canonical_bytes()).digest(), material.method, material.block_size, size)
+    if ident not in _PLAN_CACHE:
+        _PLAN_CACHE.clear()
+        _PLAN_CACHE[ident] = compile_plan(material, size, size)
+    return _PLAN_CACHE[ident]
+
+
+def process_shard(task: ShardTask, material: KeyMaterial | None, options: EncryptOptions,
+                  out_dir: str, partial_dir: str) -> dict:
+    """Write one shard atomically and return (and persist) its completion record."""
+    import torch
+
+    torch.set_num_threads(1)  # parallelism comes from joblib; avoid oversubscribing cores
+    plan = _plan_for(material, options.size)
+    out, partial = Path(out_dir), Path(partial_dir)
+    tmp = partial / "tmp" / f"{task.name}.{os.getpid()}"
+    inputs, failed = [], []
+    with open(tmp, "wb") as f:
+        writer = shardformat.ShardWriter(f)
+        for ref in task.refs:
+            try:
+                image_bytes, mask_bytes = ref.image.read(), ref.mask.read()
+                seed = replica_seed(options.augment_seed, ref.voc_id, task.replica) if task.replica else None
+                img, mask, orig = prepare(image_bytes, mask_bytes, options.size, ref.image.label,
+                                          ref.mask.label, seed, options.crop_scale)
+            except BadSample as exc:
+                if not options.skip_bad:
+                    raise
+                failed.append({"id": ref.voc_id, "split": task.split, "replica": task.replica,
+                               "reason": str(exc)})
+                continue
+            inputs.append([ref.voc_id, hashlib.sha256(image_bytes).hexdigest(),
+                           hashlib.sha256(mask_bytes).hexdigest()])
+            pixels = plan.encrypt(img) if plan is not None else img
+            meta = {"id": ref.voc_id, "orig_size": list(orig), "split": task.split, "replica": task.replica}
+            writer.write({"__key__": shardformat.sample_key(ref.voc_id, task.replica),
+                          "img.npy": shardformat.encode_npy(pixels),
+                          "mask.png": shardformat.encode_mask(mask),
+                          "json": shardformat.encode_meta(meta)})
+        stats = writer.close()
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out / task.name)
+    record = {"file": task.name, "split": task.split, "replica": task.replica,
+              "samples": stats.samples, "bytes": stats.bytes, "sha256": stats.sha256,
+              "inputs": inputs, "failed": failed}
+    write_json_atomic(partial / "done" / f"{task.name}.json", record, tmp_dir=partial / "tmp")
+    return record
+
+
+# -- planning -------------------------------------------------------------------------------
+
+def plan_tasks(source: VocSource, options: EncryptOptions) -> tuple[list[ShardTask], dict]:
+    """Split ids, resolve every file up front (a missing one fails before any work), cut shards.
+
+    Each shard holds one replica index of one split, so a training epoch can read replica r of
+    every id from its own shards without touching the others.
+    """
+    train_ids = source.split_ids("train") if {"train", "holdout"} & set(options.splits) else []
+    val_ids = source.split_ids("val") if "test" in options.splits else None
+    splits = split_ids(train_ids, val_ids, options.split_seed, options.holdout) if train_ids else {"test": sorted(val_ids or [])}
+    split_file = {"train": "train.txt", "holdout": "train.txt", "test": "val.txt"}
+    tasks, counts = [], {}
+    for split in options.splits:
+        ids = splits[split]
+        refs = [source.ref(i, f"ImageSets/Segmentation/{split_file[split]}") for i in ids]
+        counts[split] = len(ids)
+        replicas = 1 + (options.augment_copies if split == "train" else 0)
+        index = 0
+        for replica in range(replicas):
+            for start in range(0, len(refs), options.shard_size):
+                chunk = tuple(refs[start:start + options.shard_size])
+                tasks.append(ShardTask(shardformat.shard_name(split, index), split, replica, chunk))
+                index += 1
+    return tasks, counts
+
+
+def job_identity(source: VocSource, key: Key | None, options: EncryptOptions) -> dict:
+    """What must match for ``--resume`` to continue a directory (anything that changes bytes)."""
+    split_files = {}
+    for name in ("train", "val"):
+        try:
+            split_files[f"{name}.txt"] = source.split_sha256(name)
+        except KeyshardError:
+            pass
+    return {
+        "keyshard": __version__,
+        "libraries": manifest_mod.library_versions(),
+        "source": {"kind": source.kind, "path": str(Path(source.path).resolve()), "split_files": split_files},
+        "encryption": None if key is None else {
+            "method": key.method, "block_size": key.block_size, "key_fingerprint": key.fingerprint},
+        "options": json.loads(json.dumps(asdict(options))),
+    }
+
+
+def prepare_output(out: Path, identity: dict, resume: bool) -> Path:
+    """Create or re-open the output directory; refuse anything that could mix or lose data."""
+    partial = out / PARTIAL_DIR
+    if (out / manifest_mod.MANIFEST).exists():
+        raise KeyshardError(f"{out}: already holds a finished dataset (manifest.json); choose a new output directory")
+    if partial.is_dir():
+        if not resume:
+            raise KeyshardError(f"{out}: holds an unfinished run; pass --resume to continue it, or choose a new output directory")
+        try:
+            previous = json.loads((partial / "job.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            raise KeyshardError(f"{partial / 'job.json'}: unreadable; cannot check that --resume continues the same job") from None
+        changed = [k for k in identity if previous.get(k) != identity[k]]
+        if changed:
+            raise KeyshardError(
+                f"{out}: was started with different {', '.join(changed)}; refusing to resume into it "
+                "(use the original settings or a new output directory)")
+        shutil.rmtree(partial / "tmp", ignore_errors=True)
+    else:
+        try:
+            if out.exists() and (not out.is_dir() or any(out.iterdir())):
+                raise KeyshardError(f"{out}: exists and is not an empty directory; refusing to write into it")
+            (partial / "done").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise KeyshardError(f"{out}: cannot create output directory ({exc.strerror})") from None
+        write_json_atomic(partial / "job.json", identity)
+    (partial / "tmp").mkdir(parents=True, exist_ok=True)
+    (partial / "done").mkdir(parents=True, exist_ok=True)
+    return partial
+
+
+def finished_record(out: Path, partial: Path, name: str) -> dict | None:
+    """A shard's record if the shard on disk still matches it byte for byte, else None."""
+    try:
+        record = json.loads((partial / "done" / f"{name}.json").read_text())
+        shard = out / name
+        if shard.stat().st_size != record["bytes"]:
+            return None
+        sha = hashlib.sha256()
+        with open(shard, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                sha.update(chunk)
+        return record if sha.hexdigest() == record["sha256"] else None
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+# -- driver ---------------------------------------------------------------------------------
+
+def run(voc: str, out: str, key: Key | None, options: EncryptOptions, jobs: int = -1,
+        backend: str = "loky", resume: bool = False, command: list[str] | None = None,
+        progress: bool = True) -> dict:
+    """Run (or resume) an encryption job and return the manifest written to ``out``."""
+    from joblib import Parallel, delayed, parallel_config
+    from tqdm import tqdm
+
+    if key is not None:
+        check_divisible(options.size, options.size, key.block_size, what=f"--size {options.size} image")
+    source = VocSource.open(voc)
+    tasks, counts = plan_tasks(source, options)
+    out_path = Path(out)
+    identity = job_identity(source, key, options)
+    partial = prepare_output(out_path, identity, resume)
+    material = key.material if key is not None else None
+
+    records = {}
+    todo = []
+    for task in tasks:
+        rec = finished_record(out_path, partial, task.name) if resume else None
+        if rec is not None:
+            records[task.name] = rec
+        else:
+            todo.append(task)
+    total = sum(len(t.refs) for t in tasks)
+    done = sum(r["samples"] + len(r["failed"]) for r in records.values())
+    label = "plain" if key is None else f"{key.method} M={key.block_size}"
+    bar = tqdm(total=total, initial=done, unit="img", desc=f"encrypt {label}", disable=not progress,
+               dynamic_ncols=True, file=sys.stderr)
+    try:
+        with parallel_config(backend=backend, n_jobs=jobs):
+            results = Parallel(return_as="generator_unordered")(
+                delayed(process_shard)(t, material, options, str(out_path), str(partial)) for t in todo)
+            for rec in results:
+                records[rec["file"]] = rec
+                bar.update(rec["samples"] + len(rec["failed"]))
+    except (BadSample, KeyshardError) as exc:
+        raise KeyshardError(f"{exc} (run stopped; no manifest written)") from None
+    except OSError as exc:
+        raise KeyshardError(f"{out_path}: cannot write shard ({exc.strerror or exc})") from None
+    finally:
+        bar.close()
+
+    ordered = [records[t.name] for t in tasks]
+    doc = manifest_mod.build(identity, key, options, ordered, counts, command or sys.argv)
+    manifest_mod.write(out_path, doc)
+    shutil.rmtree(partial, ignore_errors=True)
+    return doc

@@ -1,0 +1,155 @@
+"""manifest.json: what a shard directory holds and how it was made; ``verify`` checks it.
+
+The manifest carries the key *fingerprint* (a keyed HMAC), never the secret, password or
+permutation.  ``source.content_sha256`` is a checksum of exactly the inputs used: SHA-256 over
+the sorted lines ``"<id> <sha256(jpeg)> <sha256(png)>\\n"`` of every sample written, followed
+by the SHA-256 of each split file — the same value for an extracted directory and for its tar.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import platform
+from importlib import metadata, resources
+from pathlib import Path
+
+from keyshard import __version__
+from keyshard.errors import KeyshardError
+from keyshard.fsutil import write_json_atomic
+
+MANIFEST = "manifest.json"
+FORMAT = "keyshard-manifest/1"
+_LIBRARIES = ("numpy", "torch", "torchvision", "pillow", "webdataset", "pyffx", "joblib")
+
+
+def library_versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in _LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def schema() -> dict:
+    return json.loads(resources.files("keyshard.manifests").joinpath("manifest.schema.json").read_text())
+
+
+def content_checksum(records: list[dict], split_files: dict) -> str:
+    lines = sorted({" ".join(entry) for r in records for entry in r["inputs"]})
+    sha = hashlib.sha256()
+    for line in lines:
+        sha.update((line + "\n").encode())
+    for name in sorted(split_files):
+        sha.update(f"{name} {split_files[name]}\n".encode())
+    return sha.hexdigest()
+
+
+def build(identity: dict, key, options, records: list[dict], counts: dict, command: list[str]) -> dict:
+    """The manifest of a finished job; ``identity`` is the job's resume identity (encrypt_job)."""
+    split_files = identity["source"]["split_files"]
+    material = key.material if key is not None else None
+    return {
+        "format": FORMAT,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "tool": {"name": "keyshard", "version": __version__},
+        "libraries": identity["libraries"],
+        "command": list(command),
+        "source": {**identity["source"], "content_sha256": content_checksum(records, split_files)},
+        "splits": {
+            "seed": options.split_seed,
+            "rule": "holdout = ids of train.txt with the smallest sha256('<seed>|<id>'); test = val.txt",
+            "counts": counts,
+        },
+        "encryption": {
+            "plain": key is None,
+            "method": None if key is None else key.method,
+            "block_size": None if key is None else key.block_size,
+            "key_fingerprint": None if key is None else key.fingerprint,
+            "key_derivation": None if key is None else key.derivation,
+            "pixel_divisor": 255 if material is None else material.divisor,
+            "dtype": "uint16" if material is not None and material.method == "ffx" else "uint8",
+        },
+        "image": {"height": options.size, "width": options.size, "channels": 3,
+                  "resize": "bilinear, antialiased (torchvision uint8 kernel)",
+                  "mask_resize": "nearest (PIL convention)"},
+        "augmentation": {
+            "copies": options.augment_copies, "seed": options.augment_seed,
+            "crop_scale": list(options.crop_scale), "crop_ratio": [3 / 4, 4 / 3], "hflip_p": 0.5,
+            "replica_seed": "sha256('keyshard-augment/1|<seed>|<id>|<replica>')[:8]",
+        },
+        "shards": [{k: r[k] for k in ("file", "split", "replica", "samples", "bytes", "sha256")} for r in records],
+        "failed": [f for r in records for f in r["failed"]],
+    }
+
+
+def validate(doc: dict, where: str) -> None:
+    import jsonschema
+
+    try:
+        jsonschema.validate(doc, schema())
+    except jsonschema.ValidationError as exc:
+        path = "/".join(str(p) for p in exc.absolute_path) or "(top)"
+        raise KeyshardError(f"{where}: manifest does not match the schema at {path}: {exc.message}") from None
+
+
+def write(out: Path, doc: dict) -> None:
+    validate(doc, str(out / MANIFEST))
+    write_json_atomic(out / MANIFEST, doc, tmp_dir=out / ".keyshard-partial" / "tmp")
+
+
+def load(directory: str | Path) -> dict:
+    """Read and schema-check ``<directory>/manifest.json``; one clear error if it is not there."""
+    path = Path(directory) / MANIFEST
+    if not Path(directory).is_dir():
+        raise KeyshardError(f"{directory}: not a directory of shards")
+    if not path.exists():
+        raise KeyshardError(f"{path}: missing — the directory is not a finished keyshard dataset")
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise KeyshardError(f"{path}: unreadable or not JSON") from None
+    validate(doc, str(path))
+    return doc
+
+
+def verify(directory: str | Path, progress: bool = True) -> list[str]:
+    """Re-hash every shard and recount its samples; return one line per problem (empty = OK)."""
+    import tarfile
+
+    from tqdm import tqdm
+
+    from keyshard.shardformat import iter_tar_samples
+
+    directory = Path(directory)
+    doc = load(directory)
+    problems = []
+    listed = {s["file"] for s in doc["shards"]}
+    for shard in tqdm(doc["shards"], desc="verify", unit="shard", disable=not progress):
+        path = directory / shard["file"]
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+            continue
+        sha = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                sha.update(chunk)
+        size = path.stat().st_size
+        if size != shard["bytes"]:
+            problems.append(f"{path}: {size} bytes, manifest says {shard['bytes']}")
+        if sha.hexdigest() != shard["sha256"]:
+            problems.append(f"{path}: sha256 differs from the manifest")
+            continue
+        try:
+            count = sum(1 for _ in iter_tar_samples(path))
+        except (tarfile.TarError, OSError):
+            problems.append(f"{path}: not a readable tar")
+            continue
+        if count != shard["samples"]:
+            problems.append(f"{path}: {count} samples, manifest says {shard['samples']}")
+    for extra in sorted(p.name for p in directory.glob("*.tar") if p.name not in listed):
+        problems.append(f"{directory / extra}: shard not listed in the manifest")
+    return problems

@@ -1,0 +1,172 @@
+"""Readers for PASCAL VOC 2012: an extracted directory or the official tar, read in place.
+
+Both give the same thing: the ids of a segmentation split file and, per id, a small picklable
+*reference* that a worker process turns into the JPEG and PNG bytes.  For the tar, a reference is
+(offset, size) of the member data, so workers seek into the tar without re-scanning or
+extracting it, and member names are never used as file-system paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from keyshard.errors import KeyshardError
+
+SPLIT_DIR = "ImageSets/Segmentation"
+IMAGE_DIR = "JPEGImages"
+MASK_DIR = "SegmentationClass"
+
+
+@dataclass(frozen=True)
+class Blob:
+    """Where one file's bytes live: a path, or (tar path, data offset, size)."""
+
+    label: str  # what error messages call it
+    path: str
+    offset: int | None = None
+    size: int | None = None
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as f:
+            if self.offset is None:
+                return f.read()
+            f.seek(self.offset)
+            data = f.read(self.size)
+        if len(data) != self.size:
+            raise KeyshardError(f"{self.label}: tar is truncated (member data cut short)")
+        return data
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    voc_id: str
+    image: Blob
+    mask: Blob
+
+
+class VocSource:
+    """A VOC2012 layout; ``open`` picks the directory or tar reader from the path."""
+
+    kind = "?"
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    @staticmethod
+    def open(path: str | os.PathLike) -> "VocSource":
+        path = Path(path)
+        if path.is_file():
+            return VocTar(path)
+        if path.is_dir():
+            return VocDir(path)
+        raise KeyshardError(f"{path}: VOC dataset not found (expected a VOC2012 directory or tar)")
+
+    def split_ids(self, name: str) -> list[str]:
+        """Ids listed in ``ImageSets/Segmentation/<name>.txt``, in file order, unique."""
+        data = self.split_bytes(name)
+        try:
+            ids = [line.strip() for line in data.decode("utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise KeyshardError(f"{self.describe(SPLIT_DIR + f'/{name}.txt')}: not a text file") from None
+        if len(set(ids)) != len(ids):
+            raise KeyshardError(f"{self.describe(SPLIT_DIR + f'/{name}.txt')}: lists an id twice")
+        for i in ids:
+            if "/" in i or "\\" in i or i.startswith("."):
+                raise KeyshardError(f"{self.describe(SPLIT_DIR + f'/{name}.txt')}: invalid id {i!r}")
+        return ids
+
+    def split_sha256(self, name: str) -> str:
+        return hashlib.sha256(self.split_bytes(name)).hexdigest()
+
+    def ref(self, voc_id: str, split_file: str) -> SampleRef:
+        """Reference to the image and mask of an id; a missing file is a KeyshardError."""
+        image = self._blob(f"{IMAGE_DIR}/{voc_id}.jpg", voc_id, split_file)
+        mask = self._blob(f"{MASK_DIR}/{voc_id}.png", voc_id, split_file)
+        return SampleRef(voc_id, image, mask)
+
+    # implemented by the readers
+    def split_bytes(self, name: str) -> bytes: ...
+    def describe(self, rel: str) -> str: ...
+    def _blob(self, rel: str, voc_id: str, split_file: str) -> Blob: ...
+
+
+class VocDir(VocSource):
+    kind = "dir"
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        for root in (path, path / "VOC2012", path / "VOCdevkit" / "VOC2012"):
+            if (root / SPLIT_DIR).is_dir():
+                self.root = root
+                return
+        raise KeyshardError(
+            f"{path}: not a VOC2012 layout (no {SPLIT_DIR}/ here, in VOC2012/ or in VOCdevkit/VOC2012/)"
+        )
+
+    def describe(self, rel: str) -> str:
+        return str(self.root / rel)
+
+    def split_bytes(self, name: str) -> bytes:
+        p = self.root / SPLIT_DIR / f"{name}.txt"
+        try:
+            return p.read_bytes()
+        except OSError:
+            raise KeyshardError(f"{p}: split file not found or unreadable") from None
+
+    def _blob(self, rel: str, voc_id: str, split_file: str) -> Blob:
+        p = self.root / rel
+        if not p.is_file():
+            raise KeyshardError(f"{p}: missing, but id {voc_id} is listed in {split_file}")
+        return Blob(str(p), str(p))
+
+
+class VocTar(VocSource):
+    """The official ``VOCtrainval_11-May-2012.tar`` (uncompressed), indexed once, never extracted."""
+
+    kind = "tar"
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        file_size = path.stat().st_size
+        self.members: dict[str, tarfile.TarInfo] = {}
+        try:
+            with tarfile.open(path, "r:") as tf:
+                for m in tf:
+                    if m.isfile():
+                        self.members[m.name] = m
+        except tarfile.ReadError as exc:
+            hint = "compressed tars are not supported; use the uncompressed tar" if "compress" in str(exc) or "magic" in str(exc) else "truncated or not a tar"
+            raise KeyshardError(f"{path}: cannot read tar ({hint})") from None
+        except EOFError:
+            raise KeyshardError(f"{path}: tar is truncated") from None
+        for m in self.members.values():
+            if m.offset_data + m.size > file_size:
+                raise KeyshardError(f"{path}: tar is truncated ({m.name} is cut short)")
+        marker = f"{SPLIT_DIR}/train.txt"
+        prefixes = sorted(n[: -len(marker)] for n in self.members if n.endswith(marker))
+        if not prefixes:
+            raise KeyshardError(f"{path}: tar holds no VOC2012 layout (no {marker})")
+        self.prefix = prefixes[0]
+
+    def describe(self, rel: str) -> str:
+        return f"{self.path}:{self.prefix}{rel}"
+
+    def _member(self, rel: str) -> tarfile.TarInfo | None:
+        return self.members.get(self.prefix + rel)
+
+    def split_bytes(self, name: str) -> bytes:
+        rel = f"{SPLIT_DIR}/{name}.txt"
+        m = self._member(rel)
+        if m is None:
+            raise KeyshardError(f"{self.describe(rel)}: split file not found in tar")
+        return Blob(self.describe(rel), str(self.path), m.offset_data, m.size).read()
+
+    def _blob(self, rel: str, voc_id: str, split_file: str) -> Blob:
+        m = self._member(rel)
+        if m is None:
+            raise KeyshardError(f"{self.describe(rel)}: missing, but id {voc_id} is listed in {split_file}")
+        return Blob(self.describe(rel), str(self.path), m.offset_data, m.size)
