@@ -1,0 +1,160 @@
+"""Key files: derivation (documented + reference), FFX table, fingerprints, file safety, key-info."""
+
+import hashlib
+import json
+import math
+import os
+import stat
+
+import numpy as np
+import pyffx
+import pytest
+import torch
+
+from keyshard import keys
+from keyshard.errors import KeyshardError
+
+from conftest import assert_user_error, invoke
+
+FIXED_SECRET = bytes(range(32))
+
+
+def test_derivation_is_pinned():
+    """The documented derivation must never change: same file, same key, on every machine."""
+    assert keys.Key("shf", 2, FIXED_SECRET).material.perm.tolist() == [1, 6, 5, 2, 8, 0, 7, 10, 4, 3, 9, 11]
+    assert keys.Key("np", 2, FIXED_SECRET).material.mask.astype(int).tolist() == [0, 1, 0, 0, 1, 1, 0, 1, 1, 1, 0, 0]
+    assert keys.Key("ffx", 2, FIXED_SECRET).password == b"bcf6602a59fe3bf6b17f0e973ee2c96d"
+
+
+def test_fisher_yates_follows_the_documented_stream():
+    """Re-derive with an independent transcription of the module docstring's algorithm."""
+    n, label = 48, b"shf-permutation"
+    data = hashlib.shake_256(b"keyshard/1|" + label + b"|" + FIXED_SECRET).digest(8 * (n + 64))
+    words = [int.from_bytes(data[i:i + 8], "little") for i in range(0, len(data), 8)]
+    perm, pos = list(range(n)), 0
+    for i in range(n - 1, 0, -1):
+        while True:
+            w = words[pos]
+            pos += 1
+            if w < (2**64 // (i + 1)) * (i + 1):
+                break
+        j = w % (i + 1)
+        perm[i], perm[j] = perm[j], perm[i]
+    assert keys.Key("shf", 4, FIXED_SECRET).material.perm.tolist() == perm
+
+
+@pytest.mark.parametrize("m", [2, 4, 8])
+def test_secret_masks_select_exactly_half(m):
+    n = 3 * m * m
+    for method in ("np", "ffx"):
+        assert int(keys.generate(method, m).material.mask.sum()) == n // 2
+
+
+@pytest.mark.parametrize("seed", [0, 1, 1234])
+@pytest.mark.parametrize("m", [2, 4, 16])
+def test_reference_seed_matches_authors_code(seed, m):
+    n = m * m * 3
+    torch.manual_seed(seed)
+    perm = torch.randperm(n)
+    expected_mask = (perm > n / 2).numpy()
+    assert keys.generate("shf", m, reference_seed=seed).material.perm.tolist() == perm.tolist()
+    np.testing.assert_array_equal(keys.generate("np", m, reference_seed=seed).material.mask, expected_mask)
+    np.testing.assert_array_equal(
+        keys.generate("ffx", m, reference_seed=seed, ffx_password=b"password").material.mask, expected_mask)
+    if m == 2:  # the reference quirk: one position fewer than half
+        assert expected_mask.sum() == 5
+
+
+def test_ffx_table_equals_pyffx_value_by_value():
+    key = keys.generate("ffx", 2, ffx_password=b"password")
+    fpe = pyffx.Integer(b"password", length=3)
+    assert key.material.table.tolist() == [fpe.encrypt(v) for v in range(256)]
+    assert key.material.divisor == max(fpe.encrypt(v) for v in range(256))
+    assert len(set(key.material.table.tolist())) == 256
+
+
+def test_keyspace_counts():
+    assert keys.generate("np", 2).keyspace_count() == 924
+    assert keys.generate("np", 2, reference_seed=3).keyspace_count() == math.comb(12, 5) == 792
+    assert keys.generate("shf", 2).keyspace_count() == math.factorial(12)
+    assert keys.generate("ffx", 16).keyspace_bits() == pytest.approx(math.log2(math.comb(768, 384)))
+    assert keys.generate("shf", 256).keyspace_count() is None
+
+
+def test_fingerprint_is_keyed_and_stable(tmp_path):
+    a = keys.generate("np", 2)
+    keys.save(a, tmp_path / "a.json")
+    assert keys.load(tmp_path / "a.json").fingerprint == a.fingerprint
+    # same material, other secret (an explicit copy of the key): the fingerprint differs
+    copy = keys.Key("np", 2, os.urandom(32), explicit=a.material)
+    assert copy.material.equals(a.material) and copy.fingerprint != a.fingerprint
+    # and it is not a plain hash of the material anyone could brute-force
+    assert a.fingerprint != hashlib.sha256(a.material.canonical_bytes()).hexdigest()
+
+
+def test_keygen_writes_0600_and_never_overwrites(tmp_path):
+    path = tmp_path / "k.json"
+    res = invoke("keygen", "--method", "shf", "--block-size", "8", "-o", path)
+    assert res.exit_code == 0, res.output
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    before = path.read_bytes()
+    assert_user_error(invoke("keygen", "--method", "np", "--block-size", "8", "-o", path), str(path), "--force")
+    assert path.read_bytes() == before
+    assert invoke("keygen", "--method", "np", "--block-size", "8", "-o", path, "--force").exit_code == 0
+    assert json.loads(path.read_text())["method"] == "np"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    secret = json.loads(path.read_text())["secret"]
+    assert secret not in res.output
+
+
+def test_keygen_refuses_block_size_not_dividing_image(tmp_path):
+    assert_user_error(invoke("keygen", "--method", "shf", "-M", "3", "-o", tmp_path / "k.json"), "--block-size 3")
+    assert not (tmp_path / "k.json").exists()
+
+
+def test_key_info_reports_and_warns(tmp_path):
+    path = tmp_path / "k.json"
+    keys.save(keys.generate("np", 2), path)
+    res = invoke("key-info", path)
+    assert res.exit_code == 0
+    assert keys.load(path).fingerprint in res.output
+    assert "924 keys" in res.output and "small key space" in res.output
+    secret = json.loads(path.read_text())["secret"]
+    assert secret not in res.output
+    keys.save(keys.generate("shf", 16, reference_seed=5), tmp_path / "r.json")
+    res = invoke("key-info", tmp_path / "r.json")
+    assert "only as strong as the seed" in res.output and "small key space" not in res.output
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b"{not json", "invalid JSON"),
+    (b"\xff\xfe\x00", "invalid JSON"),
+    (json.dumps({"format": "other"}).encode(), "'format'"),
+    (json.dumps({"format": "keyshard-key/1", "method": "rot13", "block_size": 4, "secret": "00" * 32}).encode(), "'method'"),
+    (json.dumps({"format": "keyshard-key/1", "method": "np", "block_size": 4, "secret": "abc"}).encode(), "'secret'"),
+    (json.dumps({"format": "keyshard-key/1", "method": "np", "block_size": 0, "secret": "00" * 32}).encode(), "'block_size'"),
+])
+def test_bad_key_files_give_one_clear_line(tmp_path, content, fragment):
+    path = tmp_path / "bad.json"
+    path.write_bytes(content)
+    line = assert_user_error(invoke("key-info", path), str(path), fragment)
+    assert "00" * 32 not in line
+
+
+def test_missing_key_file(tmp_path):
+    assert_user_error(invoke("key-info", tmp_path / "nope.json"), "nope.json", "not found")
+
+
+def test_explicit_key_roundtrip(tmp_path):
+    orig = keys.generate("ffx", 2)
+    explicit = keys.Key("ffx", 2, os.urandom(32), explicit=orig.material)
+    keys.save(explicit, tmp_path / "x.json")
+    loaded = keys.load(tmp_path / "x.json")
+    assert loaded.derivation == keys.DERIVE_EXPLICIT
+    assert loaded.material.equals(orig.material)
+    assert loaded.fingerprint == explicit.fingerprint != orig.fingerprint
+
+
+def test_generate_rejects_password_for_other_methods():
+    with pytest.raises(KeyshardError, match="ffx"):
+        keys.generate("np", 2, ffx_password=b"x")
