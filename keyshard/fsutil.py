@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory by path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -15,17 +16,23 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
-    """Write ``data`` to a temporary file, fsync it, then rename it to ``path``."""
+def write_atomic(path: Path, data: bytes, tmp_dir: Path | None = None, durable: bool = True) -> None:
+    """Write ``data`` to a temporary file, then rename it to ``path`` (never a partial file).
+
+    ``durable`` also fsyncs the file and its directory, so the rename survives a power loss;
+    small bookkeeping files that are re-checked on use can skip that cost.
+    """
     path = Path(path)
     tmp = Path(tmp_dir or path.parent) / f".{path.name}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if durable:
+        fsync_path(path.parent)
 
 
-def write_json_atomic(path: Path, doc, tmp_dir: Path | None = None) -> None:
-    write_atomic(path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode(), tmp_dir)
+def write_json_atomic(path: Path, doc, tmp_dir: Path | None = None, durable: bool = True) -> None:
+    write_atomic(path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode(), tmp_dir, durable)

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-import webdataset as wds
 
 MTIME = 0  # fixed member mtime: shards must not depend on when they were written
 PNG_LEVEL = 1  # label maps are flat regions: level 1 is ~2x faster than 6 and nearly as small
@@ -66,6 +65,9 @@ class _HashingFile(io.RawIOBase):
     def writable(self):
         return True
 
+    def tell(self):
+        return self.size
+
     def write(self, b):
         self.sha.update(b)
         self.size += len(b)
@@ -80,24 +82,34 @@ class ShardStats:
 
 
 class ShardWriter:
-    """Deterministic WebDataset tar writer around ``webdataset.TarWriter``.
+    """Deterministic WebDataset tar writer (USTAR, fixed mtime/owner/mode, members in order).
 
-    Samples are written in the order given (callers sort them); each sample is a dict with
-    ``__key__`` and byte values for ``img.npy``, ``json``, ``mask.png``.
+    Uses ``tarfile`` in plain write mode rather than ``webdataset.TarWriter``: the latter always
+    opens a ``w|`` stream that re-buffers every member in 10 KB slices, which cost ~0.2 ms per
+    256² sample here.  The member layout is the same WebDataset convention (``<key>.<ext>``,
+    a sample's files adjacent and sorted by extension).
     """
 
     def __init__(self, fileobj):
         self._hf = _HashingFile(fileobj)
-        self._tw = wds.TarWriter(self._hf, user="", group="", mode=0o644, encoder=False,
-                                 mtime=MTIME, format="USTAR_FORMAT")
+        self._tar = tarfile.open(fileobj=self._hf, mode="w", format=tarfile.USTAR_FORMAT)
+        self._tar.copybufsize = 1 << 24  # copy each member in one piece
         self.samples = 0
 
     def write(self, sample: dict) -> None:
-        self._tw.write(sample)
+        """``sample``: ``__key__`` plus bytes per extension (e.g. ``img.npy``, ``json``)."""
+        key = sample["__key__"]
+        for ext in sorted(k for k in sample if k != "__key__"):
+            data = sample[ext]
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), MTIME, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            self._tar.addfile(info, io.BytesIO(data))
         self.samples += 1
 
     def close(self) -> ShardStats:
-        self._tw.close()
+        self._tar.close()
         return ShardStats(self.samples, self._hf.size, self._hf.sha.hexdigest())
 
 

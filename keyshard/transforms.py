@@ -7,7 +7,7 @@ size into a *plan* over the whole flattened image:
 
 * SHF: a flat gather index, ``out = x.reshape(-1)[idx]``;
 * NP: a 0/255 image, ``out = x ^ xor`` (equal to ``255 - v`` where the key bit is set);
-* FFX: an offset image (0 or 256 per position) and a 2×256 table, ``out = lut[offset + x]``.
+* FFX: a base image (0, or 256 where the key bit is set) and a 2×256 table, ``out = lut[base + x]``.
 
 Each has an exact inverse.  The numpy and torch paths use the same compiled arrays, so their
 outputs are bit-identical.
@@ -55,7 +55,8 @@ class Plan:
     gather: np.ndarray | None = None      # SHF forward flat index
     scatter: np.ndarray | None = None     # SHF inverse flat index
     xor: np.ndarray | None = None         # NP: uint8 0/255 image
-    offset: np.ndarray | None = None      # FFX: 0/1 per position (selects the lut row)
+    fwd_base: np.ndarray | None = None    # FFX: uint16 0/256 per position (selects the lut row)
+    inv_base: np.ndarray | None = None    # FFX: uint16 0/1000 per position (row of inv_lut)
     lut: np.ndarray | None = None         # FFX forward: 2×256 uint16 (identity row, table row)
     inv_lut: np.ndarray | None = None     # FFX inverse: 2×1000 int16, -1 marks impossible codes
 
@@ -85,19 +86,22 @@ class Plan:
 
     def _apply(self, x: np.ndarray, forward: bool) -> np.ndarray:
         batch = x.shape[:-3]
-        flat = x.reshape(-1, self.height * self.width * CHANNELS)
-        if self.method == "shf":
-            out = flat[:, self.gather if forward else self.scatter]
-        elif self.method == "np":
-            out = flat ^ self.xor.reshape(-1)
-        elif forward:
-            out = self.lut.reshape(-1)[self.offset.reshape(-1) * 256 + flat]
-        else:
-            out = self.inv_lut.reshape(-1)[self.offset.reshape(-1) * 1000 + flat]
-            if (out < 0).any():
-                raise ValueError("value is not an FFX code of this key (wrong key or corrupt data)")
-            out = out.astype(np.uint8)
+        rows = x.reshape(-1, self.height * self.width * CHANNELS)
+        # one 1-D take per image: numpy's 1-D take is ~3x faster than 2-D fancy indexing
+        out = np.stack([self._apply_flat(row, forward) for row in rows])
         return out.reshape(batch + self.shape)
+
+    def _apply_flat(self, flat: np.ndarray, forward: bool) -> np.ndarray:
+        if self.method == "shf":
+            return np.take(flat, self.gather if forward else self.scatter)
+        if self.method == "np":
+            return flat ^ self.xor.reshape(-1)
+        if forward:  # uint16 index arithmetic: half the cost of an intp index
+            return np.take(self.lut.reshape(-1), self.fwd_base.reshape(-1) + flat)
+        out = np.take(self.inv_lut.reshape(-1), self.inv_base.reshape(-1) + flat)
+        if (out < 0).any():
+            raise ValueError("value is not an FFX code of this key (wrong key or corrupt data)")
+        return out.astype(np.uint8)
 
     def to_torch(self, device=None) -> "TorchPlan":
         return TorchPlan.from_plan(self, device)
@@ -124,7 +128,8 @@ def compile_plan(material: KeyMaterial, height: int, width: int) -> Plan:
     inv_lut = np.full((2, 1000), -1, dtype=np.int16)
     inv_lut[0, :256] = np.arange(256)
     inv_lut[1, table] = np.arange(256)
-    return Plan("ffx", height, width, offset=mask_img.astype(np.intp), lut=lut, inv_lut=inv_lut)
+    row = mask_img.astype(np.uint16)
+    return Plan("ffx", height, width, fwd_base=row * 256, inv_base=row * 1000, lut=lut, inv_lut=inv_lut)
 
 
 class TorchPlan:
@@ -138,16 +143,16 @@ class TorchPlan:
     def from_plan(cls, plan: Plan, device=None) -> "TorchPlan":
         import torch
 
-        names = ("gather", "scatter", "xor", "offset", "lut", "inv_lut")
+        names = ("gather", "scatter", "xor", "fwd_base", "inv_base", "lut", "inv_lut")
         tensors = {}
         for name in names:
             arr = getattr(plan, name)
             if arr is None:
                 continue
-            if arr.dtype == np.uint16:  # torch's uint16 lacks indexing kernels on some devices
+            if name in ("gather", "scatter", "fwd_base", "inv_base"):
+                arr = arr.astype(np.int64)  # index arithmetic in torch wants int64
+            elif arr.dtype == np.uint16:  # torch's uint16 lacks indexing kernels on some devices
                 arr = arr.astype(np.int32)
-            elif arr.dtype == np.intp:
-                arr = arr.astype(np.int64)
             tensors[name] = torch.from_numpy(np.ascontiguousarray(arr)).to(device)
         return cls(plan.method, plan.height, plan.width, tensors)
 
@@ -169,9 +174,9 @@ class TorchPlan:
         elif self.method == "np":
             out = torch.bitwise_xor(flat, t["xor"].reshape(-1))
         elif forward:
-            out = t["lut"].reshape(-1)[t["offset"].reshape(-1) * 256 + flat.long()]
+            out = t["lut"].reshape(-1)[t["fwd_base"].reshape(-1) + flat.long()]
         else:
-            out = t["inv_lut"].reshape(-1)[t["offset"].reshape(-1) * 1000 + flat.long()]
+            out = t["inv_lut"].reshape(-1)[t["inv_base"].reshape(-1) + flat.long()]
             if bool((out < 0).any()):
                 raise ValueError("value is not an FFX code of this key (wrong key or corrupt data)")
             out = out.to(torch.uint8)

@@ -1,0 +1,26 @@
+"""The wheel maps pipeline/ (and the manifest schema) under keyshard, with no top-level modules."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_contents(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    wheel = next(tmp_path.glob("keyshard-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "keyshard/pipeline/encrypt_job.py" in names
+    assert "keyshard/manifests/manifest.schema.json" in names
+    tops = {n.split("/")[0] for n in names}
+    assert tops <= {"keyshard"} | {n for n in tops if n.endswith(".dist-info")}
+
+
+def test_installed_package_imports_subpackages():
+    out = subprocess.run([sys.executable, "-c", "import keyshard.pipeline.encrypt_job, keyshard.manifests;"
+                          "import importlib.util as u; print(u.find_spec('pipeline'), u.find_spec('train'))"],
+                         cwd="/", capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["None", "None"]
