@@ -6,7 +6,12 @@
     sha256, manifest) per method and block size;
 both at 1 process and at 2, plus transform-only µs per 256×256 image (numpy and torch).
 
-    python benchmarks/bench_encrypt.py [--images 400] [--size 256]
+    python benchmarks/bench_encrypt.py [--images 600] [--size 256] [--voc PATH]
+
+Images: with ``--voc`` the first N ids of a real VOC2012 layout; otherwise VOC-like photos
+(500×375 / 375×500 JPEGs, quality 90) cut from the real photographs that ship with
+scikit-image (``pip install scikit-image``; a benchmark-only dependency), with toy label maps.
+Pure-noise synthetic images would overstate JPEG decode cost, which both paths pay.
 """
 
 from __future__ import annotations
@@ -23,6 +28,29 @@ from pathlib import Path
 import numpy as np
 from joblib import Parallel, delayed
 from PIL import Image
+
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
+          "retina", "grass", "gravel", "brick", "immunohistochemistry")
+
+
+def make_photo_voc(out: Path, n: int) -> Path:
+    """A VOC layout of ``n`` photo crops (JPEG q90, VOC's typical sizes) with toy label maps."""
+    import skimage.data
+
+    from keyshard.pipeline.toy_voc import make_toy_voc
+
+    root = make_toy_voc(out, images=n, min_side=375, max_side=500, progress=False)
+    rng = np.random.default_rng(0)
+    photos = [Image.fromarray(getattr(skimage.data, p)()).convert("RGB") for p in PHOTOS]
+    for jpg in sorted((root / "JPEGImages").glob("*.jpg")):
+        w, h = Image.open(jpg).size
+        photo = photos[int(rng.integers(len(photos)))]
+        scale = max(w / photo.width, h / photo.height) * rng.uniform(1.0, 1.6)
+        big = photo.resize((int(photo.width * scale) + 1, int(photo.height * scale) + 1), Image.BICUBIC)
+        x0, y0 = int(rng.integers(big.width - w + 1)), int(rng.integers(big.height - h + 1))
+        big.crop((x0, y0, x0 + w, y0 + h)).save(jpg, quality=90)
+    return root
 
 
 def baseline_worker(paths, size):
@@ -82,6 +110,7 @@ def main():
     ap.add_argument("--images", type=int, default=600)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--block-sizes", default="2,16,256")
+    ap.add_argument("--voc", default=None, help="Real VOC2012 layout to read the first N ids from.")
     args = ap.parse_args()
 
     import torch
@@ -92,9 +121,26 @@ def main():
     torch.set_num_threads(1)
     work = tempfile.mkdtemp(prefix="keyshard-bench-")
     try:
-        # VOC-sized images (375..500 px sides, like VOC's typical 500x375)
-        root = make_toy_voc(Path(work) / "voc", images=args.images, min_side=375, max_side=500, progress=False)
+        if args.voc:
+            from keyshard.pipeline.voc import VocSource
+
+            src = VocSource.open(args.voc)
+            root = Path(work) / "voc" / "VOCdevkit" / "VOC2012"
+            take = {s: src.split_ids(s)[: args.images // 2] for s in ("train", "val")}
+            for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+                (root / sub).mkdir(parents=True)
+            for split, ids_ in take.items():
+                (root / "ImageSets/Segmentation" / f"{split}.txt").write_text("".join(i + "\n" for i in ids_))
+                for i in ids_:
+                    ref = src.ref(i, split)
+                    (root / "JPEGImages" / f"{i}.jpg").write_bytes(ref.image.read())
+                    (root / "SegmentationClass" / f"{i}.png").write_bytes(ref.mask.read())
+            source = f"real VOC2012 ({args.voc})"
+        else:
+            root = make_photo_voc(Path(work) / "voc", args.images)
+            source = "photo crops (scikit-image data), JPEG q90"
         ids = [p.stem for p in (root / "JPEGImages").glob("*.jpg")]
+        mean_kb = np.mean([(root / "JPEGImages" / f"{i}.jpg").stat().st_size for i in ids]) / 1024
         pairs = [(str(root / "JPEGImages" / f"{i}.jpg"), str(root / "SegmentationClass" / f"{i}.png")) for i in ids]
         baseline_worker(pairs[:20], args.size)  # warm file cache
         Parallel(n_jobs=2)(delayed(baseline_worker)(pairs[:2], args.size) for _ in range(2))  # start workers
@@ -116,7 +162,7 @@ def main():
 
         print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
               f"python {platform.python_version()}, torch {torch.__version__}; "
-              f"{len(pairs)} JPEGs 375..500 px -> {args.size}x{args.size}")
+              f"{len(pairs)} JPEGs, {source}, mean {mean_kb:.0f} KB -> {args.size}x{args.size}")
         print(f"baseline (a) PIL decode+resize, image+mask: 1 proc {base[1]:.0f} img/s, 2 procs {base[2]:.0f} img/s\n")
         print("| config | (b) 1 proc img/s | b/a 1 proc | (b) 2 procs img/s | b/a 2 procs | transform numpy µs | transform torch µs |")
         print("|---|---:|---:|---:|---:|---:|---:|")

@@ -88,8 +88,9 @@ class Plan:
         batch = x.shape[:-3]
         rows = x.reshape(-1, self.height * self.width * CHANNELS)
         # one 1-D take per image: numpy's 1-D take is ~3x faster than 2-D fancy indexing
-        out = np.stack([self._apply_flat(row, forward) for row in rows])
-        return out.reshape(batch + self.shape)
+        if len(rows) == 1:
+            return self._apply_flat(rows[0], forward).reshape(batch + self.shape)
+        return np.stack([self._apply_flat(row, forward) for row in rows]).reshape(batch + self.shape)
 
     def _apply_flat(self, flat: np.ndarray, forward: bool) -> np.ndarray:
         if self.method == "shf":

@@ -105,8 +105,8 @@ def process_shard(task: ShardTask, material: KeyMaterial | None, options: Encryp
                           "mask.png": shardformat.encode_mask(mask),
                           "json": shardformat.encode_meta(meta)})
         stats = writer.close()
-    # no fsync here (it cost ~0.7 ms/image on the 2-core machine): rename is atomic, resume
-    # re-hashes every shard against its record, and run() fsyncs all shards before the manifest
+    # No fsync per shard: rename is atomic, resume re-hashes every shard against its record,
+    # and run() fsyncs all shards once before it writes the manifest.
     os.replace(tmp, out / task.name)
     record = {"file": task.name, "split": task.split, "replica": task.replica,
               "samples": stats.samples, "bytes": stats.bytes, "sha256": stats.sha256,
