@@ -40,10 +40,11 @@ def cli():
 
 
 def _register() -> None:
+    from keyshard.demo import demo
     from keyshard.key_commands import key_info, keygen
     from keyshard.pipeline.commands import decrypt, encrypt, toy_voc, verify
 
-    for command in (keygen, key_info, toy_voc, encrypt, verify, decrypt):
+    for command in (demo, keygen, key_info, toy_voc, encrypt, verify, decrypt):
         cli.add_command(command)
 
 

