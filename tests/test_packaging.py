@@ -24,3 +24,11 @@ def test_installed_package_imports_subpackages():
                           "import importlib.util as u; print(u.find_spec('pipeline'), u.find_spec('train'))"],
                          cwd="/", capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["None", "None"]
+
+
+def test_example_manifest_matches_the_schema():
+    import json
+
+    from keyshard.pipeline.manifest import validate
+
+    validate(json.loads((ROOT / "manifests" / "example-manifest.json").read_text()), "example")
