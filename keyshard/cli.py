@@ -43,8 +43,9 @@ def _register() -> None:
     from keyshard.demo import demo
     from keyshard.key_commands import key_info, keygen
     from keyshard.pipeline.commands import decrypt, encrypt, toy_voc, verify
+    from keyshard.train.commands import train
 
-    for command in (demo, keygen, key_info, toy_voc, encrypt, verify, decrypt):
+    for command in (demo, keygen, key_info, toy_voc, encrypt, verify, decrypt, train):
         cli.add_command(command)
 
 
@@ -53,3 +54,7 @@ _register()
 
 def main() -> None:
     cli(prog_name="keyshard")
+
+
+if __name__ == "__main__":  # `python -m keyshard.cli` (torchrun -m keyshard.cli train ...)
+    main()

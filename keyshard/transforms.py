@@ -183,3 +183,22 @@ class TorchPlan:
                 raise ValueError("value is not an FFX code of this key (wrong key or corrupt data)")
             out = out.to(torch.uint8)
         return out.reshape(shape)
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def model_input(pixels, divisor: int):
+    """(B, H, W, 3) integer tensor → normalised float (B, 3, H, W) model input.
+
+    ``x = v / divisor`` (255, or max(table) for FFX), then ImageNet mean/std — normalisation
+    comes after the key transform, exactly as in the reference code.  Works for plain and
+    encrypted pixels alike.
+    """
+    import torch
+
+    x = pixels.permute(0, 3, 1, 2).float().div_(divisor)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(std)

@@ -1,0 +1,1 @@
+"""Training on keyed shards: streaming loader, models, training loop, checkpoints (keyshard.train)."""

@@ -1,0 +1,48 @@
+"""Checkpoints: model, optimiser, scheduler, RNG, config, metrics, and the data's key identity.
+
+Saved atomically (temporary name + rename) and always loaded with ``weights_only=True``, so a
+checkpoint can never execute code.  They carry the key *fingerprint*, method and block size of
+the shards the model was trained on — never key material.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from keyshard.errors import KeyshardError
+
+FORMAT = "keyshard-checkpoint/1"
+
+
+def save(path: Path, state: dict) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save({"format": FORMAT, **state}, tmp)
+    os.replace(tmp, path)
+
+
+def load(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise KeyshardError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a corrupt file is the user's to fix
+        raise KeyshardError(f"{path}: not a readable keyshard checkpoint ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise KeyshardError(f"{path}: not a keyshard checkpoint (format {FORMAT} expected)")
+    return state
+
+
+def data_identity(manifest: dict) -> dict:
+    """What a model is bound to: the shards' key fingerprint, method, block size, divisor."""
+    enc = manifest["encryption"]
+    return {
+        "plain": enc["plain"], "method": enc["method"], "block_size": enc["block_size"],
+        "key_fingerprint": enc["key_fingerprint"], "key_derivation": enc["key_derivation"],
+        "pixel_divisor": enc["pixel_divisor"], "image_size": manifest["image"]["height"],
+        "source_content_sha256": manifest["source"]["content_sha256"],
+    }

@@ -1,0 +1,293 @@
+"""The training loop: paper recipe or demo preset, single process or DDP (torchrun), resumable.
+
+Method, block size, fingerprint and pixel divisor come from the shards' manifest, never from
+flags.  Each epoch is one pass over the train ids (one augmentation replica); the checkpoint
+with the lowest holdout loss becomes ``best.pt``, as in the paper.  Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from keyshard.errors import KeyshardError
+from keyshard.pipeline.manifest import load as load_manifest
+from keyshard.train import checkpoint
+from keyshard.train.data import epoch_plan, iterate_batches
+from keyshard.train.models import build_model
+from keyshard.transforms import model_input
+
+PRESETS = {
+    # Section 3.1 of the paper.
+    "paper": dict(model="fcn_resnet50", epochs=100, batch_size=256, micro_batch=32, lr=0.1, momentum=0.9,
+                  weight_decay=0.005, restart_epochs=10, min_lr=1e-4, aux_weight=0.5),
+    # Small network, CPU, minutes on the toy data.
+    "demo": dict(model="small", epochs=12, batch_size=16, micro_batch=16, lr=0.05, momentum=0.9,
+                 weight_decay=1e-4, restart_epochs=12, min_lr=1e-4, aux_weight=0.0),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = "small"
+    epochs: int = 12
+    batch_size: int = 16
+    micro_batch: int = 16          # gradient accumulation when it is smaller than batch_size
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    restart_epochs: int = 10       # cosine annealing with warm restarts every N epochs
+    min_lr: float = 1e-4
+    aux_weight: float = 0.0        # FCN auxiliary loss weight (torchvision's recipe uses 0.5)
+    seed: int = 0
+    workers: int = 0
+    shuffle_buffer: int = 256
+    amp: bool = False
+    channels_last: bool = False
+    weights: str | None = None
+    preset: str = "demo"
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides) -> "TrainConfig":
+        values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+        return cls(preset=preset, **values)
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; gloo on CPU, nccl on GPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    torch.distributed.init_process_group(backend=backend)
+    return Dist(torch.distributed.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def all_reduce_sum(values: list[float], dist: Dist, device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.world > 1:
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def segmentation_loss(outputs: dict, masks: torch.Tensor, aux_weight: float) -> torch.Tensor:
+    """Summed cross-entropy over non-void pixels (caller divides by the batch's valid count),
+    so void padding and accumulation chunks add exactly nothing."""
+    loss = F.cross_entropy(outputs["out"], masks, ignore_index=255, reduction="sum")
+    if aux_weight and "aux" in outputs:
+        loss = loss + aux_weight * F.cross_entropy(outputs["aux"], masks, ignore_index=255, reduction="sum")
+    return loss
+
+
+def param_digest(model: nn.Module) -> str:
+    """SHA-256 of all parameters and buffers: DDP ranks must hold identical models."""
+    sha = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        sha.update(name.encode())
+        sha.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return sha.hexdigest()
+
+
+class Trainer:
+    def __init__(self, shards: str, out: str, config: TrainConfig, resume: bool = False,
+                 progress: bool = True, log=print):
+        self.shards, self.out, self.cfg, self.progress, self.log = Path(shards), Path(out), config, progress, log
+        self.dist = setup_distributed()
+        self.device = torch.device(f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu")
+        self.manifest = load_manifest(self.shards)
+        self.data = checkpoint.data_identity(self.manifest)
+        if "train" not in self.manifest["splits"]["counts"] or "holdout" not in self.manifest["splits"]["counts"]:
+            raise KeyshardError(f"{self.shards}: needs train and holdout splits (encrypt --splits train,holdout,...)")
+        if config.batch_size % config.micro_batch:
+            raise KeyshardError(f"--batch-size {config.batch_size} must be a multiple of --micro-batch {config.micro_batch}")
+        self.start_epoch, self.history, self.best_loss = 0, [], math.inf
+        previous = self._prepare_out(resume)
+        torch.manual_seed(config.seed)
+        self.model = build_model(config.model, config.weights, aux_loss=config.aux_weight > 0).to(self.device)
+        if config.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
+                                         weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+            self.optimizer, T_0=config.restart_epochs, eta_min=config.min_lr)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp and self.device.type == "cuda")
+        if previous is not None:
+            self._restore(previous)
+        self.ddp = (nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                    if self.dist.world > 1 else self.model)
+
+    # -- set-up ----------------------------------------------------------------------------
+    def _prepare_out(self, resume: bool):
+        last = self.out / "last.pt"
+        if resume:
+            state = checkpoint.load(last)
+            if state["data"] != self.data:
+                raise KeyshardError(f"{last}: was trained on other shards (key fingerprint/method/block size differ)")
+            free = ("epochs", "workers")  # may change on resume without changing the result
+            old = {k: v for k, v in state["config"].items() if k not in free}
+            new = {k: v for k, v in asdict(self.cfg).items() if k not in free}
+            changed = sorted(k for k in new if old.get(k) != new[k])
+            if changed:
+                raise KeyshardError(f"{last}: resume needs the same settings; differs in {', '.join(changed)}")
+            return state
+        if self.out.exists() and any(self.out.iterdir()):
+            raise KeyshardError(f"{self.out}: exists and is not empty (use --resume to continue a run there)")
+        if self.dist.main:
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise KeyshardError(f"{self.out}: cannot create run directory ({exc.strerror})") from None
+        return None
+
+    def _restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        self.start_epoch = state["epoch"] + 1
+        self.history = list(state["metrics"])
+        self.best_loss = state["best_holdout_loss"]
+
+    # -- one epoch --------------------------------------------------------------------------
+    def _batches(self, split: str, epoch: int, shuffle: bool):
+        plan = epoch_plan(self.shards, self.manifest, split, epoch, self.cfg.seed, self.dist.rank,
+                          self.dist.world, shuffle=shuffle)
+        size = self.data["image_size"]
+        return plan, iterate_batches(plan, self.cfg.batch_size, self.cfg.seed, epoch, self.cfg.workers,
+                                     self.cfg.shuffle_buffer if shuffle else 0, (size, size))
+
+    def _forward(self, pixels):
+        x = model_input(pixels.to(self.device, non_blocking=True), self.data["pixel_divisor"])
+        if self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, enabled=self.cfg.amp and self.device.type == "cuda"):
+            return self.ddp(x)
+
+    def train_epoch(self, epoch: int) -> dict:
+        from tqdm import tqdm
+
+        self.ddp.train()
+        plan, batches = self._batches("train", epoch, shuffle=True)
+        steps = math.ceil(plan.target / self.cfg.batch_size)
+        chunks = self.cfg.batch_size // self.cfg.micro_batch
+        loss_sum = pixels_sum = 0.0
+        padding = 0
+        t0 = time.perf_counter()
+        bar = tqdm(total=plan.target * self.dist.world, desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
+                   unit="img", disable=not (self.progress and self.dist.main), file=sys.stderr)
+        for step, (pixels, masks, _, n_pad) in enumerate(batches):
+            masks = masks.to(self.device)
+            n_valid = int((masks != 255).sum())
+            valid = max(n_valid, 1)  # an all-void (padding) batch has loss 0 and zero gradients
+            self.optimizer.zero_grad(set_to_none=True)
+            batch_loss = 0.0
+            for i in range(0, len(pixels), self.cfg.micro_batch):
+                sync = i + self.cfg.micro_batch >= len(pixels) or chunks == 1
+                ctx = self.ddp.no_sync() if (self.dist.world > 1 and not sync) else nullcontext()
+                with ctx:
+                    out = self._forward(pixels[i:i + self.cfg.micro_batch])
+                    loss = segmentation_loss({k: v.float() for k, v in out.items()},
+                                             masks[i:i + self.cfg.micro_batch], self.cfg.aux_weight) / valid
+                    self.scaler.scale(loss).backward()
+                batch_loss += float(loss.detach())
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step(epoch + (step + 1) / steps)  # cosine within the epoch, restarts every N
+            loss_sum += batch_loss * valid
+            pixels_sum += n_valid
+            padding += n_pad
+            bar.update(len(pixels) * self.dist.world)
+            bar.set_postfix(loss=f"{batch_loss:.3f}")
+        bar.close()
+        loss_sum, pixels_sum, padding, samples = all_reduce_sum(
+            [loss_sum, pixels_sum, padding, plan.samples], self.dist, self.device)
+        elapsed = time.perf_counter() - t0
+        return {"train_loss": loss_sum / max(pixels_sum, 1), "train_samples": int(samples),
+                "train_padding": int(padding), "steps": steps, "samples_per_s": samples / elapsed,
+                "lr": self.optimizer.param_groups[0]["lr"]}
+
+    @torch.no_grad()
+    def holdout_loss(self, epoch: int) -> float:
+        self.ddp.eval()
+        _, batches = self._batches("holdout", epoch, shuffle=False)
+        loss_sum = pixels_sum = 0.0
+        for pixels, masks, _, _ in batches:
+            masks = masks.to(self.device)
+            out = self._forward(pixels)
+            loss_sum += float(segmentation_loss({"out": out["out"].float()}, masks, 0.0))
+            pixels_sum += float((masks != 255).sum())
+        loss_sum, pixels_sum = all_reduce_sum([loss_sum, pixels_sum], self.dist, self.device)
+        return loss_sum / max(pixels_sum, 1)
+
+    # -- driver -----------------------------------------------------------------------------
+    def fit(self) -> dict:
+        if self.dist.main:
+            mode = "plain images" if self.data["plain"] else f"{self.data['method']} M={self.data['block_size']} key {self.data['key_fingerprint'][:16]}…"
+            init = f"weights from {self.cfg.weights}" if self.cfg.weights else "from scratch (no --weights given)"
+            self.log(f"training {self.cfg.model} on {mode}, {init}, {self.dist.world} process(es) on {self.device}")
+        for epoch in range(self.start_epoch, self.cfg.epochs):
+            stats = self.train_epoch(epoch)
+            stats["holdout_loss"] = self.holdout_loss(epoch)
+            stats["epoch"] = epoch + 1
+            self.history.append(stats)
+            improved = stats["holdout_loss"] < self.best_loss
+            if improved:
+                self.best_loss = stats["holdout_loss"]
+            if self.dist.main:
+                self._write(epoch, stats, improved)
+                self.log(f"epoch {epoch + 1}/{self.cfg.epochs}: train loss {stats['train_loss']:.4f}, "
+                         f"holdout loss {stats['holdout_loss']:.4f}{' (best)' if improved else ''}, "
+                         f"{stats['samples_per_s']:.1f} samples/s, lr {stats['lr']:.4g}"
+                         + (f", padding {stats['train_padding']}" if stats["train_padding"] else ""))
+        digests = self._gather_digests()
+        if self.dist.main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"final": True, "rank_param_sha256": digests}) + "\n")
+        if self.dist.world > 1:
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+        return {"history": self.history, "best_holdout_loss": self.best_loss, "rank_param_sha256": digests}
+
+    def _gather_digests(self) -> list[str]:
+        mine = param_digest(self.model)
+        if self.dist.world == 1:
+            return [mine]
+        out = [None] * self.dist.world
+        torch.distributed.all_gather_object(out, mine)
+        return out
+
+    def _write(self, epoch: int, stats: dict, improved: bool) -> None:
+        state = {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state(),
+            "epoch": epoch, "model_name": self.cfg.model, "config": asdict(self.cfg),
+            "metrics": self.history, "best_holdout_loss": self.best_loss, "data": self.data,
+            "world_size": self.dist.world,
+        }
+        checkpoint.save(self.out / "last.pt", state)
+        if improved:
+            checkpoint.save(self.out / "best.pt", state)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(stats) + "\n")

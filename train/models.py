@@ -1,0 +1,84 @@
+"""Segmentation models: the paper's FCN-ResNet50 and a small CPU-friendly encoder-decoder.
+
+Nothing is downloaded: torchvision's FCN is built with ``weights=None, weights_backbone=None``
+and backbone weights come only from a local file the user names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from keyshard.errors import KeyshardError
+
+NUM_CLASSES = 21
+MODELS = ("fcn_resnet50", "small")
+
+
+def _block(cin, cout, stride=1, dilation=1):
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class SmallSegNet(nn.Module):
+    """Compact encoder-decoder (output stride 4, skip connection): trains on the CPU in minutes."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES, width: int = 32):
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(_block(3, w), _block(w, w))
+        self.down1 = nn.Sequential(_block(w, 2 * w, stride=2), _block(2 * w, 2 * w))
+        self.down2 = nn.Sequential(_block(2 * w, 4 * w, stride=2), _block(4 * w, 4 * w, dilation=2),
+                                   _block(4 * w, 4 * w, dilation=4))
+        self.up = _block(4 * w + w, 2 * w)
+        self.head = nn.Conv2d(2 * w, num_classes, 1)
+
+    def forward(self, x):
+        s = self.stem(x)
+        y = self.down2(self.down1(s))
+        y = F.interpolate(y, size=s.shape[-2:], mode="bilinear", align_corners=False)
+        return {"out": self.head(self.up(torch.cat([y, s], dim=1)))}
+
+
+def build_model(name: str, weights: str | None = None, aux_loss: bool = True) -> nn.Module:
+    """A model returning ``{"out": logits[, "aux": logits]}`` at input resolution."""
+    if name == "small":
+        model = SmallSegNet()
+    elif name == "fcn_resnet50":
+        from torchvision.models.segmentation import fcn_resnet50
+
+        model = fcn_resnet50(weights=None, weights_backbone=None, num_classes=NUM_CLASSES, aux_loss=aux_loss)
+    else:
+        raise KeyshardError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    if weights:
+        load_backbone(model, name, weights)
+    return model
+
+
+def load_backbone(model: nn.Module, name: str, path: str) -> None:
+    """Initialise from a local file: a ResNet-50 state dict (into the FCN backbone), or a full
+    state dict / keyshard checkpoint of the same model.  Anything else is one clear error."""
+    p = Path(path)
+    if not p.is_file():
+        raise KeyshardError(f"{p}: weights file not found")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise KeyshardError(f"{p}: not a loadable weights file ({type(exc).__name__})") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # a keyshard checkpoint
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise KeyshardError(f"{p}: does not hold a state dict of tensors")
+    target = model
+    if name == "fcn_resnet50" and not any(k.startswith("backbone.") for k in state):
+        target = model.backbone  # torchvision resnet50 weights: only fc.* are left over
+    result = target.load_state_dict(state, strict=False)
+    unexpected = [k for k in result.unexpected_keys if not k.startswith("fc.")]
+    loaded = len(state) - len(result.unexpected_keys)
+    if unexpected or loaded == 0:
+        raise KeyshardError(f"{p}: weights do not fit model {name} ({len(unexpected)} unexpected keys, "
+                            f"{loaded} loaded)")
