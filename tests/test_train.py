@@ -180,3 +180,33 @@ def test_torchrun_two_gloo_processes(data, tmp_path):
     model.load_state_dict(checkpoint.load(run / "last.pt")["model"])
     assert len(digests) == 2 and digests[0] == digests[1] == param_digest(model)
     assert checkpoint.load(run / "last.pt")["world_size"] == 2
+
+
+@pytest.mark.parametrize("method", keys.METHODS)
+def test_block_moves_commute_with_every_key_but_a_pixel_mirror_does_not(method):
+    import numpy as np
+
+    from keyshard.train.augment import block_crop, block_hflip
+    from keyshard.transforms import compile_plan
+
+    m = 4
+    key = keys.generate(method, m)
+    plan = compile_plan(key.material, 16, 16)
+    x = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    mask = torch.zeros(16, 16, dtype=torch.int64)
+    enc = lambda t: torch.from_numpy(plan.encrypt(np.ascontiguousarray(t.numpy())).astype(np.int64))
+    flipped, _ = block_hflip(x, mask, m)
+    assert torch.equal(enc(flipped), block_hflip(enc(x), mask, m)[0])
+    cropped, _ = block_crop(x, mask, m, 8, np.random.default_rng(5))
+    crop_plan = compile_plan(key.material, 8, 8)
+    enc_cropped, _ = block_crop(enc(x), mask, m, 8, np.random.default_rng(5))
+    assert torch.equal(torch.from_numpy(crop_plan.encrypt(np.ascontiguousarray(cropped.numpy())).astype(np.int64)), enc_cropped)
+    assert not torch.equal(enc(x.flip(1)), enc(x).flip(1))  # a true mirror breaks the key
+
+
+def test_training_with_key_safe_augmentation(data, tmp_path):
+    trainer = Trainer(data / "np4", tmp_path / "aug", small_config(block_flip=True, block_crop=24),
+                      progress=False, log=lambda m: None)
+    assert trainer.fit()["history"][0]["train_samples"] == 25
+    with pytest.raises(Exception, match="multiple of the block size"):
+        Trainer(data / "np4", tmp_path / "aug2", small_config(block_crop=22), progress=False)

@@ -32,11 +32,15 @@ from keyshard.errors import KeyshardError
 @click.option("--shuffle-buffer", type=click.IntRange(min=0), default=256, show_default=True)
 @click.option("--amp", is_flag=True, help="Mixed precision (CUDA only).")
 @click.option("--channels-last", is_flag=True, help="channels_last memory format (helps on recent GPUs).")
+@click.option("--block-flip", is_flag=True,
+              help="Key-safe augmentation: randomly reverse the order of block columns (commutes with any key).")
+@click.option("--block-crop", type=click.IntRange(min=1), default=None, metavar="SIZE",
+              help="Key-safe augmentation: random SIZExSIZE crop at block-aligned offsets (a multiple of M).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from last.pt (same settings; --epochs may grow).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def train(shards, out, preset, model, epochs, batch_size, micro_batch, lr, momentum, weight_decay,
           restart_epochs, min_lr, aux_weight, weights, seed, workers, shuffle_buffer, amp, channels_last,
-          resume, quiet):
+          block_flip, block_crop, resume, quiet):
     """Train a segmentation model by streaming (plain or keyed) shards.
 
     Method, block size, key fingerprint and pixel divisor come from the shards' manifest.  Runs on
@@ -53,7 +57,7 @@ def train(shards, out, preset, model, epochs, batch_size, micro_batch, lr, momen
         preset, model=model, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, lr=lr,
         momentum=momentum, weight_decay=weight_decay, restart_epochs=restart_epochs, min_lr=min_lr,
         aux_weight=aux_weight, weights=weights, seed=seed, workers=workers, shuffle_buffer=shuffle_buffer,
-        amp=amp, channels_last=channels_last)
+        amp=amp, channels_last=channels_last, block_flip=block_flip, block_crop=block_crop)
     if config.batch_size % config.micro_batch:
         raise KeyshardError(f"--batch-size {config.batch_size} must be a multiple of --micro-batch {config.micro_batch}")
     result = Trainer(shards, out, config, resume=resume, progress=not quiet, log=click.echo).fit()

@@ -13,7 +13,6 @@ communication.  Padding is counted and reported.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,22 +72,23 @@ def decode_sample(sample: dict) -> tuple[torch.Tensor, torch.Tensor, str]:
     return torch.from_numpy(pixels), torch.from_numpy(mask), sample["__key__"]
 
 
-def shard_dataset(plan: EpochPlan, seed: int, epoch: int, shuffle_buffer: int) -> wds.WebDataset:
-    """The rank's samples: split by node, then by worker, shuffled, decoded."""
+def shard_dataset(plan: EpochPlan, seed: int, epoch: int, shuffle_buffer: int, augment=None) -> wds.WebDataset:
+    """The rank's samples: split by node, then by worker, shuffled, decoded (and augmented)."""
     ds = wds.WebDataset(plan.urls, shardshuffle=False, nodesplitter=wds.split_by_node,
                         workersplitter=wds.split_by_worker, empty_check=False)
     if shuffle_buffer > 1:
         ds = ds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 64), seed=seed * 100003 + epoch)
-    return ds.map(decode_sample)
+    ds = ds.map(decode_sample)
+    return ds.map(augment) if augment is not None else ds
 
 
 def iterate_batches(plan: EpochPlan, batch_size: int, seed: int, epoch: int, workers: int = 0,
-                    shuffle_buffer: int = 0, image_shape: tuple[int, int] | None = None):
+                    shuffle_buffer: int = 0, image_shape: tuple[int, int] | None = None, augment=None):
     """Yield (pixels, masks, keys, n_padding) batches: the rank's samples then void padding.
 
     Every rank yields exactly ``ceil(plan.target / batch_size)`` batches.
     """
-    loader = torch.utils.data.DataLoader(shard_dataset(plan, seed, epoch, shuffle_buffer),
+    loader = torch.utils.data.DataLoader(shard_dataset(plan, seed, epoch, shuffle_buffer, augment),
                                          batch_size=None, num_workers=workers,
                                          persistent_workers=False)
     buf_px, buf_mask, buf_keys = [], [], []

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from keyshard.errors import KeyshardError
 from keyshard.pipeline.manifest import load as load_manifest
 from keyshard.train import checkpoint
+from keyshard.train.augment import KeySafeAugment
 from keyshard.train.data import epoch_plan, iterate_batches
 from keyshard.train.models import build_model
 from keyshard.transforms import model_input
@@ -55,6 +56,8 @@ class TrainConfig:
     shuffle_buffer: int = 256
     amp: bool = False
     channels_last: bool = False
+    block_flip: bool = False       # key-safe: flip of the block grid (train/augment.py)
+    block_crop: int | None = None  # key-safe: block-aligned crop to this size
     weights: str | None = None
     preset: str = "demo"
 
@@ -122,6 +125,10 @@ class Trainer:
             raise KeyshardError(f"{self.shards}: needs train and holdout splits (encrypt --splits train,holdout,...)")
         if config.batch_size % config.micro_batch:
             raise KeyshardError(f"--batch-size {config.batch_size} must be a multiple of --micro-batch {config.micro_batch}")
+        m, size = self.data["block_size"] or 1, self.data["image_size"]
+        if config.block_crop and (config.block_crop % m or not 0 < config.block_crop <= size):
+            raise KeyshardError(f"--block-crop {config.block_crop} must be a multiple of the block size {m} "
+                                f"and at most the image size {size}")
         self.start_epoch, self.history, self.best_loss = 0, [], math.inf
         previous = self._prepare_out(resume)
         torch.manual_seed(config.seed)
@@ -175,8 +182,13 @@ class Trainer:
         plan = epoch_plan(self.shards, self.manifest, split, epoch, self.cfg.seed, self.dist.rank,
                           self.dist.world, shuffle=shuffle)
         size = self.data["image_size"]
+        augment = None
+        if split == "train" and (self.cfg.block_flip or self.cfg.block_crop):
+            augment = KeySafeAugment(self.data["block_size"] or 1, self.cfg.block_flip, self.cfg.block_crop,
+                                     self.cfg.seed, epoch)
+            size = self.cfg.block_crop or size
         return plan, iterate_batches(plan, self.cfg.batch_size, self.cfg.seed, epoch, self.cfg.workers,
-                                     self.cfg.shuffle_buffer if shuffle else 0, (size, size))
+                                     self.cfg.shuffle_buffer if shuffle else 0, (size, size), augment)
 
     def _forward(self, pixels):
         x = model_input(pixels.to(self.device, non_blocking=True), self.data["pixel_divisor"])
