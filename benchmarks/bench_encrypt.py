@@ -168,8 +168,8 @@ def main():
         print("|---|---:|---:|---:|---:|---:|---:|")
         for r in rows:
             r["r1"], r["r2"] = r["b1"] / base[1], r["b2"] / base[2]
-            print(f"| {r['config']} | {r['b1']:.0f} | {r['r1']:.2f} | {r['b2']:.0f} | {r['r2']:.2f} | "
-                  f"{r['np_us']:.0f} | {r['torch_us']:.0f} |")
+            us = "| — | — |" if r["np_us"] != r["np_us"] else f"| {r['np_us']:.0f} | {r['torch_us']:.0f} |"
+            print(f"| {r['config']} | {r['b1']:.0f} | {r['r1']:.2f} | {r['b2']:.0f} | {r['r2']:.2f} {us}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

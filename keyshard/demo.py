@@ -78,4 +78,4 @@ def demo(workdir, images, size, method, block_size, jobs):
     counts = ", ".join(f"{s} {n}" for s, n in sorted(enc_doc["splits"]["counts"].items(), key=lambda kv: ["train", "holdout", "test"].index(kv[0])))
     click.echo(f"\nkeyed shards: {len(enc_doc['shards'])} files ({counts}; train has 2 replicas), "
                f"fingerprint {key.short_fingerprint}…, sample {name} decrypts exactly to its plain image.")
-    click.echo("next: training on these shards arrives with `keyshard train`.")
+    click.echo(f"next: keyshard train --shards {enc_dir} --out {work / 'run'} --preset demo")

@@ -210,3 +210,19 @@ def test_training_with_key_safe_augmentation(data, tmp_path):
     assert trainer.fit()["history"][0]["train_samples"] == 25
     with pytest.raises(Exception, match="multiple of the block size"):
         Trainer(data / "np4", tmp_path / "aug2", small_config(block_crop=22), progress=False)
+
+
+def test_paper_model_builds_offline_and_loads_a_local_resnet50(tmp_path):
+    from torchvision.models import resnet50
+
+    weights = tmp_path / "resnet50.pth"
+    torch.manual_seed(1)
+    torch.save(resnet50(weights=None).state_dict(), weights)
+    model = build_model("fcn_resnet50", str(weights), aux_loss=True)
+    reference = torch.load(weights, weights_only=True)
+    assert torch.equal(model.backbone.conv1.weight, reference["conv1.weight"])
+    assert torch.equal(model.backbone.layer4[2].conv3.weight, reference["layer4.2.conv3.weight"])
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.zeros(1, 3, 64, 64))
+    assert out["out"].shape == (1, 21, 64, 64) and out["aux"].shape == (1, 21, 64, 64)
