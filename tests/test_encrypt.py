@@ -253,3 +253,25 @@ def test_no_key_material_in_outputs(toy, key_files, enc_ffx, tmp_path):
     for p in out.iterdir():
         for needle in perm_bytes + [skey.secret, skey.secret.hex().encode()]:
             assert needle not in p.read_bytes()
+
+
+def test_other_joblib_backend_gives_the_same_bytes(toy, key_files, enc_ffx, tmp_path):
+    out = tmp_path / "threads"
+    encrypt(toy, out, "--backend", "threading", key=key_files["ffx"], jobs=2)
+    assert shard_bytes(out) == shard_bytes(enc_ffx)
+
+
+def test_dask_backend_without_dask_is_one_clear_line(toy, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_dask(name, *args, **kw):
+        if name.startswith("dask"):
+            raise ImportError(name)
+        return real_import(name, *args, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_dask)
+    assert_user_error(invoke("encrypt", "--voc", toy, "--plain", "-o", tmp_path / "d", "--backend", "dask", *COMMON),
+                      "keyshard[dask]")
+    assert not (tmp_path / "d").exists()

@@ -147,6 +147,10 @@ def test_weights_file_errors(data, tmp_path):
     torch.save({"conv.weight": torch.zeros(3, 3)}, bad)
     assert_user_error(invoke("train", "--shards", data / "plain", "--out", tmp_path / "r2", "--weights", bad, "-q"),
                       "bad.pt", "do not fit")
+    wrong_shape = tmp_path / "shape.pt"
+    torch.save({"stem.0.0.weight": torch.zeros(5, 3, 3, 3)}, wrong_shape)
+    assert_user_error(invoke("train", "--shards", data / "plain", "--out", tmp_path / "r4", "--weights", wrong_shape,
+                             "-q"), "shape.pt", "shapes differ")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a torch file")
     assert_user_error(invoke("train", "--shards", data / "plain", "--out", tmp_path / "r3", "--weights", junk, "-q"),

@@ -24,14 +24,19 @@ def save(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def load(path: str | Path) -> dict:
+def load_file(path: str | Path, what: str = "checkpoint"):
+    """``torch.load(weights_only=True)`` on the CPU; a missing or unreadable file is one clear error."""
     path = Path(path)
     if not path.is_file():
-        raise KeyshardError(f"{path}: checkpoint not found")
+        raise KeyshardError(f"{path}: {what} not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a corrupt file is the user's to fix
-        raise KeyshardError(f"{path}: not a readable keyshard checkpoint ({type(exc).__name__})") from None
+        raise KeyshardError(f"{path}: not a readable {what} ({type(exc).__name__})") from None
+
+
+def load(path: str | Path) -> dict:
+    state = load_file(path)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise KeyshardError(f"{path}: not a keyshard checkpoint (format {FORMAT} expected)")
     return state

@@ -62,13 +62,10 @@ def build_model(name: str, weights: str | None = None, aux_loss: bool = True) ->
 def load_backbone(model: nn.Module, name: str, path: str) -> None:
     """Initialise from a local file: a ResNet-50 state dict (into the FCN backbone), or a full
     state dict / keyshard checkpoint of the same model.  Anything else is one clear error."""
+    from keyshard.train.checkpoint import load_file
+
     p = Path(path)
-    if not p.is_file():
-        raise KeyshardError(f"{p}: weights file not found")
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise KeyshardError(f"{p}: not a loadable weights file ({type(exc).__name__})") from None
+    state = load_file(p, "weights file")
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a keyshard checkpoint
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -76,7 +73,10 @@ def load_backbone(model: nn.Module, name: str, path: str) -> None:
     target = model
     if name == "fcn_resnet50" and not any(k.startswith("backbone.") for k in state):
         target = model.backbone  # torchvision resnet50 weights: only fc.* are left over
-    result = target.load_state_dict(state, strict=False)
+    try:
+        result = target.load_state_dict(state, strict=False)
+    except RuntimeError:  # same names, other shapes
+        raise KeyshardError(f"{p}: weights do not fit model {name} (tensor shapes differ)") from None
     unexpected = [k for k in result.unexpected_keys if not k.startswith("fc.")]
     loaded = len(state) - len(result.unexpected_keys)
     if unexpected or loaded == 0:
