@@ -1,5 +1,6 @@
-"""The README's demo command runs the chain end to end and reports its artifacts."""
+"""The README's demo command runs the whole chain and shows that the model needs its key."""
 
+import json
 import stat
 
 from keyshard.pipeline.manifest import load, verify
@@ -9,12 +10,18 @@ from conftest import assert_user_error, invoke
 
 def test_demo_chain(tmp_path):
     work = tmp_path / "demo"
-    res = invoke("demo", "--workdir", work, "--images", 16, "--size", 32, "--jobs", 1)
+    res = invoke("demo", "--workdir", work, "--images", 120, "--epochs", 8, "--wrong-keys", 5, "--jobs", 1)
     assert res.exit_code == 0, res.output
-    assert "decrypts exactly" in res.output
+    assert "np M=8" in res.output
     assert stat.S_IMODE((work / "key.json").stat().st_mode) == 0o600
     enc = load(work / "shards-enc")
-    assert enc["encryption"]["method"] == "ffx" and enc["augmentation"]["copies"] == 1
+    assert enc["encryption"]["method"] == "np" and enc["augmentation"]["copies"] == 1
     assert load(work / "shards-plain")["encryption"]["plain"]
     assert verify(work / "shards-enc", progress=False) == []
+    audit = json.loads((work / "run" / "audit" / "audit.json").read_text())
+    r = audit["results"]
+    assert audit["wrong_keys"]["count"] == 5
+    assert r["correct"]["miou"] > 2 * r["plain"]["miou"], r
+    assert r["correct"]["miou"] > 2 * r["wrong"]["summary"]["mean"], r
+    assert "| NP | 8 |" in (work / "report.md").read_text()
     assert_user_error(invoke("demo", "--workdir", work), "not empty")

@@ -1,0 +1,1 @@
+"""Auditing trained models: key replay, metrics, reports and plots (keyshard.evaluate)."""

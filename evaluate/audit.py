@@ -1,0 +1,124 @@
+"""The key audit: a checkpoint on plain test shards, encrypted on the device with the correct
+key, no key, and N random wrong keys — each test batch is read and decoded once, then every key
+is applied to it on the GPU (or CPU) with the same compiled plans as the offline encryption.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from keyshard import __version__, keys
+from keyshard.errors import KeyshardError
+from keyshard.evaluate import wrong_keys
+from keyshard.evaluate.metrics import Confusion
+from keyshard.pipeline.manifest import library_versions
+from keyshard.pipeline.manifest import load as load_manifest
+from keyshard.train import checkpoint
+from keyshard.train.data import epoch_plan, iterate_batches
+from keyshard.train.models import build_model
+from keyshard.transforms import compile_plan, model_input
+
+
+def file_sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def load_model(ckpt_path: str, device) -> tuple[torch.nn.Module, dict]:
+    state = checkpoint.load(ckpt_path)
+    model = build_model(state["model_name"], aux_loss=any(k.startswith("aux_classifier") for k in state["model"]))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), state
+
+
+def check_inputs(state: dict, key: keys.Key, test_manifest: dict, ckpt_path, key_path, test_dir,
+                 ignore_fingerprint: bool) -> str:
+    """Refuse mismatches with one line; return the fingerprint-check status for the report."""
+    data = state["data"]
+    if not test_manifest["encryption"]["plain"]:
+        raise KeyshardError(f"{test_dir}: test shards must be plain (keyshard encrypt --plain); "
+                            "the audit encrypts them itself with every key")
+    if "test" not in test_manifest["splits"]["counts"]:
+        raise KeyshardError(f"{test_dir}: holds no test split")
+    if data["plain"]:
+        raise KeyshardError(f"{ckpt_path}: was trained on plain images; there is no key to audit")
+    if (key.method, key.block_size) != (data["method"], data["block_size"]):
+        raise KeyshardError(f"{key_path}: is {key.method} M={key.block_size} but {ckpt_path} was trained "
+                            f"with {data['method']} M={data['block_size']}")
+    if test_manifest["image"]["height"] != data["image_size"]:
+        raise KeyshardError(f"{test_dir}: images are {test_manifest['image']['height']}px but the model was "
+                            f"trained on {data['image_size']}px")
+    if key.fingerprint == data["key_fingerprint"]:
+        return "match"
+    if not ignore_fingerprint:
+        raise KeyshardError(f"{key_path}: fingerprint does not match {ckpt_path} (the model was trained with "
+                            "another key; --ignore-fingerprint overrides)")
+    return "overridden (--ignore-fingerprint)"
+
+
+def run_audit(ckpt_path: str, key_path: str, test_dir: str, n_wrong: int = 100, seed: int = 0,
+              batch_size: int = 32, ignore_fingerprint: bool = False, randomize_password: bool = False,
+              workers: int = 0, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, state = load_model(ckpt_path, device)
+    key = keys.load(key_path)
+    manifest = load_manifest(test_dir)
+    status = check_inputs(state, key, manifest, ckpt_path, key_path, test_dir, ignore_fingerprint)
+    size = state["data"]["image_size"]
+    wrong = wrong_keys.draw(key, n_wrong, seed, randomize_password)
+    # (label, fingerprint, torch plan or None for plain images, pixel divisor)
+    configs = [("correct", key.fingerprint, compile_plan(key.material, size, size).to_torch(device),
+                key.material.divisor), ("plain", None, None, 255)]
+    for i, w in enumerate(wrong):
+        configs.append((f"wrong-{i:03d}", w.fingerprint, compile_plan(w.material, size, size).to_torch(device),
+                        w.material.divisor))
+    confusions = [Confusion(device) for _ in configs]
+    plan = epoch_plan(test_dir, manifest, "test", 0, seed=0, shuffle=False)
+    bar = tqdm(total=plan.samples * len(configs), unit="img", desc=f"audit ({len(configs)} keys)",
+               disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    with torch.no_grad():
+        for pixels, masks, _, _ in iterate_batches(plan, batch_size, 0, 0, workers=workers):
+            pixels = pixels.to(device)  # read and decoded once, encrypted on the device per key
+            masks = masks.to(device)
+            for (label, _, tplan, divisor), conf in zip(configs, confusions):
+                x = tplan.encrypt(pixels) if tplan is not None else pixels
+                pred = model(model_input(x, divisor))["out"].argmax(1)
+                conf.update(pred, masks)
+                bar.update(len(pixels))
+    bar.close()
+    scores = [c.scores() for c in confusions]
+    wrong_scores = [{"fingerprint": fp, "miou": s["miou"], "pixel_acc": s["pixel_acc"]}
+                    for (_, fp, _, _), s in zip(configs[2:], scores[2:])]
+    mious = np.array([w["miou"] for w in wrong_scores]) if wrong_scores else np.array([np.nan])
+    return {
+        "format": "keyshard-audit/1",
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "tool": {"name": "keyshard", "version": __version__}, "libraries": library_versions(),
+        "checkpoint": {"path": str(ckpt_path), "sha256": file_sha256(Path(ckpt_path)), "epoch": state["epoch"] + 1,
+                       "model": state["model_name"], "data": state["data"]},
+        "key": {"fingerprint": key.fingerprint, "method": key.method, "block_size": key.block_size,
+                "derivation": key.derivation, "fingerprint_check": status},
+        "test": {"path": str(test_dir), "images": plan.samples,
+                 "source_content_sha256": manifest["source"]["content_sha256"]},
+        "device": str(device),
+        "wrong_keys": {"count": len(wrong), "seed": seed, "randomize_password": randomize_password,
+                       "rule": key.derivation if key.derivation != keys.DERIVE_EXPLICIT else keys.DERIVE_SECRET},
+        "results": {
+            "correct": scores[0], "plain": scores[1],
+            "wrong": {"summary": {"mean": float(np.mean(mious)), "std": float(np.std(mious)),
+                                  "min": float(np.min(mious)), "max": float(np.max(mious))},
+                      "keys": wrong_scores},
+        },
+    }

@@ -1,0 +1,59 @@
+"""``keyshard evaluate`` and ``keyshard report``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from keyshard.errors import KeyshardError
+
+
+@click.command("evaluate")
+@click.option("--checkpoint", "ckpt", required=True, type=click.Path(dir_okay=False), help="RUN/best.pt")
+@click.option("--key", "key_file", required=True, type=click.Path(dir_okay=False), help="The key the model was trained with.")
+@click.option("--test", "test_dir", required=True, type=click.Path(), help="PLAIN shards with a test split.")
+@click.option("--wrong-keys", type=click.IntRange(min=0), default=100, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the wrong keys (independent of the key).")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Directory for audit.json/.md/.png (default: <checkpoint dir>/audit).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--ignore-fingerprint", is_flag=True, help="Audit even if the key's fingerprint differs (reported).")
+@click.option("--randomize-ffx-password", is_flag=True,
+              help="FFX: wrong keys also get random passwords (default: keep the password, vary the mask).")
+@click.option("--quiet", "-q", is_flag=True)
+def evaluate(ckpt, key_file, test_dir, wrong_keys, seed, out, batch_size, workers, ignore_fingerprint,
+             randomize_ffx_password, quiet):
+    """Audit a protected model: mIoU with the correct key, plain images and N random wrong keys.
+
+    Every test batch is decoded once; the keys are applied to it on the device (GPU when there
+    is one).  Writes audit.json, audit.md (a readable table) and audit.png (Fig. 6 style).
+    """
+    from keyshard.evaluate.audit import run_audit
+    from keyshard.evaluate.report import markdown, write_audit
+
+    out = Path(out) if out else Path(ckpt).parent / "audit"
+    if (out / "audit.json").exists():
+        raise KeyshardError(f"{out}: already holds an audit; choose another --out")
+    audit = run_audit(ckpt, key_file, test_dir, wrong_keys, seed, batch_size, ignore_fingerprint,
+                      randomize_ffx_password, workers, progress=not quiet)
+    paths = write_audit(audit, out)
+    click.echo(markdown(audit).split("<details>")[0].rstrip())
+    click.echo("\nwrote " + ", ".join(str(p) for p in paths))
+
+
+@click.command("report")
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None, help="Also write the table as CSV.")
+def report(runs, csv_path):
+    """Collect audits (audit.json files, audit dirs or run dirs) into a Table-1-style table."""
+    from keyshard.evaluate.report import load_audit, table
+
+    md, csv_text = table([load_audit(Path(r)) for r in runs])
+    click.echo(md)
+    if csv_path:
+        if Path(csv_path).exists():
+            raise KeyshardError(f"{csv_path}: already exists; refusing to overwrite")
+        Path(csv_path).write_text(csv_text)
+        click.echo(f"wrote {csv_path}")

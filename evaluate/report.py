@@ -1,0 +1,152 @@
+"""Readable outputs of an audit (audit.json / audit.md / audit.png) and the Table-1 report."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from keyshard.errors import KeyshardError
+from keyshard.fsutil import write_atomic, write_json_atomic
+
+# Table 1 of the paper: mIoU of FCN-ResNet50 with the correct key on VOC2012 val (1449 images).
+PAPER_TABLE1 = {
+    "shf": {2: 0.6597, 4: 0.5941, 8: 0.4723, 16: 0.2958, 32: 0.1575, 64: 0.0693, 128: 0.0600, 256: 0.0380},
+    "np": {2: 0.6216, 4: 0.5695, 8: 0.5173, 16: 0.4329, 32: 0.3880, 64: 0.3733, 128: 0.3218, 256: 0.3007},
+    "ffx": {2: 0.5271, 4: 0.4944, 8: 0.4651, 16: 0.3444, 32: 0.2763, 64: 0.2628, 128: 0.2417, 256: 0.2367},
+}
+PAPER_BASELINE = 0.7080
+VOC_VAL_IMAGES = 1449
+
+
+def markdown(audit: dict) -> str:
+    r = audit["results"]
+    w = r["wrong"]["summary"]
+    k = audit["key"]
+    lines = [
+        f"# keyshard audit — {k['method']} M={k['block_size']}",
+        "",
+        f"- checkpoint: `{audit['checkpoint']['path']}` (epoch {audit['checkpoint']['epoch']}, "
+        f"model {audit['checkpoint']['model']}, sha256 {audit['checkpoint']['sha256'][:16]}…)",
+        f"- key fingerprint: `{k['fingerprint']}` — check: {k['fingerprint_check']}",
+        f"- test: `{audit['test']['path']}`, {audit['test']['images']} images; device {audit['device']}",
+        f"- wrong keys: {audit['wrong_keys']['count']} drawn from seed {audit['wrong_keys']['seed']} "
+        f"({audit['wrong_keys']['rule']}{', random FFX passwords' if audit['wrong_keys']['randomize_password'] else ''})",
+        "",
+        "| input | mIoU | pixel accuracy |",
+        "|---|---:|---:|",
+        f"| correct key | {r['correct']['miou']:.4f} | {r['correct']['pixel_acc']:.4f} |",
+        f"| plain images (no key) | {r['plain']['miou']:.4f} | {r['plain']['pixel_acc']:.4f} |",
+        f"| wrong keys: mean ± std | {w['mean']:.4f} ± {w['std']:.4f} | |",
+        f"| wrong keys: min / max | {w['min']:.4f} / {w['max']:.4f} | |",
+        "",
+        verdict(audit),
+        "",
+        "<details><summary>every wrong key</summary>",
+        "",
+        "| fingerprint | mIoU | pixel accuracy |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| `{x['fingerprint'][:16]}…` | {x['miou']:.4f} | {x['pixel_acc']:.4f} |" for x in r["wrong"]["keys"]]
+    lines += ["", "</details>", ""]
+    return "\n".join(lines)
+
+
+def verdict(audit: dict) -> str:
+    r = audit["results"]
+    correct, plain, wrong = r["correct"]["miou"], r["plain"]["miou"], r["wrong"]["summary"]["max"]
+    if correct < 0.2:
+        return (f"INCONCLUSIVE: the model reaches only {correct:.3f} mIoU even with the correct key, so this "
+                "audit cannot show access control (train longer or check the data).")
+    if correct > 1.5 * max(plain, wrong) and correct - max(plain, wrong) > 0.1:
+        return (f"Access control holds on this test set: the best wrong key reaches {wrong:.3f} and plain "
+                f"images {plain:.3f}, against {correct:.3f} with the correct key.")
+    return (f"WEAK access control: without the key the model still reaches {max(plain, wrong):.3f} mIoU "
+            f"(correct key {correct:.3f}). The paper reports this for SHF and NP at small block sizes.")
+
+
+def plot(audit: dict, path: Path) -> None:
+    """Fig. 6 style: correct vs plain bars, wrong keys as a box with every key as a dot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    r = audit["results"]
+    wrong = [x["miou"] for x in r["wrong"]["keys"]]
+    fig, ax = plt.subplots(figsize=(4.5, 3.6), dpi=120)
+    ax.bar([0, 1], [r["correct"]["miou"], r["plain"]["miou"]], color=["#2a7", "#999"], width=0.6)
+    if wrong:
+        ax.boxplot([wrong], positions=[2], widths=0.6)
+        jitter = np.random.default_rng(0).uniform(-0.15, 0.15, len(wrong))
+        ax.scatter(2 + jitter, wrong, s=6, color="#c33", alpha=0.6, zorder=3)
+    ax.set_xticks([0, 1, 2], ["Correct", "Plain", f"Incorrect\n({len(wrong)} keys)"])
+    ax.set_ylabel("mean IoU")
+    ax.set_ylim(0, 1)
+    k = audit["key"]
+    ax.set_title(f"{k['method'].upper()} M={k['block_size']} — access control")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    write_atomic(path, buf.getvalue(), durable=False)
+
+
+def write_audit(audit: dict, out: Path) -> list[Path]:
+    out = Path(out)
+    if (out / "audit.json").exists():
+        raise KeyshardError(f"{out}: already holds an audit; choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KeyshardError(f"{out}: cannot create directory ({exc.strerror})") from None
+    plot(audit, out / "audit.png")
+    write_atomic(out / "audit.md", markdown(audit).encode(), durable=False)
+    write_json_atomic(out / "audit.json", audit)  # last: its presence marks a complete audit
+    return [out / "audit.json", out / "audit.md", out / "audit.png"]
+
+
+def load_audit(path: Path) -> dict:
+    p = Path(path)
+    if p.is_dir():
+        candidates = [p / "audit.json", *sorted(p.glob("*/audit.json"))]
+        p = next((c for c in candidates if c.exists()), p / "audit.json")
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise KeyshardError(f"{p}: no readable audit.json (run keyshard evaluate first)") from None
+    if doc.get("format") != "keyshard-audit/1":
+        raise KeyshardError(f"{p}: not a keyshard audit")
+    return doc
+
+
+def table(audits: list[dict]) -> tuple[str, str]:
+    """Table-1 style rows (markdown, CSV): method × block size → correct, plain, wrong mean."""
+    rows = []
+    for a in sorted(audits, key=lambda a: (a["key"]["method"], a["key"]["block_size"])):
+        k, r = a["key"], a["results"]
+        full_scale = (a["test"]["images"] == VOC_VAL_IMAGES and a["checkpoint"]["model"] == "fcn_resnet50"
+                      and a["checkpoint"]["data"]["image_size"] == 256)
+        paper = PAPER_TABLE1.get(k["method"], {}).get(k["block_size"]) if full_scale else None
+        rows.append({"method": k["method"], "block_size": k["block_size"], "model": a["checkpoint"]["model"],
+                     "test_images": a["test"]["images"], "correct_miou": round(r["correct"]["miou"], 4),
+                     "plain_miou": round(r["plain"]["miou"], 4),
+                     "wrong_mean_miou": round(r["wrong"]["summary"]["mean"], 4),
+                     "wrong_max_miou": round(r["wrong"]["summary"]["max"], 4),
+                     "wrong_keys": a["wrong_keys"]["count"], "paper_correct_miou": paper})
+    md = ["| method | M | model | test images | correct key | plain | wrong keys (mean) | wrong keys (max) | paper (correct) |",
+          "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for x in rows:
+        paper = f"{x['paper_correct_miou']:.4f}" if x["paper_correct_miou"] is not None else "— (not full-scale)"
+        md.append(f"| {x['method'].upper()} | {x['block_size']} | {x['model']} | {x['test_images']} | "
+                  f"{x['correct_miou']:.4f} | {x['plain_miou']:.4f} | {x['wrong_mean_miou']:.4f} | "
+                  f"{x['wrong_max_miou']:.4f} | {paper} |")
+    md.append("")
+    md.append(f"Paper baseline (no key, FCN-ResNet50, VOC2012 val): {PAPER_BASELINE:.4f}.")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["method"])
+    writer.writeheader()
+    writer.writerows(rows)
+    return "\n".join(md) + "\n", buf.getvalue()

@@ -1,0 +1,159 @@
+"""The audit: metrics against independent computations, wrong keys, device transforms, refusals."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from keyshard import keys
+from keyshard.evaluate import wrong_keys
+from keyshard.evaluate.metrics import Confusion
+from keyshard.pipeline import encrypt_job
+from keyshard.pipeline.toy_voc import make_toy_voc
+from keyshard.shardformat import decode_npy, iter_tar_samples
+from keyshard.train.loop import TrainConfig, Trainer
+from keyshard.transforms import compile_plan
+
+from conftest import assert_user_error, invoke
+
+SIZE = 32
+
+
+def numpy_scores(pred, label):
+    valid = label != 255
+    ious = []
+    for c in range(21):
+        inter = ((pred == c) & (label == c) & valid).sum()
+        union = (((pred == c) | (label == c)) & valid).sum()
+        if union:
+            ious.append(inter / union)
+    return float(np.mean(ious)), float(((pred == label) & valid).sum() / valid.sum())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_miou_and_accuracy_match_independent_computations(seed):
+    import torchmetrics
+
+    rng = np.random.default_rng(seed)
+    label = rng.integers(0, 21, (4, 24, 24))
+    label[rng.random(label.shape) < 0.15] = 255
+    if seed:  # absent classes: never in labels, and some also never predicted
+        label[np.isin(label, [3, 7, 11])] = 0
+    pred = np.where(rng.random(label.shape) < 0.6, np.where(label == 255, 0, label), rng.integers(0, 21, label.shape))
+    if seed:
+        pred[np.isin(pred, [3, 7])] = 1  # 3 and 7 absent from both; 11 only predicted
+    conf = Confusion()
+    for i in range(4):  # accumulated over batches
+        conf.update(torch.from_numpy(pred[i:i + 1]), torch.from_numpy(label[i:i + 1]))
+    scores = conf.scores()
+    miou, acc = numpy_scores(pred, label)
+    assert scores["miou"] == pytest.approx(miou, abs=1e-12)
+    assert scores["pixel_acc"] == pytest.approx(acc, abs=1e-12)
+    tm_acc = torchmetrics.functional.classification.multiclass_accuracy(
+        torch.from_numpy(pred), torch.from_numpy(label), num_classes=21, average="micro", ignore_index=255)
+    assert scores["pixel_acc"] == pytest.approx(float(tm_acc), abs=1e-6)
+    tm_iou = torchmetrics.functional.classification.multiclass_jaccard_index(
+        torch.from_numpy(pred), torch.from_numpy(label), num_classes=21, average="none", ignore_index=255)
+    present = [i for i, v in enumerate(scores["per_class_iou"]) if v is not None]
+    assert np.mean(tm_iou.numpy()[present]) == pytest.approx(scores["miou"], abs=1e-6)
+    if seed:
+        assert scores["per_class_iou"][3] is None and scores["per_class_iou"][7] is None
+        assert scores["per_class_iou"][11] == 0.0  # predicted but never labelled: counts as 0
+
+
+@pytest.mark.parametrize("method", keys.METHODS)
+def test_wrong_keys_are_reproducible_distinct_and_never_correct(method):
+    correct = keys.generate(method, 4, ffx_password=b"pw" if method == "ffx" else None)
+    a = wrong_keys.draw(correct, 20, seed=3)
+    b = wrong_keys.draw(correct, 20, seed=3)
+    c = wrong_keys.draw(correct, 20, seed=4)
+    assert [k.fingerprint for k in a] == [k.fingerprint for k in b]
+    assert [k.fingerprint for k in a] != [k.fingerprint for k in c]
+    materials = {k.material.canonical_bytes() for k in a}
+    assert len(materials) == 20 and correct.material.canonical_bytes() not in materials
+    if method == "ffx":  # the paper's setting: same password, other mask
+        assert all(np.array_equal(k.material.table, correct.material.table) for k in a)
+        other = wrong_keys.draw(correct, 5, seed=3, randomize_password=True)
+        assert not any(np.array_equal(k.material.table, correct.material.table) for k in other)
+    if method != "shf":
+        assert all(int(k.material.mask.sum()) == 24 for k in a)
+
+
+def test_small_key_space_is_exhausted_exactly():
+    correct = keys.generate("np", 2)
+    every_other = wrong_keys.draw(correct, 923, seed=0)
+    assert len({k.material.canonical_bytes() for k in every_other}) == 923
+    with pytest.raises(Exception, match="923 other keys"):
+        wrong_keys.draw(correct, 924, seed=0)
+    ref = keys.generate("np", 2, reference_seed=9)
+    assert all(int(k.material.mask.sum()) == 5 for k in wrong_keys.draw(ref, 10, seed=0))
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory):
+    """Plain test shards, FFX-M4 train shards, and a model trained 2 epochs on them."""
+    root = tmp_path_factory.mktemp("audit")
+    voc = make_toy_voc(root / "voc", images=40, seed=5, min_side=40, max_side=56, progress=False)
+    key = keys.generate("ffx", 4)
+    keys.save(key, root / "key.json")
+    opts = encrypt_job.EncryptOptions(size=SIZE, shard_size=8)
+    encrypt_job.run(str(voc), str(root / "plain"), None, opts, jobs=1, progress=False)
+    encrypt_job.run(str(voc), str(root / "enc"), key, opts, jobs=1, progress=False)
+    cfg = TrainConfig.from_preset("demo", epochs=2, batch_size=8, micro_batch=8, workers=0)
+    Trainer(root / "enc", root / "run", cfg, progress=False, log=lambda m: None).fit()
+    return root
+
+
+def test_device_transforms_equal_the_offline_shards(audited):
+    key = keys.load(audited / "key.json")
+    tplan = compile_plan(key.material, SIZE, SIZE).to_torch("cuda" if torch.cuda.is_available() else "cpu")
+    enc = {k: decode_npy(f["img.npy"]) for s in sorted((audited / "enc").glob("test-*.tar")) for k, f in iter_tar_samples(s)}
+    plain = {k: decode_npy(f["img.npy"]) for s in sorted((audited / "plain").glob("test-*.tar")) for k, f in iter_tar_samples(s)}
+    assert enc.keys() == plain.keys() and len(enc) == 20
+    batch = torch.from_numpy(np.stack([plain[k] for k in sorted(plain)])).to(tplan.t["lut"].device)
+    on_device = tplan.encrypt(batch).cpu().numpy()
+    np.testing.assert_array_equal(on_device, np.stack([enc[k] for k in sorted(enc)]).astype(on_device.dtype))
+
+
+def test_evaluate_writes_the_audit_and_report(audited, tmp_path):
+    out = tmp_path / "audit"
+    res = invoke("evaluate", "--checkpoint", audited / "run" / "best.pt", "--key", audited / "key.json",
+                 "--test", audited / "plain", "--wrong-keys", 4, "--seed", 7, "--out", out, "--workers", 0, "-q")
+    assert res.exit_code == 0, res.output
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["key"]["fingerprint_check"] == "match"
+    assert audit["test"]["images"] == 20 and audit["wrong_keys"]["count"] == 4
+    wrong = [k["miou"] for k in audit["results"]["wrong"]["keys"]]
+    assert audit["results"]["wrong"]["summary"]["mean"] == pytest.approx(np.mean(wrong))
+    assert audit["results"]["wrong"]["summary"]["max"] == max(wrong)
+    assert (out / "audit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| correct key |" in (out / "audit.md").read_text()
+    secret = keys.load(audited / "key.json").secret.hex()
+    for p in out.iterdir():
+        assert secret.encode() not in p.read_bytes()
+    again = invoke("evaluate", "--checkpoint", audited / "run" / "best.pt", "--key", audited / "key.json",
+                   "--test", audited / "plain", "--wrong-keys", 4, "--seed", 7, "--out", out, "-q")
+    assert_user_error(again, "already holds an audit")
+    rep = invoke("report", out, "--csv", tmp_path / "t.csv")
+    assert rep.exit_code == 0, rep.output
+    assert "| FFX | 4 | small | 20 |" in rep.output and "not full-scale" in rep.output
+    assert (tmp_path / "t.csv").read_text().splitlines()[0].startswith("method,block_size")
+
+
+def test_evaluate_refuses_mismatches(audited, tmp_path):
+    other = tmp_path / "other.json"
+    keys.save(keys.generate("ffx", 4), other)
+    args = ["--checkpoint", audited / "run" / "best.pt", "--test", audited / "plain", "--wrong-keys", 2,
+            "--workers", 0, "-q"]
+    assert_user_error(invoke("evaluate", *args, "--key", other, "--out", tmp_path / "a"), "fingerprint")
+    assert not (tmp_path / "a").exists()
+    res = invoke("evaluate", *args, "--key", other, "--out", tmp_path / "b", "--ignore-fingerprint")
+    assert res.exit_code == 0, res.output
+    assert "overridden" in json.loads((tmp_path / "b" / "audit.json").read_text())["key"]["fingerprint_check"]
+    assert "overridden" in res.output
+    wrong_m = tmp_path / "m8.json"
+    keys.save(keys.generate("ffx", 8), wrong_m)
+    assert_user_error(invoke("evaluate", *args, "--key", wrong_m, "--out", tmp_path / "c"), "M=8")
+    enc_test = ["--checkpoint", audited / "run" / "best.pt", "--test", audited / "enc", "--key", audited / "key.json"]
+    assert_user_error(invoke("evaluate", *enc_test, "--out", tmp_path / "d", "-q"), "must be plain")
