@@ -96,7 +96,7 @@ def run_audit(ckpt_path: str, key_path: str, test_dir: str, n_wrong: int = 100, 
                 x = tplan.encrypt(pixels) if tplan is not None else pixels
                 pred = model(model_input(x, divisor))["out"].argmax(1)
                 conf.update(pred, masks)
-                bar.update(len(pixels))
+            bar.update(len(pixels) * len(configs))
     bar.close()
     scores = [c.scores() for c in confusions]
     wrong_scores = [{"fingerprint": fp, "miou": s["miou"], "pixel_acc": s["pixel_acc"]}
