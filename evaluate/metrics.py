@@ -26,10 +26,6 @@ class Confusion:
         idx = label[keep].long() * self.n + pred[keep].long()
         self.matrix += torch.bincount(idx, minlength=self.n * self.n).reshape(self.n, self.n)
 
-    def all_reduce(self) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(self.matrix)
-
     def scores(self) -> dict:
         m = self.matrix.double().cpu()
         tp = m.diag()
