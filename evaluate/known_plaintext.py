@@ -88,14 +88,14 @@ def recover_material(method: str, m: int, pairs: list) -> tuple[KeyMaterial, dic
         _, inverse, counts = np.unique(sig_e, return_inverse=True, return_counts=True)
         determined = counts[inverse] == 1
         return KeyMaterial("shf", m, perm=perm), {"tied_positions": int((~determined).sum())}, determined
+    blocks = [(to_blocks(p, m).astype(np.int64), to_blocks(e, m).astype(np.int64)) for _, p, e in pairs]
     changed = np.zeros(n, dtype=bool)
-    table = np.full(256, -1, dtype=np.int64)
-    for _, plain, enc in pairs:
-        bp, be = to_blocks(plain, m).astype(np.int64), to_blocks(enc, m).astype(np.int64)
+    for bp, be in blocks:
         changed |= (bp != be).any(axis=0)
-        if method == "ffx":
-            sel = bp != be
-            values, codes = bp[sel], be[sel]
+    table = np.full(256, -1, dtype=np.int64)
+    if method == "ffx":  # second pass: every value at a transformed position, fixed points included
+        for bp, be in blocks:
+            values, codes = bp[:, changed].reshape(-1), be[:, changed].reshape(-1)
             known = table[values]
             if ((known >= 0) & (known != codes)).any():
                 raise KeyshardError("the encrypted samples are not one FFX table applied to the plain ones")
