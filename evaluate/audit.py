@@ -18,6 +18,7 @@ from keyshard import __version__, keys
 from keyshard.errors import KeyshardError
 from keyshard.evaluate import wrong_keys
 from keyshard.evaluate.metrics import Confusion
+from keyshard.evaluate.near_miss import near_miss_keys
 from keyshard.pipeline.manifest import library_versions
 from keyshard.pipeline.manifest import load as load_manifest
 from keyshard.train import checkpoint
@@ -68,7 +69,8 @@ def check_inputs(state: dict, key: keys.Key, test_manifest: dict, ckpt_path, key
 
 def run_audit(ckpt_path: str, key_path: str, test_dir: str, n_wrong: int = 100, seed: int = 0,
               batch_size: int = 32, ignore_fingerprint: bool = False, randomize_password: bool = False,
-              workers: int = 0, progress: bool = True) -> dict:
+              workers: int = 0, progress: bool = True, near_miss: tuple[int, ...] = (),
+              near_miss_count: int = 5) -> dict:
     from tqdm import tqdm
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -81,9 +83,13 @@ def run_audit(ckpt_path: str, key_path: str, test_dir: str, n_wrong: int = 100, 
     # (label, fingerprint, torch plan or None for plain images, pixel divisor)
     configs = [("correct", key.fingerprint, compile_plan(key.material, size, size).to_torch(device),
                 key.material.divisor), ("plain", None, None, 255)]
+    near = [(d, k) for d in near_miss for k in near_miss_keys(key, d, near_miss_count, seed)]
     for i, w in enumerate(wrong):
         configs.append((f"wrong-{i:03d}", w.fingerprint, compile_plan(w.material, size, size).to_torch(device),
                         w.material.divisor))
+    for d, k in near:
+        configs.append((f"near-{d}", k.fingerprint, compile_plan(k.material, size, size).to_torch(device),
+                        k.material.divisor))
     confusions = [Confusion(device) for _ in configs]
     plan = epoch_plan(test_dir, manifest, "test", 0, seed=0, shuffle=False)
     bar = tqdm(total=plan.samples * len(configs), unit="img", desc=f"audit ({len(configs)} keys)",
@@ -100,7 +106,10 @@ def run_audit(ckpt_path: str, key_path: str, test_dir: str, n_wrong: int = 100, 
     bar.close()
     scores = [c.scores() for c in confusions]
     wrong_scores = [{"fingerprint": fp, "miou": s["miou"], "pixel_acc": s["pixel_acc"]}
-                    for (_, fp, _, _), s in zip(configs[2:], scores[2:])]
+                    for (_, fp, _, _), s in zip(configs[2:2 + len(wrong)], scores[2:2 + len(wrong)])]
+    near_scores = {}
+    for (d, _), (_, fp, _, _), s in zip(near, configs[2 + len(wrong):], scores[2 + len(wrong):]):
+        near_scores.setdefault(d, []).append({"fingerprint": fp, "miou": s["miou"], "pixel_acc": s["pixel_acc"]})
     mious = np.array([w["miou"] for w in wrong_scores]) if wrong_scores else np.array([np.nan])
     return {
         "format": "keyshard-audit/1",
@@ -120,5 +129,8 @@ def run_audit(ckpt_path: str, key_path: str, test_dir: str, n_wrong: int = 100, 
             "wrong": {"summary": {"mean": float(np.mean(mious)), "std": float(np.std(mious)),
                                   "min": float(np.min(mious)), "max": float(np.max(mious))},
                       "keys": wrong_scores},
+            "near_miss": [{"distance": d, "mean": float(np.mean([x["miou"] for x in ks])),
+                           "min": float(np.min([x["miou"] for x in ks])), "max": float(np.max([x["miou"] for x in ks])),
+                           "keys": ks} for d, ks in near_scores.items()],
         },
     }

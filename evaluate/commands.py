@@ -22,9 +22,14 @@ from keyshard.errors import KeyshardError
 @click.option("--ignore-fingerprint", is_flag=True, help="Audit even if the key's fingerprint differs (reported).")
 @click.option("--randomize-ffx-password", is_flag=True,
               help="FFX: wrong keys also get random passwords (default: keep the password, vary the mask).")
+@click.option("--near-miss", default="", metavar="D1,D2,...",
+              help="Also evaluate keys at these distances from the correct key (e.g. 1,2,4,8,16): "
+                   "SHF transpositions, NP/FFX swaps of a selected and an unselected position.")
+@click.option("--near-miss-keys", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Keys per near-miss distance.")
 @click.option("--quiet", "-q", is_flag=True)
 def evaluate(ckpt, key_file, test_dir, wrong_keys, seed, out, batch_size, workers, ignore_fingerprint,
-             randomize_ffx_password, quiet):
+             randomize_ffx_password, near_miss, near_miss_keys, quiet):
     """Audit a protected model: mIoU with the correct key, plain images and N random wrong keys.
 
     Every test batch is decoded once; the keys are applied to it on the device (GPU when there
@@ -36,8 +41,13 @@ def evaluate(ckpt, key_file, test_dir, wrong_keys, seed, out, batch_size, worker
     out = Path(out) if out else Path(ckpt).parent / "audit"
     if (out / "audit.json").exists():
         raise KeyshardError(f"{out}: already holds an audit; choose another --out")
+    try:
+        distances = tuple(sorted({int(d) for d in near_miss.split(",") if d.strip()}))
+    except ValueError:
+        raise KeyshardError(f"--near-miss {near_miss!r}: expected comma-separated integers") from None
     audit = run_audit(ckpt, key_file, test_dir, wrong_keys, seed, batch_size, ignore_fingerprint,
-                      randomize_ffx_password, workers, progress=not quiet)
+                      randomize_ffx_password, workers, progress=not quiet, near_miss=distances,
+                      near_miss_count=near_miss_keys)
     paths = write_audit(audit, out)
     click.echo(markdown(audit).split("<details>")[0].rstrip())
     click.echo("\nwrote " + ", ".join(str(p) for p in paths))

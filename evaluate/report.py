@@ -43,6 +43,7 @@ def markdown(audit: dict) -> str:
         "",
         verdict(audit),
         "",
+        *near_miss_section(audit),
         "<details><summary>every wrong key</summary>",
         "",
         "| fingerprint | mIoU | pixel accuracy |",
@@ -64,6 +65,52 @@ def verdict(audit: dict) -> str:
                 f"images {plain:.3f}, against {correct:.3f} with the correct key.")
     return (f"WEAK access control: without the key the model still reaches {max(plain, wrong):.3f} mIoU "
             f"(correct key {correct:.3f}). The paper reports this for SHF and NP at small block sizes.")
+
+
+def near_miss_section(audit: dict) -> list[str]:
+    rows = audit["results"].get("near_miss") or []
+    if not rows:
+        return []
+    correct = audit["results"]["correct"]["miou"]
+    out = ["## Near-miss keys", "", "| distance | keys | mIoU mean | min | max |", "|---:|---:|---:|---:|---:|"]
+    out += [f"| {r['distance']} | {len(r['keys'])} | {r['mean']:.4f} | {r['min']:.4f} | {r['max']:.4f} |" for r in rows]
+    closest = min(rows, key=lambda r: r["distance"])
+    out.append("")
+    if correct > 0 and closest["mean"] >= 0.8 * correct:
+        out.append(f"SMOOTH: keys {closest['distance']} step(s) from the correct one still reach "
+                   f"{closest['mean']:.3f} mIoU ({closest['mean'] / correct:.0%} of the correct key's): "
+                   "accuracy rises as a guess approaches the key, so hill-climbing over "
+                   "transpositions/bit swaps with a few labelled images can find it.")
+    else:
+        out.append(f"Keys {closest['distance']} step(s) away already fall to {closest['mean']:.3f} mIoU: "
+                   "no smooth path for hill-climbing at that distance.")
+    return out + [""]
+
+
+def plot_near_miss(audit: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = audit["results"]["near_miss"]
+    r = audit["results"]
+    fig, ax = plt.subplots(figsize=(4.8, 3.6), dpi=120)
+    d = [x["distance"] for x in rows]
+    ax.plot(d, [x["mean"] for x in rows], "o-", color="#37c", label="near-miss keys (mean)")
+    ax.fill_between(d, [x["min"] for x in rows], [x["max"] for x in rows], color="#37c", alpha=0.2)
+    ax.axhline(r["correct"]["miou"], color="#2a7", ls="--", label="correct key")
+    ax.axhline(r["wrong"]["summary"]["mean"], color="#c33", ls=":", label="random wrong keys")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("distance from the correct key")
+    ax.set_ylabel("mean IoU")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    write_atomic(path, buf.getvalue(), durable=False)
 
 
 def plot(audit: dict, path: Path) -> None:
@@ -103,9 +150,13 @@ def write_audit(audit: dict, out: Path) -> list[Path]:
     except OSError as exc:
         raise KeyshardError(f"{out}: cannot create directory ({exc.strerror})") from None
     plot(audit, out / "audit.png")
+    paths = [out / "audit.json", out / "audit.md", out / "audit.png"]
+    if audit["results"].get("near_miss"):
+        plot_near_miss(audit, out / "near_miss.png")
+        paths.append(out / "near_miss.png")
     write_atomic(out / "audit.md", markdown(audit).encode(), durable=False)
     write_json_atomic(out / "audit.json", audit)  # last: its presence marks a complete audit
-    return [out / "audit.json", out / "audit.md", out / "audit.png"]
+    return paths
 
 
 def load_audit(path: Path) -> dict:

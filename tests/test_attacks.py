@@ -77,3 +77,28 @@ def test_known_plaintext_refuses_other_ids(kpa, tmp_path):
                     encrypt_job.EncryptOptions(size=SIZE, splits=("train",)), jobs=1, progress=False)
     assert_user_error(invoke("attack", "known-plaintext", "--plain", kpa / "plain", "--encrypted", tmp_path / "train",
                              "-o", tmp_path / "k.json"), "no sample ids in common")
+
+
+@pytest.mark.parametrize("method", keys.METHODS)
+@pytest.mark.parametrize("m", [2, 4])
+def test_near_miss_keys_are_at_exactly_the_requested_distance(method, m):
+    from keyshard.evaluate.near_miss import distance, max_distance, near_miss_keys
+
+    correct = keys.generate(method, m)
+    n = 3 * m * m
+    top = max_distance(correct.material)
+    for d, count in ((1, 3), (2, 3), (top, 1)):  # at M=2 NP/FFX, distance 6 is the complement only
+        ks = near_miss_keys(correct, d, count, seed=1)
+        assert len({k.material.canonical_bytes() for k in ks}) == count
+        for k in ks:
+            assert not k.material.equals(correct.material)
+            assert distance(k.material, correct.material) == d
+            if method == "shf":  # d disjoint transpositions move exactly 2d values
+                assert int((k.material.perm != correct.material.perm).sum()) == 2 * d
+            else:  # d selected swapped with d unselected: 2d positions differ, size kept
+                assert int((k.material.mask != correct.material.mask).sum()) == 2 * d
+                assert k.material.mask.sum() == correct.material.mask.sum()
+    with pytest.raises(Exception, match="outside 1.."):
+        near_miss_keys(correct, max_distance(correct.material) + 1, 1, seed=1)
+    assert max_distance(correct.material) == (n // 2 if method == "shf" else min(n // 2, n - n // 2))
+    assert near_miss_keys(correct, 2, 3, seed=1)[0].fingerprint == near_miss_keys(correct, 2, 3, seed=1)[0].fingerprint

@@ -157,3 +157,16 @@ def test_evaluate_refuses_mismatches(audited, tmp_path):
     assert_user_error(invoke("evaluate", *args, "--key", wrong_m, "--out", tmp_path / "c"), "M=8")
     enc_test = ["--checkpoint", audited / "run" / "best.pt", "--test", audited / "enc", "--key", audited / "key.json"]
     assert_user_error(invoke("evaluate", *enc_test, "--out", tmp_path / "d", "-q"), "must be plain")
+
+
+def test_evaluate_near_miss_curve(audited, tmp_path):
+    out = tmp_path / "nm"
+    base = ["evaluate", "--checkpoint", audited / "run" / "best.pt", "--key", audited / "key.json",
+            "--test", audited / "plain", "--wrong-keys", 2, "--workers", 0, "-q"]
+    res = invoke(*base, "--near-miss", "1,4", "--near-miss-keys", 2, "--out", out)
+    assert res.exit_code == 0, res.output
+    audit = json.loads((out / "audit.json").read_text())
+    rows = audit["results"]["near_miss"]
+    assert [r["distance"] for r in rows] == [1, 4] and all(len(r["keys"]) == 2 for r in rows)
+    assert (out / "near_miss.png").exists() and "## Near-miss keys" in (out / "audit.md").read_text()
+    assert_user_error(invoke(*base, "--near-miss", "25", "--out", tmp_path / "x"), "outside 1..24")
