@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 import numpy as np
@@ -47,3 +48,106 @@ def known_plaintext(plain_dir, enc_dir, output, true_key):
     click.echo(json.dumps(report, indent=2))
     click.echo(f"recovered {key.method} M={key.block_size} key from {report['pairs_needed']} plain/encrypted "
                f"pair(s); it reproduces all {report['reproduced']} encrypted samples; wrote {output}")
+
+
+@attack.command("search")
+@click.option("--checkpoint", "ckpt", required=True, type=click.Path(dir_okay=False))
+@click.option("--labelled-shards", "labelled_dir", required=True, type=click.Path(),
+              help="The attacker's PLAIN labelled shards.")
+@click.option("--labelled-split", type=click.Choice(["holdout", "train"]), default="holdout", show_default=True,
+              help="Split the labelled images come from (never the test split).")
+@click.option("--labelled", "n_labelled", type=click.IntRange(min=1), default=16, show_default=True,
+              help="How many labelled images the attacker uses.")
+@click.option("--test", "test_dir", required=True, type=click.Path(), help="PLAIN shards with a test split.")
+@click.option("--key", "true_key", type=click.Path(dir_okay=False), default=None,
+              help="The true key (auditors): report distances to it and its rank.")
+@click.option("--ffx-password", default=None, help="FFX: the password the attacker knows (default: the --key's).")
+@click.option("--budget", type=click.IntRange(min=2), default=2000, show_default=True,
+              help="Model evaluations for hill-climbing.")
+@click.option("--exhaustive-limit", type=click.IntRange(min=1), default=5000, show_default=True,
+              help="Try every key when there are at most this many.")
+@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
+def search_command(ckpt, labelled_dir, labelled_split, n_labelled, test_dir, true_key, ffx_password, budget,
+                   exhaustive_limit, top, seed, out_path):
+    """Search the key space against the model with a few labelled plain images.
+
+    Exhaustive where the space is small (NP/FFX at M=2: 924 masks), hill-climbing otherwise.
+    Reports the best keys, their test mIoU and, with --key, their distance to the true key and
+    the true key's rank.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from keyshard import keys
+    from keyshard.evaluate import wrong_keys
+    from keyshard.evaluate.audit import load_model, score_on_split
+    from keyshard.evaluate.key_search import Objective, search
+    from keyshard.evaluate.near_miss import distance
+    from keyshard.pipeline.manifest import load as load_manifest
+    from keyshard.train.data import epoch_plan, iterate_batches
+    from keyshard.transforms import compile_plan
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, state = load_model(ckpt, device)
+    data = state["data"]
+    if data["plain"]:
+        raise KeyshardError(f"{ckpt}: was trained on plain images; there is no key to search for")
+    labelled_doc, test_doc = load_manifest(labelled_dir), load_manifest(test_dir)
+    for d, doc in ((labelled_dir, labelled_doc), (test_dir, test_doc)):
+        if not doc["encryption"]["plain"]:
+            raise KeyshardError(f"{d}: must hold plain shards")
+        if doc["image"]["height"] != data["image_size"]:
+            raise KeyshardError(f"{d}: images are {doc['image']['height']}px, the model's {data['image_size']}px")
+    method, m = data["method"], data["block_size"]
+    truth = keys.load(true_key) if true_key else None
+    if truth is not None and (truth.method, truth.block_size) != (method, m):
+        raise KeyshardError(f"{true_key}: is {truth.method} M={truth.block_size}, the model {method} M={m}")
+    table = None
+    if method == "ffx":
+        if ffx_password is None and truth is None:
+            raise KeyshardError("FFX search needs the password the attacker knows: --ffx-password (or --key)")
+        table = keys.ffx_table(ffx_password.encode()) if ffx_password else truth.material.table
+    plan = epoch_plan(labelled_dir, labelled_doc, labelled_split, 0, seed=0, shuffle=False)
+    pixels, masks = [], []
+    for px, mk, _, _ in iterate_batches(plan, n_labelled, 0, 0):
+        pixels.append(px)
+        masks.append(mk)
+        break
+    objective = Objective(model, pixels[0][:n_labelled], masks[0][:n_labelled], device)
+    # a random start with the model's derivation rule (wrong_keys draws exactly those)
+    template = truth or keys.Key(method, m, b"\0" * 32,
+                                 reference_seed=0 if str(data["key_derivation"]).startswith("reference") else None,
+                                 ffx_password=ffx_password.encode() if ffx_password else None)
+    start = wrong_keys.draw(template, 1, seed)[0].material
+    if table is not None:
+        start = keys.KeyMaterial(method, m, mask=start.mask, table=table)
+    bar = tqdm(unit="key", desc="search", file=sys.stderr)
+    mode, ranked = search(objective, method, m, data["key_derivation"], table, budget, exhaustive_limit, start,
+                          seed, progress=bar.update)
+    bar.close()
+    best = ranked[:top]
+    test_plan = epoch_plan(test_dir, test_doc, "test", 0, seed=0, shuffle=False)
+    size = data["image_size"]
+    scores = score_on_split(model, [(compile_plan(mat, size, size).to_torch(device), mat.divisor) for _, mat in best],
+                            test_plan, device, progress=False)
+    report = {"mode": mode, "method": method, "block_size": m, "labelled_images": int(objective.pixels.shape[0]),
+              "evaluations": objective.evaluations,
+              "best": [{"labelled_loss": round(loss, 6), "test_miou": s["miou"]} for (loss, _), s in zip(best, scores)]}
+    if truth is not None:
+        correct = truth.material
+        for entry, (_, mat) in zip(report["best"], best):
+            entry["distance_to_true_key"] = distance(mat, correct)
+        true_loss = objective(correct)
+        report["true_key_labelled_loss"] = round(true_loss, 6)
+        report["true_key_rank"] = 1 + sum(1 for loss, _ in ranked if loss < true_loss)
+        report["true_key_found"] = any(mat.equals(correct) for _, mat in best)
+    text = json.dumps(report, indent=2)
+    if out_path:
+        from pathlib import Path
+
+        if Path(out_path).exists():
+            raise KeyshardError(f"{out_path}: already exists; refusing to overwrite")
+        Path(out_path).write_text(text + "\n")
+    click.echo(text)

@@ -67,12 +67,32 @@ def check_inputs(state: dict, key: keys.Key, test_manifest: dict, ckpt_path, key
     return "overridden (--ignore-fingerprint)"
 
 
+def score_on_split(model, configs: list, plan, device, batch_size: int = 32, workers: int = 0,
+                   progress: bool = True, desc: str = "score") -> list[dict]:
+    """Scores of (torch plan or None for plain images, pixel divisor) configs on one split.
+
+    Each batch is read and decoded once; every config is applied to it on the device.
+    """
+    from tqdm import tqdm
+
+    confusions = [Confusion(device) for _ in configs]
+    bar = tqdm(total=plan.samples * len(configs), unit="img", desc=desc, disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    with torch.no_grad():
+        for pixels, masks, _, _ in iterate_batches(plan, batch_size, 0, 0, workers=workers):
+            pixels, masks = pixels.to(device), masks.to(device)
+            for (tplan, divisor), conf in zip(configs, confusions):
+                x = tplan.encrypt(pixels) if tplan is not None else pixels
+                conf.update(model(model_input(x, divisor))["out"].argmax(1), masks)
+            bar.update(len(pixels) * len(configs))
+    bar.close()
+    return [c.scores() for c in confusions]
+
+
 def run_audit(ckpt_path: str, key_path: str, test_dir: str, n_wrong: int = 100, seed: int = 0,
               batch_size: int = 32, ignore_fingerprint: bool = False, randomize_password: bool = False,
               workers: int = 0, progress: bool = True, near_miss: tuple[int, ...] = (),
               near_miss_count: int = 5) -> dict:
-    from tqdm import tqdm
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, state = load_model(ckpt_path, device)
     key = keys.load(key_path)
@@ -90,21 +110,9 @@ def run_audit(ckpt_path: str, key_path: str, test_dir: str, n_wrong: int = 100, 
     for d, k in near:
         configs.append((f"near-{d}", k.fingerprint, compile_plan(k.material, size, size).to_torch(device),
                         k.material.divisor))
-    confusions = [Confusion(device) for _ in configs]
     plan = epoch_plan(test_dir, manifest, "test", 0, seed=0, shuffle=False)
-    bar = tqdm(total=plan.samples * len(configs), unit="img", desc=f"audit ({len(configs)} keys)",
-               disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    with torch.no_grad():
-        for pixels, masks, _, _ in iterate_batches(plan, batch_size, 0, 0, workers=workers):
-            pixels = pixels.to(device)  # read and decoded once, encrypted on the device per key
-            masks = masks.to(device)
-            for (label, _, tplan, divisor), conf in zip(configs, confusions):
-                x = tplan.encrypt(pixels) if tplan is not None else pixels
-                pred = model(model_input(x, divisor))["out"].argmax(1)
-                conf.update(pred, masks)
-            bar.update(len(pixels) * len(configs))
-    bar.close()
-    scores = [c.scores() for c in confusions]
+    scores = score_on_split(model, [(tp, div) for _, _, tp, div in configs], plan, device, batch_size, workers,
+                            progress, desc=f"audit ({len(configs)} keys)")
     wrong_scores = [{"fingerprint": fp, "miou": s["miou"], "pixel_acc": s["pixel_acc"]}
                     for (_, fp, _, _), s in zip(configs[2:2 + len(wrong)], scores[2:2 + len(wrong)])]
     near_scores = {}

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import torch
 import pytest
 
 from keyshard import keys
@@ -102,3 +103,106 @@ def test_near_miss_keys_are_at_exactly_the_requested_distance(method, m):
         near_miss_keys(correct, max_distance(correct.material) + 1, 1, seed=1)
     assert max_distance(correct.material) == (n // 2 if method == "shf" else min(n // 2, n - n // 2))
     assert near_miss_keys(correct, 2, 3, seed=1)[0].fingerprint == near_miss_keys(correct, 2, 3, seed=1)[0].fingerprint
+
+
+class OracleNP(torch.nn.Module):
+    """A 'model' whose first stage undoes one NP mask exactly, then reads each channel's sign:
+    class 1 + 4·[R>127] + 2·[G>127] + [B>127].  Only the correct mask reproduces every label."""
+
+    def __init__(self, material, h, w):
+        super().__init__()
+        from keyshard.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+        plan = compile_plan(material, h, w)
+        self.register_buffer("flip", torch.from_numpy(plan.xor == 255).permute(2, 0, 1)[None])
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        signs = torch.zeros(21, 3)
+        for c in range(8):
+            signs[1 + c] = torch.tensor([1.0 if c & 4 else -1.0, 1.0 if c & 2 else -1.0, 1.0 if c & 1 else -1.0])
+        self.register_buffer("signs", signs)
+
+    def forward(self, x):
+        v = (x * self.std + self.mean) * 255
+        plain = torch.where(self.flip, 255 - v, v)
+        logits = torch.einsum("kc,bchw->bkhw", self.signs, (plain - 127.5) / 8)
+        logits[:, 0] = -100
+        logits[:, 9:] = -100
+        return {"out": logits}
+
+
+def oracle_labels(plain: torch.Tensor) -> torch.Tensor:
+    bits = (plain > 127).long()
+    return 1 + 4 * bits[..., 0] + 2 * bits[..., 1] + bits[..., 2]
+
+
+def test_exhaustive_search_finds_the_key_a_model_is_built_for():
+    import torch
+
+    from keyshard.evaluate.key_search import Objective, search
+
+    correct = keys.generate("np", 2)
+    plain = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
+    model = OracleNP(correct.material, 8, 8).eval()
+    objective = Objective(model, plain, oracle_labels(plain), "cpu")
+    mode, ranked = search(objective, "np", 2, correct.derivation, None, budget=10, exhaustive_limit=5000,
+                          start=None, seed=0)
+    assert mode == "exhaustive" and len(ranked) == 924 and objective.evaluations == 924
+    assert ranked[0][1].equals(correct.material)
+    assert ranked[0][0] < ranked[1][0]
+
+
+def test_hill_climbing_improves_on_its_start():
+    import torch
+
+    from keyshard.evaluate import wrong_keys
+    from keyshard.evaluate.key_search import Objective, hill_climb
+
+    correct = keys.generate("np", 4)
+    plain = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8))
+    objective = Objective(OracleNP(correct.material, 8, 8).eval(), plain, oracle_labels(plain), "cpu")
+    start = wrong_keys.draw(correct, 1, seed=1)[0].material
+    ranked = hill_climb(objective, start, budget=600, seed=0)
+    from keyshard.evaluate.near_miss import distance
+
+    assert ranked[0][0] < objective(start)
+    assert distance(ranked[0][1], correct.material) < distance(start, correct.material)
+
+
+@pytest.fixture(scope="module")
+def np2_model(tmp_path_factory):
+    """A small model trained a few epochs on NP M=2 toy shards, with plain shards for the attacker."""
+    from keyshard.train.loop import TrainConfig, Trainer
+
+    root = tmp_path_factory.mktemp("np2")
+    voc = make_toy_voc(root / "voc", images=80, seed=11, min_side=40, max_side=56, progress=False)
+    key = keys.generate("np", 2)
+    keys.save(key, root / "key.json")
+    encrypt_job.run(str(voc), str(root / "enc"), key, encrypt_job.EncryptOptions(size=SIZE, shard_size=16,
+                    splits=("train", "holdout")), jobs=1, progress=False)
+    encrypt_job.run(str(voc), str(root / "plain"), None, encrypt_job.EncryptOptions(size=SIZE, shard_size=16),
+                    jobs=1, progress=False)
+    cfg = TrainConfig.from_preset("demo", epochs=8, batch_size=8, micro_batch=8, workers=0, lr=0.1)
+    Trainer(root / "enc", root / "run", cfg, progress=False, log=lambda m: None).fit()
+    return root
+
+
+def test_exhaustive_search_ranks_the_true_np_key_near_the_top(np2_model, tmp_path):
+    res = invoke("attack", "search", "--checkpoint", np2_model / "run" / "best.pt", "--labelled-shards",
+                 np2_model / "plain", "--labelled", 8, "--test", np2_model / "plain", "--key", np2_model / "key.json",
+                 "--out", tmp_path / "search.json")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "search.json").read_text())
+    assert report["mode"] == "exhaustive" and report["evaluations"] >= 924
+    assert report["true_key_rank"] <= 5, report
+    assert len(report["best"]) == 5 and all("distance_to_true_key" in b for b in report["best"])
+
+
+def test_search_refuses_mismatched_inputs(np2_model, tmp_path):
+    args = ["attack", "search", "--checkpoint", np2_model / "run" / "best.pt", "--labelled", 4]
+    assert_user_error(invoke(*args, "--labelled-shards", np2_model / "enc", "--test", np2_model / "plain"),
+                      "must hold plain shards")
+    other = tmp_path / "m4.json"
+    keys.save(keys.generate("np", 4), other)
+    assert_user_error(invoke(*args, "--labelled-shards", np2_model / "plain", "--test", np2_model / "plain",
+                             "--key", other), "M=4")
