@@ -206,3 +206,23 @@ def test_search_refuses_mismatched_inputs(np2_model, tmp_path):
     keys.save(keys.generate("np", 4), other)
     assert_user_error(invoke(*args, "--labelled-shards", np2_model / "plain", "--test", np2_model / "plain",
                              "--key", other), "M=4")
+
+
+def test_finetune_attack_reports_both_models(np2_model, tmp_path):
+    out = tmp_path / "ft.json"
+    res = invoke("attack", "finetune", "--checkpoint", np2_model / "run" / "best.pt", "--plain-train",
+                 np2_model / "plain", "--test", np2_model / "plain", "--fraction", "0.1,0.5", "--epochs", 2,
+                 "--out", out)
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    n_train = 36  # 40 train.txt ids minus round(40*146/1464) = 4 holdout
+    assert [r["images"] for r in report["rows"]] == [round(0.1 * n_train), round(0.5 * n_train)]
+    for r in report["rows"]:
+        assert 0 <= r["finetuned_miou"] <= 1 and 0 <= r["scratch_miou"] <= 1
+        assert r["head_start"] == pytest.approx(r["finetuned_miou"] - r["scratch_miou"])
+    assert "| 0.1 |" in res.output
+    assert_user_error(invoke("attack", "finetune", "--checkpoint", np2_model / "run" / "best.pt", "--plain-train",
+                             np2_model / "enc", "--test", np2_model / "plain", "--fraction", "0.1"),
+                      "must hold plain shards")
+    assert_user_error(invoke("attack", "finetune", "--checkpoint", np2_model / "run" / "best.pt", "--plain-train",
+                             np2_model / "plain", "--test", np2_model / "plain", "--fraction", "2"), "(0, 1]")

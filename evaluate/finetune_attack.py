@@ -1,0 +1,95 @@
+"""The fine-tuning attack (the threat of the transfer-learning paper): a thief fine-tunes the
+protected model on a little plain labelled data and compares it with training from scratch on
+the same data.  If the stolen weights give a large head start, the key did not protect the
+knowledge in them for that setting.
+
+The subsets are small, so they are held in memory and trained with a short loop that reuses the
+trainer's loss and model builder; the test split is scored with the audit's scorer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+from keyshard.errors import KeyshardError
+from keyshard.evaluate.audit import score_on_split
+from keyshard.pipeline.manifest import load as load_manifest
+from keyshard.train.data import epoch_plan, iterate_batches
+from keyshard.train.loop import segmentation_loss
+from keyshard.train.models import build_model
+from keyshard.transforms import model_input
+
+
+def load_subset(shard_dir, fraction: float, seed: int):
+    """The first round(fraction·n) (≥1) train ids by sha256('<seed>|<key>'), as tensors."""
+    manifest = load_manifest(shard_dir)
+    if not manifest["encryption"]["plain"]:
+        raise KeyshardError(f"{shard_dir}: must hold plain shards (the attacker's labelled plain data)")
+    plan = epoch_plan(shard_dir, manifest, "train", 0, seed=0, shuffle=False)
+    samples = [(k, px, mk) for pxs, mks, ks, _ in iterate_batches(plan, 64, 0, 0)
+               for k, px, mk in zip(ks, pxs, mks)]
+    samples.sort(key=lambda s: hashlib.sha256(f"{seed}|{s[0]}".encode()).digest())
+    n = max(1, round(fraction * len(samples)))
+    chosen = samples[:n]
+    return torch.stack([s[1] for s in chosen]), torch.stack([s[2] for s in chosen])
+
+
+def fit(model, pixels, masks, epochs: int, lr: float, batch: int, seed: int, device) -> None:
+    """SGD (momentum 0.9) on in-memory plain pixels, shuffled per epoch from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(pixels), generator=gen)
+        for i in range(0, len(order), batch):
+            idx = order[i:i + batch]
+            m = masks[idx].to(device)
+            out = model(model_input(pixels[idx].to(device), 255))
+            loss = segmentation_loss(out, m, 0.0) / max(int((m != 255).sum()), 1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
+
+
+def run(ckpt_path: str, train_dir: str, test_dir: str, fractions: list[float], epochs: int, lr: float,
+        batch: int, seed: int, progress: bool = True) -> dict:
+    from keyshard.evaluate.audit import load_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    stolen, state = load_model(ckpt_path, device)
+    test_doc = load_manifest(test_dir)
+    if not test_doc["encryption"]["plain"]:
+        raise KeyshardError(f"{test_dir}: test shards must be plain")
+    test_plan = epoch_plan(test_dir, test_doc, "test", 0, seed=0, shuffle=False)
+    before = score_on_split(stolen, [(None, 255)], test_plan, device, progress=False)[0]["miou"]
+    rows = []
+    for fraction in fractions:
+        pixels, masks = load_subset(train_dir, fraction, seed)
+        finetuned, _ = load_model(ckpt_path, device)
+        fit(finetuned, pixels, masks, epochs, lr, batch, seed, device)
+        torch.manual_seed(seed)
+        scratch = build_model(state["model_name"]).to(device)
+        fit(scratch, pixels, masks, epochs, lr, batch, seed, device)
+        ft, sc = (score_on_split(m, [(None, 255)], test_plan, device, progress=False)[0]["miou"]
+                  for m in (finetuned, scratch))
+        rows.append({"fraction": fraction, "images": len(pixels), "finetuned_miou": ft, "scratch_miou": sc,
+                     "head_start": ft - sc, "weak": ft - sc > 0.1})
+        if progress:
+            print(f"fraction {fraction:g} ({len(pixels)} images): fine-tuned stolen model {ft:.4f} mIoU, "
+                  f"from scratch {sc:.4f}", flush=True)
+    return {"checkpoint": str(ckpt_path), "plain_miou_before": before, "epochs": epochs, "lr": lr,
+            "rows": rows, "test_images": test_plan.samples}
+
+
+def parse_fractions(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise KeyshardError(f"--fraction {text!r}: expected comma-separated numbers such as 0.01,0.05,0.1") from None
+    if not values or any(not (0 < v <= 1) or math.isnan(v) for v in values):
+        raise KeyshardError("--fraction values must be in (0, 1]")
+    return values
