@@ -24,4 +24,7 @@ def test_demo_chain(tmp_path):
     assert r["correct"]["miou"] > 2 * r["plain"]["miou"], r
     assert r["correct"]["miou"] > 2 * r["wrong"]["summary"]["mean"], r
     assert "| NP | 8 |" in (work / "report.md").read_text()
+    assert [row["distance"] for row in r["near_miss"]] == [1, 4, 16, 64]
+    assert (work / "run" / "audit" / "near_miss.png").exists()
+    assert "Known-plaintext attack: 1 plain/encrypted pair(s) gave the whole key" in res.output
     assert_user_error(invoke("demo", "--workdir", work), "not empty")
