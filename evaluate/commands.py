@@ -13,7 +13,7 @@ from keyshard.errors import KeyshardError
 @click.option("--checkpoint", "ckpt", required=True, type=click.Path(dir_okay=False), help="RUN/best.pt")
 @click.option("--key", "key_file", required=True, type=click.Path(dir_okay=False), help="The key the model was trained with.")
 @click.option("--test", "test_dir", required=True, type=click.Path(), help="PLAIN shards with a test split.")
-@click.option("--wrong-keys", type=click.IntRange(min=0), default=100, show_default=True)
+@click.option("--wrong-keys", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the wrong keys (independent of the key).")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Directory for audit.json/.md/.png (default: <checkpoint dir>/audit).")
