@@ -17,7 +17,6 @@ Pure-noise synthetic images would overstate JPEG decode cost, which both paths p
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import platform
 import shutil

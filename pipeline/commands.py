@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import click
-import numpy as np
 
 from keyshard import keys
 from keyshard.errors import KeyshardError

@@ -59,3 +59,25 @@ def assert_user_error(result, *fragments):
     for fragment in fragments:
         assert str(fragment) in lines[0], lines[0]
     return lines[0]
+
+
+def keyed_run(root: Path, method: str, m: int, images: int, seed: int, epochs: int, size: int = 32,
+              shard_size: int = 8, enc_splits=("train", "holdout", "test"), **train_overrides) -> Path:
+    """Toy VOC → plain shards (all splits) + keyed shards → a demo model trained on them.
+
+    Lays out root/{voc, key.json, plain, enc, run}; returns root.
+    """
+    from keyshard.pipeline import encrypt_job
+    from keyshard.train.loop import TrainConfig, Trainer
+
+    voc = make_toy_voc(root / "voc", images=images, seed=seed, min_side=40, max_side=56, progress=False)
+    key = keys.generate(method, m)
+    keys.save(key, root / "key.json")
+    encrypt_job.run(str(voc), str(root / "plain"), None, encrypt_job.EncryptOptions(size=size, shard_size=shard_size),
+                    jobs=1, progress=False)
+    encrypt_job.run(str(voc), str(root / "enc"), key,
+                    encrypt_job.EncryptOptions(size=size, shard_size=shard_size, splits=tuple(enc_splits)),
+                    jobs=1, progress=False)
+    cfg = TrainConfig.from_preset("demo", epochs=epochs, batch_size=8, micro_batch=8, workers=0, **train_overrides)
+    Trainer(root / "enc", root / "run", cfg, progress=False, log=lambda msg: None).fit()
+    return root

@@ -12,7 +12,7 @@ from keyshard.pipeline import encrypt_job
 from keyshard.pipeline.toy_voc import make_toy_voc
 from keyshard.transforms import compile_plan
 
-from conftest import assert_user_error, invoke
+from conftest import assert_user_error, invoke, keyed_run
 
 SIZE = 32
 
@@ -172,19 +172,8 @@ def test_hill_climbing_improves_on_its_start():
 @pytest.fixture(scope="module")
 def np2_model(tmp_path_factory):
     """A small model trained a few epochs on NP M=2 toy shards, with plain shards for the attacker."""
-    from keyshard.train.loop import TrainConfig, Trainer
-
-    root = tmp_path_factory.mktemp("np2")
-    voc = make_toy_voc(root / "voc", images=80, seed=11, min_side=40, max_side=56, progress=False)
-    key = keys.generate("np", 2)
-    keys.save(key, root / "key.json")
-    encrypt_job.run(str(voc), str(root / "enc"), key, encrypt_job.EncryptOptions(size=SIZE, shard_size=16,
-                    splits=("train", "holdout")), jobs=1, progress=False)
-    encrypt_job.run(str(voc), str(root / "plain"), None, encrypt_job.EncryptOptions(size=SIZE, shard_size=16),
-                    jobs=1, progress=False)
-    cfg = TrainConfig.from_preset("demo", epochs=8, batch_size=8, micro_batch=8, workers=0, lr=0.1)
-    Trainer(root / "enc", root / "run", cfg, progress=False, log=lambda m: None).fit()
-    return root
+    return keyed_run(tmp_path_factory.mktemp("np2"), "np", 2, images=80, seed=11, epochs=8, shard_size=16,
+                     enc_splits=("train", "holdout"), lr=0.1)
 
 
 def test_exhaustive_search_ranks_the_true_np_key_near_the_top(np2_model, tmp_path):

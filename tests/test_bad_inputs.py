@@ -1,6 +1,5 @@
 """Bad input: one clear line naming the file, non-zero exit, no traceback, no manifest."""
 
-import json
 import shutil
 
 import pytest

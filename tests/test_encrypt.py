@@ -4,7 +4,6 @@ import io
 import json
 import os
 import signal
-import tarfile
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from keyshard.pipeline.manifest import load as load_manifest
 from keyshard.shardformat import decode_mask, decode_npy, iter_tar_samples
 from keyshard.transforms import compile_plan
 
-from conftest import assert_user_error, invoke, run_subprocess
+from conftest import assert_user_error, invoke
 
 SIZE = 32
 COMMON = ["--size", SIZE, "--shard-size", 4, "-q"]

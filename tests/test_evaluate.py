@@ -9,13 +9,10 @@ import torch
 from keyshard import keys
 from keyshard.evaluate import wrong_keys
 from keyshard.evaluate.metrics import Confusion
-from keyshard.pipeline import encrypt_job
-from keyshard.pipeline.toy_voc import make_toy_voc
 from keyshard.shardformat import decode_npy, iter_tar_samples
-from keyshard.train.loop import TrainConfig, Trainer
 from keyshard.transforms import compile_plan
 
-from conftest import assert_user_error, invoke
+from conftest import assert_user_error, invoke, keyed_run
 
 SIZE = 32
 
@@ -92,17 +89,8 @@ def test_small_key_space_is_exhausted_exactly():
 
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory):
-    """Plain test shards, FFX-M4 train shards, and a model trained 2 epochs on them."""
-    root = tmp_path_factory.mktemp("audit")
-    voc = make_toy_voc(root / "voc", images=40, seed=5, min_side=40, max_side=56, progress=False)
-    key = keys.generate("ffx", 4)
-    keys.save(key, root / "key.json")
-    opts = encrypt_job.EncryptOptions(size=SIZE, shard_size=8)
-    encrypt_job.run(str(voc), str(root / "plain"), None, opts, jobs=1, progress=False)
-    encrypt_job.run(str(voc), str(root / "enc"), key, opts, jobs=1, progress=False)
-    cfg = TrainConfig.from_preset("demo", epochs=2, batch_size=8, micro_batch=8, workers=0)
-    Trainer(root / "enc", root / "run", cfg, progress=False, log=lambda m: None).fit()
-    return root
+    """Plain shards, FFX-M4 shards, and a model trained 2 epochs on them."""
+    return keyed_run(tmp_path_factory.mktemp("audit"), "ffx", 4, images=40, seed=5, epochs=2)
 
 
 def test_device_transforms_equal_the_offline_shards(audited):
