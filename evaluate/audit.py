@@ -36,7 +36,8 @@ def file_sha256(path: Path) -> str:
 
 def load_model(ckpt_path: str, device) -> tuple[torch.nn.Module, dict]:
     state = checkpoint.load(ckpt_path)
-    model = build_model(state["model_name"], aux_loss=any(k.startswith("aux_classifier") for k in state["model"]))
+    model = build_model(state["model_name"], aux_loss=any(k.startswith("aux_classifier") for k in state["model"]),
+                        block_size=state.get("model_block_size"))
     model.load_state_dict(state["model"])
     return model.to(device).eval(), state
 

@@ -72,7 +72,7 @@ def run(ckpt_path: str, train_dir: str, test_dir: str, fractions: list[float], e
         finetuned, _ = load_model(ckpt_path, device)
         fit(finetuned, pixels, masks, epochs, lr, batch, seed, device)
         torch.manual_seed(seed)
-        scratch = build_model(state["model_name"]).to(device)
+        scratch = build_model(state["model_name"], block_size=state.get("model_block_size")).to(device)
         fit(scratch, pixels, masks, epochs, lr, batch, seed, device)
         ft, sc = (score_on_split(m, [(None, 255)], test_plan, device, progress=False)[0]["miou"]
                   for m in (finetuned, scratch))

@@ -230,3 +230,72 @@ def test_paper_model_builds_offline_and_loads_a_local_resnet50(tmp_path):
     with torch.no_grad():
         out = model(torch.zeros(1, 3, 64, 64))
     assert out["out"].shape == (1, 21, 64, 64) and out["aux"].shape == (1, 21, 64, 64)
+
+
+@pytest.mark.parametrize("method", ["shf", "np"])
+@pytest.mark.parametrize("m", [2, 8, 32])
+def test_protect_makes_encrypted_inputs_give_the_plain_outputs(method, m):
+    import numpy as np
+
+    from keyshard.train.models import BlockAlignedSegNet
+    from keyshard.train.protect import protect_model
+    from keyshard.transforms import compile_plan
+
+    torch.manual_seed(m)
+    plain_model = BlockAlignedSegNet(m).eval()
+    protected = BlockAlignedSegNet(m).eval()
+    protected.load_state_dict(plain_model.state_dict())
+    key = keys.generate(method, m)
+    protect_model(protected, key.material)
+    x = np.random.default_rng(m).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    enc = compile_plan(key.material, 64, 64).encrypt(x)
+    with torch.no_grad():
+        want = plain_model(model_input(torch.from_numpy(x), 255))["out"]
+        got = protected(model_input(torch.from_numpy(enc), 255))["out"]
+        other = plain_model(model_input(torch.from_numpy(enc), 255))["out"]
+    err = (got - want).abs().max().item()
+    assert err <= 1e-4
+    assert (other - want).abs().max().item() > 10 * max(err, 1e-5)  # the unprotected model does not agree
+
+
+def test_protect_refuses_ffx():
+    from keyshard.train.models import BlockAlignedSegNet
+    from keyshard.train.protect import protect_model
+
+    with pytest.raises(Exception, match="FFX is not linear"):
+        protect_model(BlockAlignedSegNet(4), keys.generate("ffx", 4).material)
+
+
+def test_protect_command_end_to_end(data, tmp_path):
+    from keyshard.evaluate.audit import load_model, score_on_split
+    from keyshard.train.data import epoch_plan as plan_for
+
+    run = tmp_path / "plain-ba"
+    res = invoke("train", "--shards", data / "plain", "--out", run, "--model", "block_aligned", "--block-size", 4,
+                 "--epochs", 1, "--batch-size", 4, "--workers", 0, "-q")
+    assert res.exit_code == 0, res.output
+    key = data / "key.json"  # np M=4
+    out = tmp_path / "protected" / "best.pt"
+    res = invoke("protect", "--checkpoint", run / "best.pt", "--key", key, "-o", out)
+    assert res.exit_code == 0, res.output
+    state = checkpoint.load(out)
+    assert state["data"]["key_fingerprint"] == keys.load(key).fingerprint and not state["data"]["plain"]
+    # the protected model on keyed holdout shards == the plain model on plain holdout shards
+    plain_model, _ = load_model(str(run / "best.pt"), "cpu")
+    prot_model, _ = load_model(str(out), "cpu")
+    manifest_p, manifest_e = load_manifest(data / "plain"), load_manifest(data / "np4")
+    a = score_on_split(plain_model, [(None, 255)], plan_for(data / "plain", manifest_p, "holdout", 0, 0, shuffle=False),
+                       "cpu", progress=False)[0]
+    b = score_on_split(prot_model, [(None, 255)], plan_for(data / "np4", manifest_e, "holdout", 0, 0, shuffle=False),
+                       "cpu", progress=False)[0]
+    assert b["miou"] == pytest.approx(a["miou"], abs=1e-3) and b["pixel_acc"] == pytest.approx(a["pixel_acc"], abs=1e-3)
+    ffx = tmp_path / "ffx.json"
+    keys.save(keys.generate("ffx", 4), ffx)
+    assert_user_error(invoke("protect", "--checkpoint", run / "best.pt", "--key", ffx, "-o", tmp_path / "f.pt"),
+                      "FFX is not linear")
+    assert_user_error(invoke("protect", "--checkpoint", out, "--key", key, "-o", tmp_path / "g.pt"),
+                      "keyed shards already")
+    assert_user_error(invoke("train", "--shards", data / "plain", "--out", tmp_path / "x", "--model", "block_aligned",
+                             "-q"), "--block-size")
+    assert_user_error(invoke("train", "--shards", data / "np4", "--out", tmp_path / "y", "--model", "block_aligned",
+                             "--block-size", 8, "-q"), "disagrees")

@@ -13,7 +13,12 @@ from keyshard.errors import KeyshardError
 @click.option("--preset", type=click.Choice(["paper", "demo"]), default="demo", show_default=True,
               help="paper: FCN-ResNet50, SGD lr 0.1, wd 0.005, cosine restarts every 10 epochs, batch 256, "
                    "100 epochs. demo: a small network that trains on the CPU in minutes.")
-@click.option("--model", type=click.Choice(["fcn_resnet50", "small"]), default=None, help="Override the preset's model.")
+@click.option("--model", type=click.Choice(["fcn_resnet50", "small", "block_aligned"]), default=None,
+              help="Override the preset's model. block_aligned: a stem that sees whole key blocks "
+                   "(no accuracy loss from the key; see `keyshard protect`).")
+@click.option("--block-size", type=click.IntRange(min=1), default=None,
+              help="block_aligned on PLAIN shards: the block size of the key it will be used with "
+                   "(on keyed shards the manifest's is used).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Samples per optimiser step (per process).")
 @click.option("--micro-batch", type=click.IntRange(min=1), default=None,
@@ -38,7 +43,7 @@ from keyshard.errors import KeyshardError
               help="Key-safe augmentation: random SIZExSIZE crop at block-aligned offsets (a multiple of M).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from last.pt (same settings; --epochs may grow).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def train(shards, out, preset, model, epochs, batch_size, micro_batch, lr, momentum, weight_decay,
+def train(shards, out, preset, model, block_size, epochs, batch_size, micro_batch, lr, momentum, weight_decay,
           restart_epochs, min_lr, aux_weight, weights, seed, workers, shuffle_buffer, amp, channels_last,
           block_flip, block_crop, resume, quiet):
     """Train a segmentation model by streaming (plain or keyed) shards.
@@ -57,9 +62,55 @@ def train(shards, out, preset, model, epochs, batch_size, micro_batch, lr, momen
         preset, model=model, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, lr=lr,
         momentum=momentum, weight_decay=weight_decay, restart_epochs=restart_epochs, min_lr=min_lr,
         aux_weight=aux_weight, weights=weights, seed=seed, workers=workers, shuffle_buffer=shuffle_buffer,
-        amp=amp, channels_last=channels_last, block_flip=block_flip, block_crop=block_crop)
+        amp=amp, channels_last=channels_last, block_size=block_size, block_flip=block_flip, block_crop=block_crop)
     if config.batch_size % config.micro_batch:
         raise KeyshardError(f"--batch-size {config.batch_size} must be a multiple of --micro-batch {config.micro_batch}")
     result = Trainer(shards, out, config, resume=resume, progress=not quiet, log=click.echo).fit()
     if result["history"]:
         click.echo(f"best holdout loss {result['best_holdout_loss']:.4f}; checkpoints in {out}/best.pt and {out}/last.pt")
+
+
+@click.command("protect")
+@click.option("--checkpoint", "ckpt", required=True, type=click.Path(dir_okay=False),
+              help="A block_aligned model trained on PLAIN shards (RUN/best.pt).")
+@click.option("--key", "key_file", required=True, type=click.Path(dir_okay=False), help="SHF or NP key to fold in.")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="Protected checkpoint to write.")
+def protect(ckpt, key_file, output):
+    """Turn a plain block-aligned model into one that expects images encrypted with KEY.
+
+    The key is folded into the stem's weights (permuted for SHF, negated and re-biased for NP):
+    on encrypted images the protected model gives the plain model's outputs on plain images, up
+    to float rounding.  FFX is not linear and is refused.  If the plain checkpoint is public,
+    anyone comparing the two stems reads the key off them: fine-tune after protecting, or train
+    from scratch on keyed shards.
+    """
+    from pathlib import Path
+
+    from keyshard import keys
+    from keyshard.evaluate.audit import file_sha256, load_model
+    from keyshard.train import checkpoint as ckpt_mod
+    from keyshard.train.protect import protect_model
+
+    out = Path(output)
+    if out.exists():
+        raise KeyshardError(f"{out}: already exists; refusing to overwrite")
+    model, state = load_model(ckpt, "cpu")
+    if not state["data"]["plain"]:
+        raise KeyshardError(f"{ckpt}: was trained on keyed shards already; protect starts from a plain model")
+    key = keys.load(key_file)
+    if state["data"]["image_size"] % key.block_size:
+        raise KeyshardError(f"{key_file}: block size {key.block_size} does not divide the model's image size")
+    protect_model(model, key.material)
+    data = {**state["data"], "plain": False, "method": key.method, "block_size": key.block_size,
+            "key_fingerprint": key.fingerprint, "key_derivation": key.derivation,
+            "pixel_divisor": key.material.divisor}
+    protected = {k: v for k, v in state.items() if k not in ("format", "optimizer", "scheduler", "rng")}
+    protected.update(model=model.state_dict(), data=data,
+                     protected_from={"path": str(ckpt), "sha256": file_sha256(Path(ckpt))})
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KeyshardError(f"{out.parent}: cannot create directory ({exc.strerror})") from None
+    ckpt_mod.save(out, protected)
+    click.echo(f"wrote {out}: {state['model_name']} protected with {key.method} M={key.block_size} "
+               f"(fingerprint {key.short_fingerprint}…)")

@@ -56,6 +56,7 @@ class TrainConfig:
     shuffle_buffer: int = 256
     amp: bool = False
     channels_last: bool = False
+    block_size: int | None = None  # block_aligned model on plain shards (keyed shards: the manifest's)
     block_flip: bool = False       # key-safe: flip of the block grid (train/augment.py)
     block_crop: int | None = None  # key-safe: block-aligned crop to this size
     weights: str | None = None
@@ -129,10 +130,12 @@ class Trainer:
         if config.block_crop and (config.block_crop % m or not 0 < config.block_crop <= size):
             raise KeyshardError(f"--block-crop {config.block_crop} must be a multiple of the block size {m} "
                                 f"and at most the image size {size}")
+        self.model_block = self._model_block_size()
         self.start_epoch, self.history, self.best_loss = 0, [], math.inf
         previous = self._prepare_out(resume)
         torch.manual_seed(config.seed)
-        self.model = build_model(config.model, config.weights, aux_loss=config.aux_weight > 0).to(self.device)
+        self.model = build_model(config.model, config.weights, aux_loss=config.aux_weight > 0,
+                                 block_size=self.model_block).to(self.device)
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
@@ -146,6 +149,19 @@ class Trainer:
                     if self.dist.world > 1 else self.model)
 
     # -- set-up ----------------------------------------------------------------------------
+    def _model_block_size(self) -> int | None:
+        """Block size a block-aligned model is built for: the shards' key, or --block-size on plain shards."""
+        data_m, flag_m = self.data["block_size"], self.cfg.block_size
+        if data_m is not None and flag_m is not None and flag_m != data_m:
+            raise KeyshardError(f"--block-size {flag_m} disagrees with the shards' key (M={data_m}); "
+                                "on keyed shards the manifest decides")
+        m = data_m or flag_m
+        if self.cfg.model == "block_aligned" and m is None:
+            raise KeyshardError("--model block_aligned on plain shards needs --block-size M (the key it will be used with)")
+        if m is not None and self.data["image_size"] % m:
+            raise KeyshardError(f"block size {m} does not divide the image size {self.data['image_size']}")
+        return m
+
     def _prepare_out(self, resume: bool):
         last = self.out / "last.pt"
         if resume:
@@ -294,7 +310,8 @@ class Trainer:
         state = {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state(),
-            "epoch": epoch, "model_name": self.cfg.model, "config": asdict(self.cfg),
+            "epoch": epoch, "model_name": self.cfg.model, "model_block_size": self.model_block,
+            "config": asdict(self.cfg),
             "metrics": self.history, "best_holdout_loss": self.best_loss, "data": self.data,
             "world_size": self.dist.world,
         }

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from keyshard.errors import KeyshardError
 
 NUM_CLASSES = 21
-MODELS = ("fcn_resnet50", "small")
+MODELS = ("fcn_resnet50", "small", "block_aligned")
 
 
 def _block(cin, cout, stride=1, dilation=1):
@@ -49,10 +49,46 @@ class SmallSegNet(nn.Module):
         return {"out": F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)}
 
 
-def build_model(name: str, weights: str | None = None, aux_loss: bool = True) -> nn.Module:
+def stem_stride(block_size: int) -> int:
+    """The block-aligned stem's stride: M itself, or the smallest multiple of M that is ≥ 4."""
+    return block_size * max(1, -(-4 // block_size))
+
+
+class BlockAlignedSegNet(nn.Module):
+    """Segmentation network whose first layer sees whole key blocks and nothing else.
+
+    The stem is one convolution with kernel = stride = S (S a multiple of the block size M), a
+    linear map of the S×S×3 values of each patch.  A block key (SHF permutation, NP flip) is an
+    affine map of those values, so it can be folded into the stem's weights exactly
+    (``keyshard protect``).  The body works on the patch grid; the head predicts each patch's
+    S×S pixels (pixel shuffle up to 16×, bilinear beyond), so logits come back at full size.
+    """
+
+    def __init__(self, block_size: int, num_classes: int = NUM_CLASSES, width: int = 64):
+        super().__init__()
+        s = stem_stride(block_size)
+        self.block_size, self.stride, self.shuffle = block_size, s, min(s, 16)
+        self.stem = nn.Conv2d(3, width, kernel_size=s, stride=s)
+        self.body = nn.Sequential(nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+                                  _block(width, width), _block(width, width, dilation=2), _block(width, width))
+        self.head = nn.Conv2d(width, num_classes * self.shuffle ** 2, 1)
+
+    def forward(self, x):
+        y = F.pixel_shuffle(self.head(self.body(self.stem(x))), self.shuffle)
+        if y.shape[-2:] != x.shape[-2:]:
+            y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return {"out": y}
+
+
+def build_model(name: str, weights: str | None = None, aux_loss: bool = True,
+                block_size: int | None = None) -> nn.Module:
     """A model returning ``{"out": logits[, "aux": logits]}`` at input resolution."""
     if name == "small":
         model = SmallSegNet()
+    elif name == "block_aligned":
+        if not block_size:
+            raise KeyshardError("the block_aligned model needs a block size (--block-size on plain shards)")
+        model = BlockAlignedSegNet(block_size)
     elif name == "fcn_resnet50":
         from torchvision.models.segmentation import fcn_resnet50
 
