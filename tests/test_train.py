@@ -299,3 +299,35 @@ def test_protect_command_end_to_end(data, tmp_path):
                              "-q"), "--block-size")
     assert_user_error(invoke("train", "--shards", data / "np4", "--out", tmp_path / "y", "--model", "block_aligned",
                              "--block-size", 8, "-q"), "disagrees")
+
+
+def test_block_aligned_model_keeps_its_accuracy_under_the_key(tmp_path):
+    """Same network and seed trained on plain and on NP-keyed shards: (almost) the same mIoU,
+    while the keyed model collapses on plain images and wrong keys."""
+    from keyshard.evaluate import wrong_keys
+    from keyshard.evaluate.audit import load_model, score_on_split
+    from keyshard.pipeline.toy_voc import make_toy_voc
+    from keyshard.train.data import epoch_plan as plan_for
+    from keyshard.transforms import compile_plan
+
+    voc = make_toy_voc(tmp_path / "voc", images=160, seed=21, min_side=40, max_side=56, progress=False)
+    key = keys.Key("np", 4, bytes(range(32)))  # fixed: the test must not depend on a random key
+    for name, k in (("plain", None), ("enc", key)):
+        encrypt_job.run(str(voc), str(tmp_path / name), k, encrypt_job.EncryptOptions(size=SIZE, shard_size=32),
+                        jobs=1, progress=False)
+    cfg = dict(model="block_aligned", epochs=16, batch_size=8, micro_batch=8, workers=0, lr=0.1, restart_epochs=16)
+    Trainer(tmp_path / "plain", tmp_path / "rp", small_config(block_size=4, **cfg), progress=False, log=lambda m: None).fit()
+    Trainer(tmp_path / "enc", tmp_path / "re", small_config(**cfg), progress=False, log=lambda m: None).fit()
+    test = plan_for(tmp_path / "plain", load_manifest(tmp_path / "plain"), "test", 0, 0, shuffle=False)
+    plain_model, _ = load_model(str(tmp_path / "rp" / "last.pt"), "cpu")  # same step count, no selection noise
+    keyed_model, _ = load_model(str(tmp_path / "re" / "last.pt"), "cpu")
+    baseline = score_on_split(plain_model, [(None, 255)], test, "cpu", progress=False)[0]["miou"]
+    configs = [(compile_plan(k.material, SIZE, SIZE).to_torch("cpu"), 255)
+               for k in [key] + wrong_keys.draw(key, 3, seed=0)]
+    correct, *wrong = [s["miou"] for s in score_on_split(keyed_model, configs + [(None, 255)], test, "cpu", progress=False)]
+    plain_images = wrong.pop()
+    print(f"block-aligned: plain {baseline:.3f}, keyed {correct:.3f}, plain images {plain_images:.3f}, wrong {wrong}")
+    assert baseline > 0.25, baseline
+    # no accuracy lost to the key (short runs differ by training noise, so only a loss would fail)
+    assert correct > baseline - 0.05, (correct, baseline)
+    assert plain_images < 0.5 * correct and max(wrong) < 0.5 * correct, (correct, plain_images, wrong)
