@@ -89,6 +89,30 @@ def score_on_split(model, configs: list, plan, device, batch_size: int = 32, wor
     return [c.scores() for c in confusions]
 
 
+def run_baseline(ckpt_path: str, test_dir: str, batch_size: int = 32, workers: int = 0,
+                 progress: bool = True) -> dict:
+    """The audit of a model trained on plain images: its test mIoU (the no-key baseline)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, state = load_model(ckpt_path, device)
+    manifest = load_manifest(test_dir)
+    if not manifest["encryption"]["plain"] or "test" not in manifest["splits"]["counts"]:
+        raise KeyshardError(f"{test_dir}: needs plain shards with a test split")
+    plan = epoch_plan(test_dir, manifest, "test", 0, seed=0, shuffle=False)
+    scores = score_on_split(model, [(None, 255)], plan, device, batch_size, workers, progress, desc="baseline")
+    return {
+        "format": "keyshard-audit/1", "kind": "baseline",
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "tool": {"name": "keyshard", "version": __version__}, "libraries": library_versions(),
+        "checkpoint": {"path": str(ckpt_path), "sha256": file_sha256(Path(ckpt_path)), "epoch": state["epoch"] + 1,
+                       "model": state["model_name"], "model_block_size": state.get("model_block_size"),
+                       "data": state["data"]},
+        "key": None,
+        "test": {"path": str(test_dir), "images": plan.samples,
+                 "source_content_sha256": manifest["source"]["content_sha256"]},
+        "device": str(device), "results": {"plain": scores[0]},
+    }
+
+
 def run_audit(ckpt_path: str, key_path: str, test_dir: str, n_wrong: int = 100, seed: int = 0,
               batch_size: int = 32, ignore_fingerprint: bool = False, randomize_password: bool = False,
               workers: int = 0, progress: bool = True, near_miss: tuple[int, ...] = (),
@@ -120,7 +144,7 @@ def run_audit(ckpt_path: str, key_path: str, test_dir: str, n_wrong: int = 100, 
         near_scores.setdefault(d, []).append({"fingerprint": fp, "miou": s["miou"], "pixel_acc": s["pixel_acc"]})
     mious = np.array([w["miou"] for w in wrong_scores]) if wrong_scores else np.array([np.nan])
     return {
-        "format": "keyshard-audit/1",
+        "format": "keyshard-audit/1", "kind": "key",
         "created_utc": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         "tool": {"name": "keyshard", "version": __version__}, "libraries": library_versions(),
         "checkpoint": {"path": str(ckpt_path), "sha256": file_sha256(Path(ckpt_path)), "epoch": state["epoch"] + 1,

@@ -11,7 +11,8 @@ from keyshard.errors import KeyshardError
 
 @click.command("evaluate")
 @click.option("--checkpoint", "ckpt", required=True, type=click.Path(dir_okay=False), help="RUN/best.pt")
-@click.option("--key", "key_file", required=True, type=click.Path(dir_okay=False), help="The key the model was trained with.")
+@click.option("--key", "key_file", default=None, type=click.Path(dir_okay=False),
+              help="The key the model was trained with (omit for a model trained on plain images: the baseline).")
 @click.option("--test", "test_dir", required=True, type=click.Path(), help="PLAIN shards with a test split.")
 @click.option("--wrong-keys", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the wrong keys (independent of the key).")
@@ -35,12 +36,21 @@ def evaluate(ckpt, key_file, test_dir, wrong_keys, seed, out, batch_size, worker
     Every test batch is decoded once; the keys are applied to it on the device (GPU when there
     is one).  Writes audit.json, audit.md (a readable table) and audit.png (Fig. 6 style).
     """
-    from keyshard.evaluate.audit import run_audit
+    from keyshard.evaluate.audit import run_audit, run_baseline
     from keyshard.evaluate.report import markdown, write_audit
+    from keyshard.train.checkpoint import load as load_checkpoint
 
     out = Path(out) if out else Path(ckpt).parent / "audit"
     if (out / "audit.json").exists():
         raise KeyshardError(f"{out}: already holds an audit; choose another --out")
+    plain_model = load_checkpoint(ckpt)["data"]["plain"]
+    if plain_model and key_file is None:
+        audit = run_baseline(ckpt, test_dir, batch_size, workers, progress=not quiet)
+        paths = write_audit(audit, out)
+        click.echo(markdown(audit).rstrip() + "\n\nwrote " + ", ".join(str(p) for p in paths))
+        return
+    if key_file is None:
+        raise KeyshardError(f"{ckpt}: was trained on keyed shards; give its key with --key")
     try:
         distances = tuple(sorted({int(d) for d in near_miss.split(",") if d.strip()}))
     except ValueError:

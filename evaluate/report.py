@@ -21,6 +21,14 @@ VOC_VAL_IMAGES = 1449
 
 
 def markdown(audit: dict) -> str:
+    if audit.get("kind") == "baseline":
+        c = audit["checkpoint"]
+        return "\n".join([
+            f"# keyshard audit — baseline ({c['model']} trained on plain images)", "",
+            f"- checkpoint: `{c['path']}` (epoch {c['epoch']}, sha256 {c['sha256'][:16]}…)",
+            f"- test: `{audit['test']['path']}`, {audit['test']['images']} images; device {audit['device']}", "",
+            "| input | mIoU | pixel accuracy |", "|---|---:|---:|",
+            f"| plain images | {audit['results']['plain']['miou']:.4f} | {audit['results']['plain']['pixel_acc']:.4f} |", ""])
     r = audit["results"]
     w = r["wrong"]["summary"]
     k = audit["key"]
@@ -149,8 +157,10 @@ def write_audit(audit: dict, out: Path) -> list[Path]:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise KeyshardError(f"{out}: cannot create directory ({exc.strerror})") from None
-    plot(audit, out / "audit.png")
-    paths = [out / "audit.json", out / "audit.md", out / "audit.png"]
+    paths = [out / "audit.json", out / "audit.md"]
+    if audit.get("kind") != "baseline":
+        plot(audit, out / "audit.png")
+        paths.append(out / "audit.png")
     if audit["results"].get("near_miss"):
         plot_near_miss(audit, out / "near_miss.png")
         paths.append(out / "near_miss.png")
@@ -174,26 +184,34 @@ def load_audit(path: Path) -> dict:
 
 
 def table(audits: list[dict]) -> tuple[str, str]:
-    """Table-1 style rows (markdown, CSV): method × block size → correct, plain, wrong mean."""
+    """Table-1 style rows (markdown, CSV): method × block size → per model: correct key, plain
+    images, wrong keys; plain-trained baselines alongside; the paper's number when full scale."""
+    baselines = {a["checkpoint"]["model"]: a["results"]["plain"]["miou"] for a in audits if a.get("kind") == "baseline"}
+    keyed = [a for a in audits if a.get("kind") != "baseline"]
     rows = []
-    for a in sorted(audits, key=lambda a: (a["key"]["method"], a["key"]["block_size"])):
+    for a in sorted(keyed, key=lambda a: (a["key"]["method"], a["key"]["block_size"], a["checkpoint"]["model"])):
         k, r = a["key"], a["results"]
         full_scale = (a["test"]["images"] == VOC_VAL_IMAGES and a["checkpoint"]["model"] == "fcn_resnet50"
                       and a["checkpoint"]["data"]["image_size"] == 256)
         paper = PAPER_TABLE1.get(k["method"], {}).get(k["block_size"]) if full_scale else None
         rows.append({"method": k["method"], "block_size": k["block_size"], "model": a["checkpoint"]["model"],
-                     "test_images": a["test"]["images"], "correct_miou": round(r["correct"]["miou"], 4),
-                     "plain_miou": round(r["plain"]["miou"], 4),
+                     "test_images": a["test"]["images"],
+                     "plain_trained_baseline_miou": baselines.get(a["checkpoint"]["model"]),
+                     "correct_miou": round(r["correct"]["miou"], 4), "plain_miou": round(r["plain"]["miou"], 4),
                      "wrong_mean_miou": round(r["wrong"]["summary"]["mean"], 4),
                      "wrong_max_miou": round(r["wrong"]["summary"]["max"], 4),
                      "wrong_keys": a["wrong_keys"]["count"], "paper_correct_miou": paper})
-    md = ["| method | M | model | test images | correct key | plain | wrong keys (mean) | wrong keys (max) | paper (correct) |",
-          "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    md = ["| method | M | model | test images | baseline (no key) | correct key | plain images | wrong keys (mean) | wrong keys (max) | paper (correct) |",
+          "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for x in rows:
         paper = f"{x['paper_correct_miou']:.4f}" if x["paper_correct_miou"] is not None else "— (not full-scale)"
-        md.append(f"| {x['method'].upper()} | {x['block_size']} | {x['model']} | {x['test_images']} | "
+        base = f"{x['plain_trained_baseline_miou']:.4f}" if x["plain_trained_baseline_miou"] is not None else "—"
+        md.append(f"| {x['method'].upper()} | {x['block_size']} | {x['model']} | {x['test_images']} | {base} | "
                   f"{x['correct_miou']:.4f} | {x['plain_miou']:.4f} | {x['wrong_mean_miou']:.4f} | "
                   f"{x['wrong_max_miou']:.4f} | {paper} |")
+    for model, miou in sorted(baselines.items()):
+        if not any(x["model"] == model for x in rows):
+            md.append(f"| — | — | {model} | — | {miou:.4f} | — | — | — | — | — |")
     md.append("")
     md.append(f"Paper baseline (no key, FCN-ResNet50, VOC2012 val): {PAPER_BASELINE:.4f}.")
     buf = io.StringIO()

@@ -158,3 +158,24 @@ def test_evaluate_near_miss_curve(audited, tmp_path):
     assert [r["distance"] for r in rows] == [1, 4] and all(len(r["keys"]) == 2 for r in rows)
     assert (out / "near_miss.png").exists() and "## Near-miss keys" in (out / "audit.md").read_text()
     assert_user_error(invoke(*base, "--near-miss", "25", "--out", tmp_path / "x"), "outside 1..24")
+
+
+def test_baseline_audit_and_side_by_side_report(audited, tmp_path):
+    from keyshard.train.loop import TrainConfig, Trainer
+
+    cfg = TrainConfig.from_preset("demo", epochs=1, batch_size=8, micro_batch=8, workers=0)
+    Trainer(audited / "plain", tmp_path / "plainrun", cfg, progress=False, log=lambda m: None).fit()
+    res = invoke("evaluate", "--checkpoint", tmp_path / "plainrun" / "best.pt", "--test", audited / "plain",
+                 "--out", tmp_path / "base", "--workers", 0, "-q")
+    assert res.exit_code == 0, res.output
+    base = json.loads((tmp_path / "base" / "audit.json").read_text())
+    assert base["kind"] == "baseline" and 0 <= base["results"]["plain"]["miou"] <= 1
+    keyed = invoke("evaluate", "--checkpoint", audited / "run" / "best.pt", "--key", audited / "key.json",
+                   "--test", audited / "plain", "--wrong-keys", 2, "--out", tmp_path / "k", "--workers", 0, "-q")
+    assert keyed.exit_code == 0, keyed.output
+    rep = invoke("report", tmp_path / "base", tmp_path / "k")
+    assert rep.exit_code == 0, rep.output
+    row = next(line for line in rep.output.splitlines() if line.startswith("| FFX | 4 | small"))
+    assert f"{base['results']['plain']['miou']:.4f}" in row
+    assert_user_error(invoke("evaluate", "--checkpoint", audited / "run" / "best.pt", "--test", audited / "plain",
+                             "--out", tmp_path / "z", "-q"), "--key")
