@@ -30,12 +30,15 @@ def cli():
     """Protect segmentation models with a secret block-wise key.
 
     \b
-    Typical chain:
-      keyshard toy-voc toy/ --images 60          # or use the real VOC2012 dir / tar
-      keyshard keygen --method ffx --block-size 4 -o key.json
-      keyshard encrypt --voc toy/ --key key.json -o shards/enc
+    Typical chain (or just: keyshard demo):
+      keyshard toy-voc toy/ --images 240          # or the real VOC2012 dir / tar
+      keyshard keygen --method np --block-size 8 -o key.json
+      keyshard encrypt --voc toy/ --key key.json -o shards/enc --augment-copies 1
       keyshard encrypt --voc toy/ --plain -o shards/plain
       keyshard verify shards/enc
+      keyshard train --shards shards/enc --out run --preset demo
+      keyshard evaluate --checkpoint run/best.pt --key key.json --test shards/plain
+      keyshard attack known-plaintext --plain shards/plain --encrypted shards/enc -o recovered.json
     """
 
 
