@@ -14,6 +14,7 @@ def test_wheel_contents(tmp_path):
     wheel = next(tmp_path.glob("keyshard-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "keyshard/pipeline/encrypt_job.py" in names
+    assert "keyshard/train/loop.py" in names and "keyshard/evaluate/audit.py" in names
     assert "keyshard/manifests/manifest.schema.json" in names
     tops = {n.split("/")[0] for n in names}
     assert tops <= {"keyshard"} | {n for n in tops if n.endswith(".dist-info")}
@@ -21,9 +22,11 @@ def test_wheel_contents(tmp_path):
 
 def test_installed_package_imports_subpackages():
     out = subprocess.run([sys.executable, "-c", "import keyshard.pipeline.encrypt_job, keyshard.manifests;"
-                          "import importlib.util as u; print(u.find_spec('pipeline'), u.find_spec('train'))"],
+                          "import keyshard.train.loop, keyshard.evaluate.audit;"
+                          "import importlib.util as u; print(u.find_spec('pipeline'), u.find_spec('train'),"
+                          " u.find_spec('evaluate'))"],
                          cwd="/", capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["None", "None"]
+    assert out.stdout.split() == ["None", "None", "None"]
 
 
 def test_example_manifest_matches_the_schema():
