@@ -6,7 +6,6 @@ is applied to it on the GPU (or CPU) with the same compiled plans as the offline
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 
 from keyshard import __version__, keys
 from keyshard.errors import KeyshardError
+from keyshard.fsutil import sha256_file
 from keyshard.evaluate import wrong_keys
 from keyshard.evaluate.metrics import Confusion
 from keyshard.evaluate.near_miss import near_miss_keys
@@ -24,14 +24,6 @@ from keyshard.train import checkpoint
 from keyshard.train.data import epoch_plan, iterate_batches
 from keyshard.train.models import build_model
 from keyshard.transforms import compile_plan, model_input
-
-
-def file_sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            sha.update(chunk)
-    return sha.hexdigest()
 
 
 def load_model(ckpt_path: str, device) -> tuple[torch.nn.Module, dict]:
@@ -103,7 +95,7 @@ def run_baseline(ckpt_path: str, test_dir: str, batch_size: int = 32, workers: i
         "format": "keyshard-audit/1", "kind": "baseline",
         "created_utc": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         "tool": {"name": "keyshard", "version": __version__}, "libraries": library_versions(),
-        "checkpoint": {"path": str(ckpt_path), "sha256": file_sha256(Path(ckpt_path)), "epoch": state["epoch"] + 1,
+        "checkpoint": {"path": str(ckpt_path), "sha256": sha256_file(Path(ckpt_path)), "epoch": state["epoch"] + 1,
                        "model": state["model_name"], "model_block_size": state.get("model_block_size"),
                        "data": state["data"]},
         "key": None,
@@ -147,7 +139,7 @@ def run_audit(ckpt_path: str, key_path: str, test_dir: str, n_wrong: int = 100, 
         "format": "keyshard-audit/1", "kind": "key",
         "created_utc": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         "tool": {"name": "keyshard", "version": __version__}, "libraries": library_versions(),
-        "checkpoint": {"path": str(ckpt_path), "sha256": file_sha256(Path(ckpt_path)), "epoch": state["epoch"] + 1,
+        "checkpoint": {"path": str(ckpt_path), "sha256": sha256_file(Path(ckpt_path)), "epoch": state["epoch"] + 1,
                        "model": state["model_name"], "data": state["data"]},
         "key": {"fingerprint": key.fingerprint, "method": key.method, "block_size": key.block_size,
                 "derivation": key.derivation, "fingerprint_check": status},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -36,3 +37,12 @@ def write_atomic(path: Path, data: bytes, tmp_dir: Path | None = None, durable: 
 
 def write_json_atomic(path: Path, doc, tmp_dir: Path | None = None, durable: bool = True) -> None:
     write_atomic(path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode(), tmp_dir, durable)
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha.update(chunk)
+    return sha.hexdigest()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from keyshard import __version__, shardformat
 from keyshard.errors import KeyshardError
-from keyshard.fsutil import fsync_path, write_json_atomic
+from keyshard.fsutil import fsync_path, sha256_file, write_json_atomic
 from keyshard.keys import Key, KeyMaterial
 from keyshard.transforms import check_divisible, compile_plan
 from keyshard.pipeline import manifest as manifest_mod
@@ -200,11 +200,7 @@ def finished_record(out: Path, partial: Path, name: str) -> dict | None:
         shard = out / name
         if shard.stat().st_size != record["bytes"]:
             return None
-        sha = hashlib.sha256()
-        with open(shard, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                sha.update(chunk)
-        return record if sha.hexdigest() == record["sha256"] else None
+        return record if sha256_file(shard) == record["sha256"] else None
     except (OSError, ValueError, KeyError):
         return None
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from keyshard import __version__
 from keyshard.errors import KeyshardError
-from keyshard.fsutil import write_json_atomic
+from keyshard.fsutil import sha256_file, write_json_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "keyshard-manifest/1"
@@ -133,14 +133,10 @@ def verify(directory: str | Path, progress: bool = True) -> list[str]:
         if not path.is_file():
             problems.append(f"{path}: missing")
             continue
-        sha = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                sha.update(chunk)
         size = path.stat().st_size
         if size != shard["bytes"]:
             problems.append(f"{path}: {size} bytes, manifest says {shard['bytes']}")
-        if sha.hexdigest() != shard["sha256"]:
+        if sha256_file(path) != shard["sha256"]:
             problems.append(f"{path}: sha256 differs from the manifest")
             continue
         try:

@@ -87,7 +87,8 @@ def protect(ckpt, key_file, output):
     from pathlib import Path
 
     from keyshard import keys
-    from keyshard.evaluate.audit import file_sha256, load_model
+    from keyshard.evaluate.audit import load_model
+    from keyshard.fsutil import sha256_file
     from keyshard.train import checkpoint as ckpt_mod
     from keyshard.train.protect import protect_model
 
@@ -106,7 +107,7 @@ def protect(ckpt, key_file, output):
             "pixel_divisor": key.material.divisor}
     protected = {k: v for k, v in state.items() if k not in ("format", "optimizer", "scheduler", "rng")}
     protected.update(model=model.state_dict(), data=data,
-                     protected_from={"path": str(ckpt), "sha256": file_sha256(Path(ckpt))})
+                     protected_from={"path": str(ckpt), "sha256": sha256_file(Path(ckpt))})
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
