@@ -97,8 +97,6 @@ def encrypt(voc, key_file, plain, output, splits, size, shard_size, jobs, backen
     if plain == bool(key_file):
         raise KeyshardError("give exactly one of --key KEY_FILE or --plain")
     key = keys.load(key_file) if key_file else None
-    if key is not None and size % key.block_size:
-        raise KeyshardError(f"{key_file}: block size {key.block_size} does not divide --size {size}")
     options = encrypt_job.EncryptOptions(size=size, splits=splits, shard_size=shard_size,
                                          augment_copies=augment_copies, augment_seed=augment_seed,
                                          crop_scale=crop_scale, split_seed=split_seed, holdout=holdout,

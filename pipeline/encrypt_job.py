@@ -25,7 +25,7 @@ from keyshard import __version__, shardformat
 from keyshard.errors import KeyshardError
 from keyshard.fsutil import fsync_path, sha256_file, write_json_atomic
 from keyshard.keys import Key, KeyMaterial
-from keyshard.transforms import check_divisible, compile_plan
+from keyshard.transforms import compile_plan
 from keyshard.pipeline import manifest as manifest_mod
 from keyshard.pipeline.samples import BadSample, prepare, replica_seed
 from keyshard.pipeline.splits import SPLITS, split_ids
@@ -215,8 +215,8 @@ def run(voc: str, out: str, key: Key | None, options: EncryptOptions, jobs: int 
     from joblib import Parallel, delayed, parallel_config
     from tqdm import tqdm
 
-    if key is not None:
-        check_divisible(options.size, options.size, key.block_size, what=f"--size {options.size} image")
+    if key is not None and options.size % key.block_size:
+        raise KeyshardError(f"{key.path or 'key'}: block size {key.block_size} does not divide --size {options.size}")
     source = VocSource.open(voc)
     tasks, counts = plan_tasks(source, options)
     out_path = Path(out)
