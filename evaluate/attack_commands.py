@@ -31,14 +31,12 @@ def known_plaintext(plain_dir, enc_dir, output, true_key):
     """
     from keyshard import keys
     from keyshard.evaluate.known_plaintext import attack as run_attack
-    from keyshard.evaluate.known_plaintext import matched_pairs, recover_material
 
-    key, report = run_attack(plain_dir, enc_dir)
+    key, report, determined = run_attack(plain_dir, enc_dir)
     keys.save(key, output)
     if true_key:
         truth = keys.load(true_key).material
-        _, pairs = matched_pairs(plain_dir, enc_dir)
-        material, _, determined = recover_material(key.method, key.block_size, pairs)
+        material = key.material
         if key.method == "shf":
             report["true_key_equal_where_determined"] = bool(np.array_equal(material.perm[determined], truth.perm[determined]))
         else:

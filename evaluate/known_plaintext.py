@@ -116,12 +116,13 @@ def reproduces(material: KeyMaterial, pairs: list) -> int:
     return sum(bool(np.array_equal(plan.encrypt(p), e)) for _, p, e in pairs)
 
 
-def attack(plain_dir, enc_dir) -> tuple[keys.Key, dict]:
+def attack(plain_dir, enc_dir) -> tuple[keys.Key, dict, np.ndarray]:
+    """The recovered explicit key, a report, and what the pairs used determine (see recover_material)."""
     enc_doc, pairs = matched_pairs(plain_dir, enc_dir)
     method, m = enc_doc["encryption"]["method"], enc_doc["encryption"]["block_size"]
     needed, k = None, 1
     while True:  # double the prefix until its key reproduces every pair
-        material, info, _ = recover_material(method, m, pairs[:k])
+        material, info, determined = recover_material(method, m, pairs[:k])
         if reproduces(material, pairs) == len(pairs):
             needed = k
             break
@@ -132,12 +133,12 @@ def attack(plain_dir, enc_dir) -> tuple[keys.Key, dict]:
         raise KeyshardError(f"{enc_dir}: no key of method {method} M={m} reproduces these pairs")
     lo = needed // 2 + 1 if needed > 1 else 1
     for j in range(lo, needed):  # the smallest prefix that works
-        candidate, cinfo, _ = recover_material(method, m, pairs[:j])
+        candidate, cinfo, cdetermined = recover_material(method, m, pairs[:j])
         if reproduces(candidate, pairs) == len(pairs):
-            material, info, needed = candidate, cinfo, j
+            material, info, determined, needed = candidate, cinfo, cdetermined, j
             break
     key = keys.Key(method=method, block_size=m, secret=secrets.token_bytes(32), explicit=material)
     report = {"method": method, "block_size": m, "pairs_available": len(pairs), "pairs_needed": needed,
               "reproduced": len(pairs), "encrypted_key_fingerprint": enc_doc["encryption"]["key_fingerprint"],
               "recovered_key_fingerprint": key.fingerprint, **info}
-    return key, report
+    return key, report, determined

@@ -87,7 +87,7 @@ def demo(workdir, images, size, method, block_size, epochs, wrong_keys, jobs):
                       near_miss=near, near_miss_count=3)
     audit_paths = write_audit(audit, run_dir / "audit")
     click.echo("[7/8] known-plaintext attack: plain and keyed holdout shards of the same ids")
-    recovered, kpa = known_plaintext.attack(plain_dir, enc_dir)
+    recovered, kpa, _ = known_plaintext.attack(plain_dir, enc_dir)
     keys.save(recovered, work / "recovered-key.json")
     model, _ = load_model(str(run_dir / "best.pt"), "cpu")
     test_plan = epoch_plan(str(plain_dir), load(plain_dir), "test", 0, seed=0, shuffle=False)
