@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 import numpy as np
@@ -87,6 +88,8 @@ def search_command(ckpt, labelled_dir, labelled_split, n_labelled, test_dir, tru
     from keyshard.train.data import epoch_plan, iterate_batches
     from keyshard.transforms import compile_plan
 
+    if out_path and Path(out_path).exists():  # before the search, not after minutes of it
+        raise KeyshardError(f"{out_path}: already exists; refusing to overwrite")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, state = load_model(ckpt, device)
     data = state["data"]
@@ -108,12 +111,8 @@ def search_command(ckpt, labelled_dir, labelled_split, n_labelled, test_dir, tru
             raise KeyshardError("FFX search needs the password the attacker knows: --ffx-password (or --key)")
         table = keys.ffx_table(ffx_password.encode()) if ffx_password else truth.material.table
     plan = epoch_plan(labelled_dir, labelled_doc, labelled_split, 0, seed=0, shuffle=False)
-    pixels, masks = [], []
-    for px, mk, _, _ in iterate_batches(plan, n_labelled, 0, 0):
-        pixels.append(px)
-        masks.append(mk)
-        break
-    objective = Objective(model, pixels[0][:n_labelled], masks[0][:n_labelled], device)
+    pixels, masks, _, _ = next(iter(iterate_batches(plan, n_labelled, 0, 0)))  # the first N labelled images
+    objective = Objective(model, pixels, masks, device)
     # a random start with the model's derivation rule (wrong_keys draws exactly those)
     template = truth or keys.Key(method, m, b"\0" * 32,
                                  reference_seed=0 if str(data["key_derivation"]).startswith("reference") else None,
@@ -143,10 +142,6 @@ def search_command(ckpt, labelled_dir, labelled_split, n_labelled, test_dir, tru
         report["true_key_found"] = any(mat.equals(correct) for _, mat in best)
     text = json.dumps(report, indent=2)
     if out_path:
-        from pathlib import Path
-
-        if Path(out_path).exists():
-            raise KeyshardError(f"{out_path}: already exists; refusing to overwrite")
         Path(out_path).write_text(text + "\n")
     click.echo(text)
 
@@ -167,8 +162,6 @@ def finetune_command(ckpt, train_dir, test_dir, fraction, epochs, lr, batch_size
     A stolen model that beats scratch training by a wide margin (> 0.1 mIoU) leaks what it
     learned: the key does not protect it in that setting.
     """
-    from pathlib import Path
-
     from keyshard.evaluate.finetune_attack import parse_fractions, run
 
     if out_path and Path(out_path).exists():
