@@ -30,7 +30,7 @@ def main():
     from keyshard.evaluate.key_search import Objective, exhaustive, hill_climb
     from keyshard.evaluate.metrics import Confusion
     from keyshard.train.models import build_model
-    from keyshard.transforms import compile_plan, model_input
+    from keyshard.transforms import compile_plan, normalize_pixels
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -62,7 +62,7 @@ def main():
         with torch.no_grad():
             for _ in range(3):
                 for p in plans:
-                    conf.update(model(model_input(p.encrypt(batch), 255))["out"].argmax(1), masks.to(device))
+                    conf.update(model(normalize_pixels(p.encrypt(batch), 255))["out"].argmax(1), masks.to(device))
         rows.append((f"audit, {n_keys} key(s) per decoded batch", 3 * n_keys * len(batch) / (time.perf_counter() - t),
                      "image-forwards/s"))
 

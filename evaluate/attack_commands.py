@@ -81,11 +81,10 @@ def search_command(ckpt, labelled_dir, labelled_split, n_labelled, test_dir, tru
 
     from keyshard import keys
     from keyshard.evaluate import wrong_keys
-    from keyshard.evaluate.audit import load_model, score_on_split
+    from keyshard.evaluate.audit import load_model, score_on_split, test_batches
     from keyshard.evaluate.key_search import Objective, search
     from keyshard.evaluate.near_miss import distance
     from keyshard.pipeline.manifest import load as load_manifest
-    from keyshard.train.data import epoch_plan, iterate_batches
     from keyshard.transforms import compile_plan
 
     if out_path and Path(out_path).exists():  # before the search, not after minutes of it
@@ -110,8 +109,8 @@ def search_command(ckpt, labelled_dir, labelled_split, n_labelled, test_dir, tru
         if ffx_password is None and truth is None:
             raise KeyshardError("FFX search needs the password the attacker knows: --ffx-password (or --key)")
         table = keys.ffx_table(ffx_password.encode()) if ffx_password else truth.material.table
-    plan = epoch_plan(labelled_dir, labelled_doc, labelled_split, 0, seed=0, shuffle=False)
-    pixels, masks, _, _ = next(iter(iterate_batches(plan, n_labelled, 0, 0)))  # the first N labelled images
+    # the first N labelled images
+    pixels, masks, _, _ = next(iter(test_batches(labelled_dir, labelled_doc, n_labelled, split=labelled_split)))
     objective = Objective(model, pixels, masks, device)
     # a random start with the model's derivation rule (wrong_keys draws exactly those)
     template = truth or keys.Key(method, m, b"\0" * 32,
@@ -125,10 +124,9 @@ def search_command(ckpt, labelled_dir, labelled_split, n_labelled, test_dir, tru
                           seed, progress=bar.update)
     bar.close()
     best = ranked[:top]
-    test_plan = epoch_plan(test_dir, test_doc, "test", 0, seed=0, shuffle=False)
     size = data["image_size"]
     scores = score_on_split(model, [(compile_plan(mat, size, size).to_torch(device), mat.divisor) for _, mat in best],
-                            test_plan, device, progress=False)
+                            test_dir, test_doc, device, progress=False)
     report = {"mode": mode, "method": method, "block_size": m, "labelled_images": int(objective.pixels.shape[0]),
               "evaluations": objective.evaluations,
               "best": [{"labelled_loss": round(loss, 6), "test_miou": s["miou"]} for (loss, _), s in zip(best, scores)]}

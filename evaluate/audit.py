@@ -21,9 +21,9 @@ from keyshard.evaluate.near_miss import near_miss_keys
 from keyshard.pipeline.manifest import library_versions
 from keyshard.pipeline.manifest import load as load_manifest
 from keyshard.train import checkpoint
-from keyshard.train.data import epoch_plan, iterate_batches
+from keyshard.train.data import epoch_plan, open_shards
 from keyshard.train.models import build_model
-from keyshard.transforms import compile_plan, model_input
+from keyshard.transforms import compile_plan, normalize_pixels
 
 
 def load_model(ckpt_path: str, device) -> tuple[torch.nn.Module, dict]:
@@ -59,8 +59,14 @@ def check_inputs(state: dict, key: keys.Key, test_manifest: dict, ckpt_path, key
     return "overridden (--ignore-fingerprint)"
 
 
-def score_on_split(model, configs: list, plan, device, batch_size: int = 32, workers: int = 0,
-                   progress: bool = True, desc: str = "score") -> list[dict]:
+def test_batches(source, manifest: dict, batch_size: int = 32, workers: int = 0, split: str = "test"):
+    """One pass over a split in manifest order (no shuffling, one rank), streamed and verified."""
+    return open_shards(source, split, batch_size=batch_size, workers=workers, shuffle=False, rank=0, world=1,
+                       manifest=manifest)
+
+
+def score_on_split(model, configs: list, source, manifest: dict, device, batch_size: int = 32, workers: int = 0,
+                   progress: bool = True, desc: str = "score", split: str = "test") -> list[dict]:
     """Scores of (torch plan or None for plain images, pixel divisor) configs on one split.
 
     Each batch is read and decoded once; every config is applied to it on the device.
@@ -68,14 +74,15 @@ def score_on_split(model, configs: list, plan, device, batch_size: int = 32, wor
     from tqdm import tqdm
 
     confusions = [Confusion(device) for _ in configs]
-    bar = tqdm(total=plan.samples * len(configs), unit="img", desc=desc, disable=not progress,
+    batches = test_batches(source, manifest, batch_size, workers, split)
+    bar = tqdm(total=batches.plan.samples * len(configs), unit="img", desc=desc, disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     with torch.no_grad():
-        for pixels, masks, _, _ in iterate_batches(plan, batch_size, 0, 0, workers=workers):
+        for pixels, masks, _, _ in batches:
             pixels, masks = pixels.to(device), masks.to(device)
             for (tplan, divisor), conf in zip(configs, confusions):
                 x = tplan.encrypt(pixels) if tplan is not None else pixels
-                conf.update(model(model_input(x, divisor))["out"].argmax(1), masks)
+                conf.update(model(normalize_pixels(x, divisor))["out"].argmax(1), masks)
             bar.update(len(pixels) * len(configs))
     bar.close()
     return [c.scores() for c in confusions]
@@ -89,8 +96,8 @@ def run_baseline(ckpt_path: str, test_dir: str, batch_size: int = 32, workers: i
     manifest = load_manifest(test_dir)
     if not manifest["encryption"]["plain"] or "test" not in manifest["splits"]["counts"]:
         raise KeyshardError(f"{test_dir}: needs plain shards with a test split")
-    plan = epoch_plan(test_dir, manifest, "test", 0, seed=0, shuffle=False)
-    scores = score_on_split(model, [(None, 255)], plan, device, batch_size, workers, progress, desc="baseline")
+    scores = score_on_split(model, [(None, 255)], test_dir, manifest, device, batch_size, workers, progress,
+                            desc="baseline")
     return {
         "format": "keyshard-audit/1", "kind": "baseline",
         "created_utc": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
@@ -99,7 +106,7 @@ def run_baseline(ckpt_path: str, test_dir: str, batch_size: int = 32, workers: i
                        "model": state["model_name"], "model_block_size": state.get("model_block_size"),
                        "data": state["data"]},
         "key": None,
-        "test": {"path": str(test_dir), "images": plan.samples,
+        "test": {"path": str(test_dir), "images": epoch_plan(test_dir, manifest, "test", 0, 0, shuffle=False).samples,
                  "source_content_sha256": manifest["source"]["content_sha256"]},
         "device": str(device), "results": {"plain": scores[0]},
     }
@@ -126,9 +133,8 @@ def run_audit(ckpt_path: str, key_path: str, test_dir: str, n_wrong: int = 100, 
     for d, k in near:
         configs.append((f"near-{d}", k.fingerprint, compile_plan(k.material, size, size).to_torch(device),
                         k.material.divisor))
-    plan = epoch_plan(test_dir, manifest, "test", 0, seed=0, shuffle=False)
-    scores = score_on_split(model, [(tp, div) for _, _, tp, div in configs], plan, device, batch_size, workers,
-                            progress, desc=f"audit ({len(configs)} keys)")
+    scores = score_on_split(model, [(tp, div) for _, _, tp, div in configs], test_dir, manifest, device,
+                            batch_size, workers, progress, desc=f"audit ({len(configs)} keys)")
     wrong_scores = [{"fingerprint": fp, "miou": s["miou"], "pixel_acc": s["pixel_acc"]}
                     for (_, fp, _, _), s in zip(configs[2:2 + len(wrong)], scores[2:2 + len(wrong)])]
     near_scores = {}
@@ -143,7 +149,7 @@ def run_audit(ckpt_path: str, key_path: str, test_dir: str, n_wrong: int = 100, 
                        "model": state["model_name"], "data": state["data"]},
         "key": {"fingerprint": key.fingerprint, "method": key.method, "block_size": key.block_size,
                 "derivation": key.derivation, "fingerprint_check": status},
-        "test": {"path": str(test_dir), "images": plan.samples,
+        "test": {"path": str(test_dir), "images": epoch_plan(test_dir, manifest, "test", 0, 0, shuffle=False).samples,
                  "source_content_sha256": manifest["source"]["content_sha256"]},
         "device": str(device),
         "wrong_keys": {"count": len(wrong), "seed": seed, "randomize_password": randomize_password,

@@ -15,12 +15,13 @@ import math
 import torch
 
 from keyshard.errors import KeyshardError
-from keyshard.evaluate.audit import score_on_split
+from keyshard.evaluate.audit import score_on_split, test_batches
 from keyshard.pipeline.manifest import load as load_manifest
-from keyshard.train.data import epoch_plan, iterate_batches
+from keyshard.shardformat import VOID
+from keyshard.train.data import epoch_plan
 from keyshard.train.loop import segmentation_loss
 from keyshard.train.models import build_model
-from keyshard.transforms import model_input
+from keyshard.transforms import normalize_pixels
 
 
 def load_subset(shard_dir, fraction: float, seed: int):
@@ -28,9 +29,8 @@ def load_subset(shard_dir, fraction: float, seed: int):
     manifest = load_manifest(shard_dir)
     if not manifest["encryption"]["plain"]:
         raise KeyshardError(f"{shard_dir}: must hold plain shards (the attacker's labelled plain data)")
-    plan = epoch_plan(shard_dir, manifest, "train", 0, seed=0, shuffle=False)
-    samples = [(k, px, mk) for pxs, mks, ks, _ in iterate_batches(plan, 64, 0, 0)
-               for k, px, mk in zip(ks, pxs, mks)]
+    samples = [(k, px, mk) for pxs, mks, ks, _ in test_batches(shard_dir, manifest, 64, split="train")
+               for k, px, mk in zip(ks, pxs, mks.long())]
     samples.sort(key=lambda s: hashlib.sha256(f"{seed}|{s[0]}".encode()).digest())
     n = max(1, round(fraction * len(samples)))
     chosen = samples[:n]
@@ -47,8 +47,8 @@ def fit(model, pixels, masks, epochs: int, lr: float, batch: int, seed: int, dev
         for i in range(0, len(order), batch):
             idx = order[i:i + batch]
             m = masks[idx].to(device)
-            out = model(model_input(pixels[idx].to(device), 255))
-            loss = segmentation_loss(out, m, 0.0) / max(int((m != 255).sum()), 1)
+            out = model(normalize_pixels(pixels[idx].to(device), 255))
+            loss = segmentation_loss(out, m, 0.0) / max(int((m != VOID).sum()), 1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -64,8 +64,7 @@ def run(ckpt_path: str, train_dir: str, test_dir: str, fractions: list[float], e
     test_doc = load_manifest(test_dir)
     if not test_doc["encryption"]["plain"]:
         raise KeyshardError(f"{test_dir}: test shards must be plain")
-    test_plan = epoch_plan(test_dir, test_doc, "test", 0, seed=0, shuffle=False)
-    before = score_on_split(stolen, [(None, 255)], test_plan, device, progress=False)[0]["miou"]
+    before = score_on_split(stolen, [(None, 255)], test_dir, test_doc, device, progress=False)[0]["miou"]
     rows = []
     for fraction in fractions:
         pixels, masks = load_subset(train_dir, fraction, seed)
@@ -74,7 +73,7 @@ def run(ckpt_path: str, train_dir: str, test_dir: str, fractions: list[float], e
         torch.manual_seed(seed)
         scratch = build_model(state["model_name"], block_size=state.get("model_block_size")).to(device)
         fit(scratch, pixels, masks, epochs, lr, batch, seed, device)
-        ft, sc = (score_on_split(m, [(None, 255)], test_plan, device, progress=False)[0]["miou"]
+        ft, sc = (score_on_split(m, [(None, 255)], test_dir, test_doc, device, progress=False)[0]["miou"]
                   for m in (finetuned, scratch))
         rows.append({"fraction": fraction, "images": len(pixels), "finetuned_miou": ft, "scratch_miou": sc,
                      "head_start": ft - sc, "weak": ft - sc > 0.1})
@@ -82,7 +81,7 @@ def run(ckpt_path: str, train_dir: str, test_dir: str, fractions: list[float], e
             print(f"fraction {fraction:g} ({len(pixels)} images): fine-tuned stolen model {ft:.4f} mIoU, "
                   f"from scratch {sc:.4f}", flush=True)
     return {"checkpoint": str(ckpt_path), "plain_miou_before": before, "epochs": epochs, "lr": lr,
-            "rows": rows, "test_images": test_plan.samples}
+            "rows": rows, "test_images": epoch_plan(test_dir, test_doc, "test", 0, 0, shuffle=False).samples}
 
 
 def parse_fractions(text: str) -> list[float]:

@@ -19,7 +19,8 @@ from torch.nn import functional as F
 
 from keyshard.errors import KeyshardError
 from keyshard.keys import KeyMaterial
-from keyshard.transforms import compile_plan, model_input
+from keyshard.shardformat import VOID
+from keyshard.transforms import compile_plan, normalize_pixels
 
 
 class Objective:
@@ -27,16 +28,16 @@ class Objective:
 
     def __init__(self, model, pixels: torch.Tensor, masks: torch.Tensor, device):
         self.model, self.device = model, device
-        self.pixels, self.masks = pixels.to(device), masks.to(device)
+        self.pixels, self.masks = pixels.to(device), masks.to(device).long()
         self.evaluations = 0
 
     @torch.no_grad()
     def __call__(self, material: KeyMaterial) -> float:
         h, w = self.pixels.shape[1:3]
         plan = compile_plan(material, h, w).to_torch(self.device)
-        logits = self.model(model_input(plan.encrypt(self.pixels), material.divisor))["out"]
+        logits = self.model(normalize_pixels(plan.encrypt(self.pixels), material.divisor))["out"]
         self.evaluations += 1
-        return float(F.cross_entropy(logits.float(), self.masks, ignore_index=255))
+        return float(F.cross_entropy(logits.float(), self.masks, ignore_index=VOID))
 
 
 def mask_size(n: int, derivation: str) -> int:

@@ -21,24 +21,24 @@ recovered key re-encrypts *every* pair exactly.
 from __future__ import annotations
 
 import secrets
-from pathlib import Path
 
 import numpy as np
 
-from keyshard import keys
+from keyshard import keys, sources
 from keyshard.errors import KeyshardError
 from keyshard.keys import CHANNELS, KeyMaterial
 from keyshard.pipeline.manifest import load as load_manifest
-from keyshard.shardformat import decode_npy, iter_tar_samples
+from keyshard.shardformat import decode_npy, stream_shard
 from keyshard.transforms import compile_plan
 
 _P = np.uint64(1099511628211)  # FNV prime: multiplier of the per-position rolling hash
 
 
-def read_pixels(shard_dir: Path, manifest: dict) -> dict[str, np.ndarray]:
+def read_pixels(source, manifest: dict) -> dict[str, np.ndarray]:
+    """Every sample's pixels by key, each shard streamed (local or URL) and checked."""
     out = {}
     for shard in manifest["shards"]:
-        for key, files in iter_tar_samples(Path(shard_dir) / shard["file"]):
+        for key, files in stream_shard(sources.join(source, shard["file"]), shard):
             out[key] = decode_npy(files["img.npy"])
     return out
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-NUM_CLASSES = 21
-VOID = 255
+from keyshard.shardformat import NUM_CLASSES, VOID
 
 
 class Confusion:

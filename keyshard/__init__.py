@@ -1,3 +1,38 @@
-"""keyshard: block-wise secret-key encryption of segmentation datasets into WebDataset shards."""
+"""keyshard: block-wise secret-key encryption of segmentation datasets into WebDataset shards.
+
+The public Python API is exported lazily (PEP 562): ``import keyshard`` loads no torch or
+webdataset; each name imports its module on first use.
+
+* ``read_manifest(source)`` — manifest.json of a shard directory or URL base, schema-checked.
+* ``open_shards(source, split, *, batch_size, ...)`` — one rank's batches
+  ``(pixels, targets, ids, n_padding)``; the loader ``keyshard train`` uses.
+* ``model_input(pixels, manifest, device)`` — stored pixels → normalised float NCHW on the device.
+* ``load_key(path)``, ``encrypt_image(array, key)``, ``decrypt_image(array, key)``.
+"""
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "read_manifest": ("keyshard.pipeline.manifest", "load"),
+    "open_shards": ("keyshard.train.data", "open_shards"),
+    "model_input": ("keyshard.train.data", "model_input"),
+    "load_key": ("keyshard.keys", "load"),
+    "encrypt_image": ("keyshard.transforms", "encrypt_image"),
+    "decrypt_image": ("keyshard.transforms", "decrypt_image"),
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'keyshard' has no attribute {name!r}")
+    import importlib
+
+    module, attr = _EXPORTS[name]
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

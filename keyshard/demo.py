@@ -41,7 +41,6 @@ def demo(workdir, images, size, method, block_size, epochs, wrong_keys, jobs):
     from keyshard.evaluate import known_plaintext
     from keyshard.evaluate.audit import load_model, run_audit, score_on_split
     from keyshard.evaluate.near_miss import max_distance
-    from keyshard.train.data import epoch_plan
     from keyshard.evaluate.report import markdown, table, write_audit
     from keyshard.pipeline import encrypt_job
     from keyshard.pipeline.manifest import load, verify
@@ -90,9 +89,9 @@ def demo(workdir, images, size, method, block_size, epochs, wrong_keys, jobs):
     recovered, kpa, _ = known_plaintext.attack(plain_dir, enc_dir)
     keys.save(recovered, work / "recovered-key.json")
     model, _ = load_model(str(run_dir / "best.pt"), "cpu")
-    test_plan = epoch_plan(str(plain_dir), load(plain_dir), "test", 0, seed=0, shuffle=False)
     recovered_miou = score_on_split(model, [(compile_plan(recovered.material, size, size).to_torch("cpu"),
-                                             recovered.material.divisor)], test_plan, "cpu", progress=False)[0]["miou"]
+                                             recovered.material.divisor)], str(plain_dir), load(plain_dir), "cpu",
+                                    progress=False)[0]["miou"]
     click.echo("[8/8] report")
     md, csv_text = table([audit])
     (work / "report.md").write_text(md)

@@ -17,7 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from keyshard.errors import KeyshardError
 
+
+NUM_CLASSES = 21  # VOC: background + 20 object classes
+VOID = 255  # label of unlabelled pixels (object borders) in masks; ignored by losses and metrics
 MTIME = 0  # fixed member mtime: shards must not depend on when they were written
 PNG_LEVEL = 1  # label maps are flat regions: level 1 is ~2x faster than 6 and nearly as small
 
@@ -113,9 +117,20 @@ class ShardWriter:
         return ShardStats(self.samples, self._hf.size, self._hf.sha.hexdigest())
 
 
-def iter_tar_samples(path):
-    """Group a shard's members into samples with plain ``tarfile`` (no webdataset needed)."""
-    with tarfile.open(path, "r:") as tf:
+TAR_READ_CHUNK = 1 << 20  # read shards in 1 MiB pieces (tarfile's default is 10 KB)
+
+
+def iter_tar_samples(fileobj):
+    """Group a shard's members into (key, {ext: bytes}) samples, reading front to back.
+
+    ``fileobj`` is a path or anything with ``read`` (a remote stream); plain ``tarfile`` in
+    stream mode, so no seeking and no webdataset needed.
+    """
+    if isinstance(fileobj, (str, bytes)) or hasattr(fileobj, "__fspath__"):
+        with open(fileobj, "rb") as f:
+            yield from iter_tar_samples(f)
+        return
+    with tarfile.open(fileobj=fileobj, mode="r|", bufsize=TAR_READ_CHUNK) as tf:
         current, key = {}, None
         for member in tf:
             if not member.isfile():
@@ -128,3 +143,30 @@ def iter_tar_samples(path):
             current[ext] = tf.extractfile(member).read()
         if key is not None:
             yield key, current
+
+
+def stream_shard(location: str, expected: dict | None = None, verify: bool = True):
+    """Yield one shard's samples from a path or URL; at its end check the manifest's record.
+
+    ``expected`` is the shard's manifest entry (``samples``, ``bytes``, ``sha256``).  With
+    ``verify`` the bytes are hashed while they stream and compared at the shard's end; the
+    sample count is always compared.  Any problem is one ``KeyshardError`` naming the shard.
+    """
+    from keyshard.sources import Stream
+
+    with Stream(location, hash_bytes=verify and expected is not None) as stream:
+        count = 0
+        try:
+            for sample in iter_tar_samples(stream):
+                count += 1
+                yield sample
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise KeyshardError(f"{location}: not a readable shard ({exc}); run `keyshard verify`") from None
+        size, sha = stream.finish()
+    if expected is None:
+        return
+    if sha is not None and (size != expected["bytes"] or sha != expected["sha256"]):
+        raise KeyshardError(f"{location}: corrupt — its bytes differ from the manifest's sha256 "
+                            f"({size} bytes read, manifest says {expected['bytes']})")
+    if count != expected["samples"]:
+        raise KeyshardError(f"{location}: {count} samples, manifest says {expected['samples']}")

@@ -189,7 +189,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def model_input(pixels, divisor: int):
+def normalize_pixels(pixels, divisor: int):
     """(B, H, W, 3) integer tensor → normalised float (B, 3, H, W) model input.
 
     ``x = v / divisor`` (255, or max(table) for FFX), then ImageNet mean/std — normalisation
@@ -202,3 +202,26 @@ def model_input(pixels, divisor: int):
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return x.sub_(mean).div_(std)
+
+
+def encrypt_image(array: np.ndarray, key) -> np.ndarray:
+    """One-off: encrypt an H×W×3 (or N×H×W×3) uint8 array with a key (a ``Key`` or a key file).
+
+    Compiles the key for the array's size on every call; loops should compile once
+    (``compile_plan``) and reuse the plan.
+    """
+    return _plan_for(array, key).encrypt(np.asarray(array))
+
+
+def decrypt_image(array: np.ndarray, key) -> np.ndarray:
+    """One-off: the exact inverse of ``encrypt_image``."""
+    return _plan_for(array, key).decrypt(np.asarray(array))
+
+
+def _plan_for(array, key) -> Plan:
+    from keyshard import keys
+
+    material = (key if isinstance(key, keys.Key) else keys.load(key)).material
+    if np.ndim(array) < 3:
+        raise KeyshardError(f"expected an H×W×3 image array, got shape {np.shape(array)}")
+    return compile_plan(material, np.shape(array)[-3], np.shape(array)[-2])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from keyshard import keys
+from keyshard import keys, sources
 from keyshard.errors import KeyshardError
 from keyshard.pipeline.splits import SPLITS
 
@@ -141,7 +141,7 @@ def verify(shards, quiet):
 
     doc = load(shards)
     n = sum(s["samples"] for s in doc["shards"])
-    click.echo(f"OK: {len(doc['shards'])} shards, {n} samples match {Path(shards) / 'manifest.json'}")
+    click.echo(f"OK: {len(doc['shards'])} shards, {n} samples match {sources.join(shards, 'manifest.json')}")
 
 
 @click.command("decrypt")
@@ -154,7 +154,7 @@ def decrypt(shards, key_file, sample_key, output):
     from PIL import Image
 
     from keyshard.pipeline.manifest import load
-    from keyshard.shardformat import decode_npy, iter_tar_samples
+    from keyshard.shardformat import decode_npy, stream_shard
     from keyshard.transforms import compile_plan
 
     doc = load(shards)
@@ -167,7 +167,7 @@ def decrypt(shards, key_file, sample_key, output):
     if Path(output).exists():
         raise KeyshardError(f"{output}: already exists; refusing to overwrite")
     for shard in doc["shards"]:
-        for name, files in iter_tar_samples(Path(shards) / shard["file"]):
+        for name, files in stream_shard(sources.join(shards, shard["file"]), shard):
             if name == sample_key:
                 pixels = decode_npy(files["img.npy"])
                 plan = compile_plan(key.material, pixels.shape[0], pixels.shape[1])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from keyshard import __version__
 from keyshard.errors import KeyshardError
-from keyshard.fsutil import sha256_file, write_json_atomic
+from keyshard.fsutil import write_json_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "keyshard-manifest/1"
@@ -101,51 +101,52 @@ def write(out: Path, doc: dict) -> None:
     write_json_atomic(out / MANIFEST, doc, tmp_dir=out / ".keyshard-partial" / "tmp")
 
 
-def load(directory: str | Path) -> dict:
-    """Read and schema-check ``<directory>/manifest.json``; one clear error if it is not there."""
-    path = Path(directory) / MANIFEST
-    if not Path(directory).is_dir():
-        raise KeyshardError(f"{directory}: not a directory of shards")
-    if not path.exists():
-        raise KeyshardError(f"{path}: missing — the directory is not a finished keyshard dataset")
+def load_bytes(source: str | Path) -> tuple[dict, bytes]:
+    """Read and schema-check ``manifest.json`` of a shard directory or URL base; also its exact bytes
+    (what a signature covers).  One clear error if it is not there."""
+    from keyshard import sources
+
+    path = sources.join(source, MANIFEST)
+    if not sources.is_url(source):
+        if not Path(source).is_dir():
+            raise KeyshardError(f"{source}: not a directory of shards")
+        if not Path(path).exists():
+            raise KeyshardError(f"{path}: missing — the directory is not a finished keyshard dataset")
+    raw = sources.read_bytes(path)
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raise KeyshardError(f"{path}: unreadable or not JSON") from None
-    validate(doc, str(path))
-    return doc
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise KeyshardError(f"{path}: not JSON") from None
+    if not isinstance(doc, dict):
+        raise KeyshardError(f"{path}: not a JSON object")
+    validate(doc, path)
+    return doc, raw
 
 
-def verify(directory: str | Path, progress: bool = True) -> list[str]:
-    """Re-hash every shard and recount its samples; return one line per problem (empty = OK)."""
-    import tarfile
+def load(source: str | Path) -> dict:
+    """The manifest of a shard directory or URL base (``keyshard.read_manifest``)."""
+    return load_bytes(source)[0]
 
+
+def verify(source: str | Path, progress: bool = True) -> list[str]:
+    """Re-read every shard (local or remote), re-hash it and recount its samples against the
+    manifest; return one line per problem (empty = OK)."""
     from tqdm import tqdm
 
-    from keyshard.shardformat import iter_tar_samples
+    from keyshard import sources
+    from keyshard.shardformat import stream_shard
 
-    directory = Path(directory)
-    doc = load(directory)
+    doc = load(source)
     problems = []
-    listed = {s["file"] for s in doc["shards"]}
     for shard in tqdm(doc["shards"], desc="verify", unit="shard", disable=not progress):
-        path = directory / shard["file"]
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-            continue
-        size = path.stat().st_size
-        if size != shard["bytes"]:
-            problems.append(f"{path}: {size} bytes, manifest says {shard['bytes']}")
-        if sha256_file(path) != shard["sha256"]:
-            problems.append(f"{path}: sha256 differs from the manifest")
-            continue
+        location = sources.join(source, shard["file"])
         try:
-            count = sum(1 for _ in iter_tar_samples(path))
-        except (tarfile.TarError, OSError):
-            problems.append(f"{path}: not a readable tar")
-            continue
-        if count != shard["samples"]:
-            problems.append(f"{path}: {count} samples, manifest says {shard['samples']}")
-    for extra in sorted(p.name for p in directory.glob("*.tar") if p.name not in listed):
-        problems.append(f"{directory / extra}: shard not listed in the manifest")
+            for _ in stream_shard(location, shard, verify=True):
+                pass
+        except KeyshardError as exc:
+            problems.append(str(exc))
+    if not sources.is_url(source):
+        listed = {s["file"] for s in doc["shards"]}
+        for extra in sorted(p.name for p in Path(source).glob("*.tar") if p.name not in listed):
+            problems.append(f"{Path(source) / extra}: shard not listed in the manifest")
     return problems

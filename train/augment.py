@@ -18,20 +18,19 @@ Offline replicas (``encrypt --augment-copies``) remain the way to get resized cr
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from keyshard.keys import CHANNELS
 
 
-def block_hflip(pixels: torch.Tensor, mask: torch.Tensor, m: int):
+def block_hflip(pixels: np.ndarray, mask: np.ndarray, m: int):
     """Reverse the block columns of (H, W, 3) pixels and an (H, W) mask (a plain flip for M=1)."""
     h, w = mask.shape
-    px = pixels.reshape(h, w // m, m, CHANNELS).flip(1).reshape(h, w, CHANNELS)
-    mk = mask.reshape(h, w // m, m).flip(1).reshape(h, w)
+    px = pixels.reshape(h, w // m, m, CHANNELS)[:, ::-1].reshape(h, w, CHANNELS)
+    mk = mask.reshape(h, w // m, m)[:, ::-1].reshape(h, w)
     return px, mk
 
 
-def block_crop(pixels: torch.Tensor, mask: torch.Tensor, m: int, size: int, rng: np.random.Generator):
+def block_crop(pixels: np.ndarray, mask: np.ndarray, m: int, size: int, rng: np.random.Generator):
     """A size×size window at block-aligned offsets."""
     h, w = mask.shape
     top = int(rng.integers(0, (h - size) // m + 1)) * m
@@ -40,16 +39,22 @@ def block_crop(pixels: torch.Tensor, mask: torch.Tensor, m: int, size: int, rng:
 
 
 class KeySafeAugment:
-    """Picklable per-sample augmentation for the loader, seeded by (seed, epoch, sample key)."""
+    """Picklable per-sample augmentation for the loader (numpy, in its workers), seeded by
+    (seed, epoch, sample key); the loader calls ``set_epoch`` at the start of every epoch."""
 
-    def __init__(self, block_size: int, flip: bool, crop: int | None, seed: int, epoch: int):
+    def __init__(self, block_size: int, flip: bool, crop: int | None, seed: int, epoch: int = 0):
         self.m, self.flip, self.crop, self.seed, self.epoch = block_size, flip, crop, seed, epoch
 
-    def __call__(self, item):
-        pixels, mask, key = item
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def output_shape(self, shape):
+        return (self.crop, self.crop, shape[2]) if self.crop else shape
+
+    def __call__(self, pixels, mask, key):
         rng = np.random.default_rng([self.seed, self.epoch, *key.encode()])
         if self.crop:
             pixels, mask = block_crop(pixels, mask, self.m, self.crop, rng)
         if self.flip and rng.random() < 0.5:
             pixels, mask = block_hflip(pixels, mask, self.m)
-        return pixels.contiguous(), mask.contiguous(), key
+        return np.ascontiguousarray(pixels), np.ascontiguousarray(mask)

@@ -1,36 +1,43 @@
-"""Streaming keyed shards into training with ``webdataset`` — never extracting them.
+"""keyshard's one loader: stream keyed shards (local directory or URL) into batches.
 
-An epoch reads the shards of one split (for ``train``: one augmentation replica, ``epoch mod
-(R+1)``, so an epoch stays one pass over the image ids).  Shard order is shuffled from
-``(seed, epoch)``, shards are split across ranks (``wds.split_by_node``) and DataLoader workers
-(``wds.split_by_worker``), and samples pass through a seeded shuffle buffer.
+``open_shards`` is the public API (``keyshard.open_shards``) and what ``train``, ``evaluate`` and
+the attacks use.  An epoch reads the shards of one split (for ``train``: one augmentation
+replica, ``epoch mod (R+1)``, so an epoch stays one pass over the image ids).  Shard order is
+shuffled from ``(seed, epoch)``; rank r of W takes every W-th shard of that order and, inside
+it, DataLoader worker w of N every N-th (splitting is by shard, never extracting).  Samples pass
+through a seeded shuffle buffer, are decoded and **batched inside the workers** (one hand-off
+per batch, integer dtypes unchanged: uint8, or uint16 FFX codes), and the main process only
+re-joins the few partial batches at the ends of the workers' streams.
 
-Splitting is by shard, so ranks may get unequal sample counts; every rank can compute all ranks'
-counts from the manifest, so each one pads its stream to the largest count with *void* samples
-(mask all 255: they add no loss) and all ranks take the same number of steps — no DDP hang, no
-communication.  Padding is counted and reported.
+Ranks may get unequal sample counts; every rank computes all ranks' counts from the manifest
+and pads its stream with *void* samples (all pixels 0, every label the ignore index), so all
+ranks take exactly ``ceil(max count / batch_size)`` steps — no DDP hang, no communication.
+With ``verify_stream`` each shard's bytes are hashed while they stream (on a thread) and checked
+against the manifest at the shard's end.  Problems inside a worker reach the caller as the
+same one-line ``KeyshardError``, not DataLoader's wrapped traceback.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import webdataset as wds
 
+from keyshard import sources
 from keyshard.errors import KeyshardError
-from keyshard.shardformat import decode_mask, decode_npy
-
-VOID = 255
+from keyshard.shardformat import VOID, decode_mask, decode_npy, stream_shard
+from keyshard.transforms import normalize_pixels
 
 
 @dataclass(frozen=True)
 class EpochPlan:
     """Which shards one rank reads in one epoch, and how much padding evens the ranks out."""
 
-    urls: list[str]
+    locations: list[str]   # this rank's shards, in reading order
+    shards: list[dict]     # their manifest entries
     samples: int           # real samples this rank will read
     target: int            # samples every rank yields (real + padding)
 
@@ -50,9 +57,9 @@ def replicas(manifest: dict, split: str) -> int:
     return 1 + max((s["replica"] for s in manifest["shards"] if s["split"] == split), default=0)
 
 
-def epoch_plan(shard_dir: str | Path, manifest: dict, split: str, epoch: int, seed: int,
-               rank: int = 0, world: int = 1, shuffle: bool = True) -> EpochPlan:
-    """The rank's shard list for this epoch (same shuffled order on every rank) and its padding."""
+def epoch_plan(source, manifest: dict, split: str, epoch: int, seed: int, rank: int = 0, world: int = 1,
+               shuffle: bool = True) -> EpochPlan:
+    """The rank's shard list for this epoch (from one order all ranks agree on) and its padding."""
     replica = epoch % replicas(manifest, split) if split == "train" else 0
     shards = shards_for(manifest, split, replica)
     order = np.arange(len(shards))
@@ -60,62 +67,191 @@ def epoch_plan(shard_dir: str | Path, manifest: dict, split: str, epoch: int, se
         order = np.random.default_rng([seed, epoch, 7]).permutation(len(shards))
     ordered = [shards[i] for i in order]
     counts = [sum(s["samples"] for s in ordered[r::world]) for r in range(world)]
-    urls = [str(Path(shard_dir) / s["file"]) for s in ordered]
-    return EpochPlan(urls=urls, samples=counts[rank], target=max(counts))
+    mine = ordered[rank::world]
+    return EpochPlan(locations=[sources.join(source, s["file"]) for s in mine], shards=mine,
+                     samples=counts[rank], target=max(counts))
 
 
-def decode_sample(sample: dict) -> tuple[torch.Tensor, torch.Tensor, str]:
-    pixels = decode_npy(sample["img.npy"])
-    if pixels.dtype == np.uint16:
-        pixels = pixels.astype(np.int32)  # torch has no general uint16 arithmetic
-    mask = decode_mask(sample["mask.png"]).astype(np.int64)
-    return torch.from_numpy(pixels), torch.from_numpy(mask), sample["__key__"]
+@dataclass(frozen=True)
+class WorkerFailure:
+    """A KeyshardError raised in a worker, handed over as data so the caller sees its one line."""
+
+    message: str
 
 
-def shard_dataset(plan: EpochPlan, seed: int, epoch: int, shuffle_buffer: int, augment=None) -> wds.WebDataset:
-    """The rank's samples: split by node, then by worker, shuffled, decoded (and augmented)."""
-    ds = wds.WebDataset(plan.urls, shardshuffle=False, nodesplitter=wds.split_by_node,
-                        workersplitter=wds.split_by_worker, empty_check=False)
-    if shuffle_buffer > 1:
-        ds = ds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 64), seed=seed * 100003 + epoch)
-    ds = ds.map(decode_sample)
-    return ds.map(augment) if augment is not None else ds
+def _collate(samples):
+    keys, pixels, masks = zip(*samples)
+    return torch.from_numpy(np.stack(pixels)), torch.from_numpy(np.stack(masks)), list(keys)
 
 
-def iterate_batches(plan: EpochPlan, batch_size: int, seed: int, epoch: int, workers: int = 0,
-                    shuffle_buffer: int = 0, image_shape: tuple[int, int] | None = None, augment=None):
-    """Yield (pixels, masks, keys, n_padding) batches: the rank's samples then void padding.
+class _ShardStream(torch.utils.data.IterableDataset):
+    """What each DataLoader worker runs: its shards → shuffle → decode → augment → batches.
 
-    Every rank yields exactly ``ceil(plan.target / batch_size)`` batches.
+    The epoch lives in a shared-memory tensor so persistent workers follow ``set_epoch``.
     """
-    loader = torch.utils.data.DataLoader(shard_dataset(plan, seed, epoch, shuffle_buffer, augment),
-                                         batch_size=None, num_workers=workers,
-                                         persistent_workers=False)
-    buf_px, buf_mask, buf_keys = [], [], []
-    seen = 0
-    for pixels, mask, key in loader:
-        buf_px.append(pixels)
-        buf_mask.append(mask)
-        buf_keys.append(key)
-        seen += 1
-        if len(buf_px) == batch_size:
-            yield torch.stack(buf_px), torch.stack(buf_mask), buf_keys, 0
-            buf_px, buf_mask, buf_keys = [], [], []
-    if seen != plan.samples:
-        raise KeyshardError(f"read {seen} samples but the manifest lists {plan.samples} for this rank "
-                            "(shards changed? run `keyshard verify`)")
-    pad = plan.target - seen
-    if pad and not buf_px and image_shape is None:
-        raise KeyshardError("cannot pad an empty rank without knowing the image shape")
-    template = buf_px[0] if buf_px else None
-    n_pad_in_batch = 0
-    while pad > 0 or buf_px:
-        while pad > 0 and len(buf_px) < batch_size:
-            shape = template.shape if template is not None else (*image_shape, 3)
-            buf_px.append(torch.zeros(shape, dtype=template.dtype if template is not None else torch.uint8))
-            buf_mask.append(torch.full(shape[:2], VOID, dtype=torch.int64))
-            buf_keys.append("")
-            pad -= 1
-            n_pad_in_batch += 1
-        yield torch.stack(buf_px), torch.stack(buf_mask), buf_keys, n_pad_in_batch
-        buf_px, buf_mask, buf_keys, n_pad_in_batch = [], [], [], 0
+
+    def __init__(self, source, manifest, split, batch_size, seed, shuffle, shuffle_buffer, rank, world,
+                 augment, verify):
+        super().__init__()
+        self.source, self.manifest, self.split, self.batch_size = source, manifest, split, batch_size
+        self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
+        self.rank, self.world, self.augment, self.verify = rank, world, augment, verify
+        enc = manifest["encryption"]
+        self.dtype = np.dtype(enc.get("dtype", "uint8"))
+        self.shape = (manifest["image"]["height"], manifest["image"]["width"], 3)
+        self.epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    def plan(self) -> EpochPlan:
+        return epoch_plan(self.source, self.manifest, self.split, int(self.epoch[0]), self.seed,
+                          self.rank, self.world, self.shuffle)
+
+    def _raw(self, assigned):
+        for location, shard in assigned:
+            for key, files in stream_shard(location, shard, self.verify):
+                yield location, key, files
+
+    def _decode(self, item):
+        location, key, files = item
+        try:
+            pixels, mask = decode_npy(files["img.npy"]), decode_mask(files["mask.png"])
+        except (KeyError, ValueError, OSError, SyntaxError) as exc:
+            raise KeyshardError(f"{location}: sample {key} cannot be decoded ({exc})") from None
+        if pixels.shape != self.shape or pixels.dtype != self.dtype or mask.shape != self.shape[:2]:
+            raise KeyshardError(f"{location}: sample {key} is {pixels.dtype} {pixels.shape} with a "
+                                f"{mask.shape} mask; the manifest says {self.dtype} {self.shape}")
+        if self.augment is not None:
+            pixels, mask = self.augment(pixels, mask, key)
+        return key, pixels, mask
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        try:
+            plan = self.plan()
+            if hasattr(self.augment, "set_epoch"):
+                self.augment.set_epoch(int(self.epoch[0]))
+            assigned = list(zip(plan.locations, plan.shards))[worker::workers]
+            stream = self._raw(assigned)
+            if self.shuffle and self.shuffle_buffer > 1:
+                state = np.random.SeedSequence([self.seed, int(self.epoch[0]), self.rank, worker]).generate_state(1)
+                stream = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 64),
+                                     seed=int(state[0]))(stream)
+            stream = map(self._decode, stream)
+            yield from wds.batched(self.batch_size, collation_fn=_collate, partial=True)(stream)
+        except KeyshardError as exc:
+            yield WorkerFailure(str(exc))
+
+
+class ShardLoader:
+    """One rank's batches of one split: iterate for an epoch; ``set_epoch`` for the next.
+
+    Yields ``(pixels, targets, ids, n_padding)``: pixels N×H×W×3 uint8 (uint16 for FFX) as
+    stored, targets N×H×W uint8 masks, the samples' keys, and how many of the last rows are
+    padding.  ``len()`` is the number of batches, the same on every rank.
+    """
+
+    def __init__(self, stream: _ShardStream, batch_size: int, workers: int):
+        self.stream, self.batch_size = stream, batch_size
+        self.manifest = stream.manifest
+        self._loader = torch.utils.data.DataLoader(
+            stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.epoch[0] = epoch
+
+    @property
+    def plan(self) -> EpochPlan:
+        return self.stream.plan()
+
+    def __len__(self) -> int:
+        return math.ceil(self.plan.target / self.batch_size)
+
+    def _pad_shape(self, seen_shape):
+        if seen_shape is not None:
+            return seen_shape
+        shape = self.stream.shape
+        return getattr(self.stream.augment, "output_shape", lambda s: s)(shape)
+
+    def __iter__(self):
+        plan, bs = self.plan, self.batch_size
+        pending, n_pending, seen, shape = [], 0, 0, None
+        for item in self._loader:
+            if isinstance(item, WorkerFailure):
+                raise KeyshardError(item.message)
+            pixels, masks, ids = item
+            seen += len(ids)
+            shape = tuple(pixels.shape[1:])
+            if not pending and len(ids) == bs:
+                yield pixels, masks, ids, 0
+                continue
+            pending.append(item)
+            n_pending += len(ids)
+            if n_pending >= bs:  # re-join the partial batches from the ends of the workers' streams
+                pixels, masks = torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending])
+                ids = [k for p in pending for k in p[2]]
+                yield pixels[:bs], masks[:bs], ids[:bs], 0
+                pending = [(pixels[bs:], masks[bs:], ids[bs:])] if n_pending > bs else []
+                n_pending -= bs
+        if seen != plan.samples:
+            raise KeyshardError(f"read {seen} samples but the manifest lists {plan.samples} for this rank "
+                                "(shards changed? run `keyshard verify`)")
+        pad = plan.target - seen
+        if not pad and not pending:
+            return
+        shape = self._pad_shape(shape)
+        dtype = pending[0][0].dtype if pending else torch.from_numpy(np.zeros(0, self.stream.dtype)).dtype
+        pixels = torch.cat([p[0] for p in pending] + [torch.zeros((pad, *shape), dtype=dtype)])
+        masks = torch.cat([p[1] for p in pending] + [torch.full((pad, *shape[:2]), VOID, dtype=torch.uint8)])
+        ids = [k for p in pending for k in p[2]] + [""] * pad
+        for i in range(0, len(ids), bs):
+            n = len(ids[i:i + bs])
+            yield pixels[i:i + bs], masks[i:i + bs], ids[i:i + bs], max(0, min(n, i + n - n_pending))
+
+
+def _rank_world(rank, world) -> tuple[int, int]:
+    if rank is not None and world is not None:
+        if not 0 <= rank < world:
+            raise KeyshardError(f"rank {rank} is not in 0..{world - 1}")
+        return rank, world
+    if rank is not None or world is not None:
+        raise KeyshardError("give both rank and world, or neither")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def open_shards(source, split: str = "train", *, batch_size: int, epoch: int = 0, seed: int = 0,
+                workers: int = 0, shuffle_buffer: int = 256, rank: int | None = None,
+                world: int | None = None, augment=None, verify_stream: bool = True,
+                shuffle: bool = True, manifest: dict | None = None) -> ShardLoader:
+    """Batches of one split of a shard directory or URL base for this rank (see ``ShardLoader``).
+
+    ``rank``/``world`` default to the initialised ``torch.distributed`` group (else 0 of 1).
+    ``shuffle=False`` reads shards in manifest order with no shuffle buffer (evaluation).
+    ``augment(pixels, mask, key) -> (pixels, mask)`` runs per sample in the workers on numpy
+    arrays (its ``set_epoch(epoch)``, if it has one, is called at the start of every epoch).  ``manifest`` skips re-reading it when the caller already has it.
+    """
+    from keyshard.pipeline.manifest import load as load_manifest
+
+    if batch_size < 1 or workers < 0 or shuffle_buffer < 0:
+        raise KeyshardError("batch_size must be ≥ 1, workers and shuffle_buffer ≥ 0")
+    manifest = manifest if manifest is not None else load_manifest(source)
+    if split not in manifest["splits"]["counts"]:
+        raise KeyshardError(f"{source}: holds no {split!r} split")
+    rank, world = _rank_world(rank, world)
+    stream = _ShardStream(source, manifest, split, batch_size, seed, shuffle, shuffle_buffer, rank, world,
+                          augment, verify_stream)
+    loader = ShardLoader(stream, batch_size, workers)
+    loader.set_epoch(epoch)
+    return loader
+
+
+def model_input(pixels: torch.Tensor, manifest: dict, device) -> torch.Tensor:
+    """Stored pixels → normalised float N×3×H×W model input on ``device``.
+
+    The copy moves the compact integers (uint8/uint16); division by the manifest's pixel
+    divisor and ImageNet normalisation happen on the device, after the copy.
+    """
+    x = pixels.to(device, non_blocking=True)
+    return normalize_pixels(x, manifest["encryption"]["pixel_divisor"])

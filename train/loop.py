@@ -25,9 +25,9 @@ from keyshard.errors import KeyshardError
 from keyshard.pipeline.manifest import load as load_manifest
 from keyshard.train import checkpoint
 from keyshard.train.augment import KeySafeAugment
-from keyshard.train.data import epoch_plan, iterate_batches
+from keyshard.shardformat import VOID
+from keyshard.train.data import model_input, open_shards
 from keyshard.train.models import build_model
-from keyshard.transforms import model_input
 
 PRESETS = {
     # Section 3.1 of the paper.
@@ -99,9 +99,9 @@ def all_reduce_sum(values: list[float], dist: Dist, device) -> list[float]:
 def segmentation_loss(outputs: dict, masks: torch.Tensor, aux_weight: float) -> torch.Tensor:
     """Summed cross-entropy over non-void pixels (caller divides by the batch's valid count),
     so void padding and accumulation chunks add exactly nothing."""
-    loss = F.cross_entropy(outputs["out"], masks, ignore_index=255, reduction="sum")
+    loss = F.cross_entropy(outputs["out"], masks, ignore_index=VOID, reduction="sum")
     if aux_weight and "aux" in outputs:
-        loss = loss + aux_weight * F.cross_entropy(outputs["aux"], masks, ignore_index=255, reduction="sum")
+        loss = loss + aux_weight * F.cross_entropy(outputs["aux"], masks, ignore_index=VOID, reduction="sum")
     return loss
 
 
@@ -117,7 +117,7 @@ def param_digest(model: nn.Module) -> str:
 class Trainer:
     def __init__(self, shards: str, out: str, config: TrainConfig, resume: bool = False,
                  progress: bool = True, log=print):
-        self.shards, self.out, self.cfg, self.progress, self.log = Path(shards), Path(out), config, progress, log
+        self.shards, self.out, self.cfg, self.progress, self.log = str(shards), Path(out), config, progress, log
         self.dist = setup_distributed()
         self.device = torch.device(f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu")
         self.manifest = load_manifest(self.shards)
@@ -132,6 +132,7 @@ class Trainer:
                                 f"and at most the image size {size}")
         self.model_block = self._model_block_size()
         self.start_epoch, self.history, self.best_loss = 0, [], math.inf
+        self._loaders = {}
         previous = self._prepare_out(resume)
         torch.manual_seed(config.seed)
         self.model = build_model(config.model, config.weights, aux_loss=config.aux_weight > 0,
@@ -195,19 +196,23 @@ class Trainer:
 
     # -- one epoch --------------------------------------------------------------------------
     def _batches(self, split: str, epoch: int, shuffle: bool):
-        plan = epoch_plan(self.shards, self.manifest, split, epoch, self.cfg.seed, self.dist.rank,
-                          self.dist.world, shuffle=shuffle)
-        size = self.data["image_size"]
-        augment = None
-        if split == "train" and (self.cfg.block_flip or self.cfg.block_crop):
-            augment = KeySafeAugment(self.data["block_size"] or 1, self.cfg.block_flip, self.cfg.block_crop,
-                                     self.cfg.seed, epoch)
-            size = self.cfg.block_crop or size
-        return plan, iterate_batches(plan, self.cfg.batch_size, self.cfg.seed, epoch, self.cfg.workers,
-                                     self.cfg.shuffle_buffer if shuffle else 0, (size, size), augment)
+        """The split's loader (one per split, its workers kept across epochs), set to ``epoch``."""
+        loader = self._loaders.get(split)
+        if loader is None:
+            augment = None
+            if split == "train" and (self.cfg.block_flip or self.cfg.block_crop):
+                augment = KeySafeAugment(self.data["block_size"] or 1, self.cfg.block_flip, self.cfg.block_crop,
+                                         self.cfg.seed)
+            loader = open_shards(self.shards, split, batch_size=self.cfg.batch_size, seed=self.cfg.seed,
+                                 workers=self.cfg.workers, shuffle_buffer=self.cfg.shuffle_buffer,
+                                 rank=self.dist.rank, world=self.dist.world, augment=augment, shuffle=shuffle,
+                                 manifest=self.manifest)
+            self._loaders[split] = loader
+        loader.set_epoch(epoch)
+        return loader.plan, loader
 
     def _forward(self, pixels):
-        x = model_input(pixels.to(self.device, non_blocking=True), self.data["pixel_divisor"])
+        x = model_input(pixels, self.manifest, self.device)
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, enabled=self.cfg.amp and self.device.type == "cuda"):
@@ -226,8 +231,8 @@ class Trainer:
         bar = tqdm(total=plan.target * self.dist.world, desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
                    unit="img", disable=not (self.progress and self.dist.main), file=sys.stderr)
         for step, (pixels, masks, _, n_pad) in enumerate(batches):
-            masks = masks.to(self.device)
-            n_valid = int((masks != 255).sum())
+            masks = masks.to(self.device).long()
+            n_valid = int((masks != VOID).sum())
             valid = max(n_valid, 1)  # an all-void (padding) batch has loss 0 and zero gradients
             self.optimizer.zero_grad(set_to_none=True)
             batch_loss = 0.0
@@ -262,10 +267,10 @@ class Trainer:
         _, batches = self._batches("holdout", epoch, shuffle=False)
         loss_sum = pixels_sum = 0.0
         for pixels, masks, _, _ in batches:
-            masks = masks.to(self.device)
+            masks = masks.to(self.device).long()
             out = self._forward(pixels)
             loss_sum += float(segmentation_loss({"out": out["out"].float()}, masks, 0.0))
-            pixels_sum += float((masks != 255).sum())
+            pixels_sum += float((masks != VOID).sum())
         loss_sum, pixels_sum = all_reduce_sum([loss_sum, pixels_sum], self.dist, self.device)
         return loss_sum / max(pixels_sum, 1)
 

@@ -13,8 +13,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from keyshard.errors import KeyshardError
+from keyshard.shardformat import NUM_CLASSES
 
-NUM_CLASSES = 21
 MODELS = ("fcn_resnet50", "small", "block_aligned")
 
 
