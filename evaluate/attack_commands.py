@@ -18,8 +18,8 @@ def attack():
 
 
 @attack.command("known-plaintext")
-@click.option("--plain", "plain_dir", required=True, type=click.Path(), help="Plain shards (e.g. of public VOC).")
-@click.option("--encrypted", "enc_dir", required=True, type=click.Path(), help="Encrypted shards of the same ids.")
+@click.option("--plain", "plain_dir", required=True, type=click.Path(), help="Plain shards (e.g. of public VOC): directory or URL base.")
+@click.option("--encrypted", "enc_dir", required=True, type=click.Path(), help="Encrypted shards of the same ids: directory or URL base.")
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="Recovered explicit key file (0600).")
 @click.option("--key", "true_key", type=click.Path(dir_okay=False), default=None,
               help="The true key, to report how much of it was recovered (auditors only).")
@@ -52,12 +52,12 @@ def known_plaintext(plain_dir, enc_dir, output, true_key):
 @attack.command("search")
 @click.option("--checkpoint", "ckpt", required=True, type=click.Path(dir_okay=False))
 @click.option("--labelled-shards", "labelled_dir", required=True, type=click.Path(),
-              help="The attacker's PLAIN labelled shards.")
+              help="The attacker's PLAIN labelled shards (directory or URL base).")
 @click.option("--labelled-split", type=click.Choice(["holdout", "train"]), default="holdout", show_default=True,
               help="Split the labelled images come from (never the test split).")
 @click.option("--labelled", "n_labelled", type=click.IntRange(min=1), default=16, show_default=True,
               help="How many labelled images the attacker uses.")
-@click.option("--test", "test_dir", required=True, type=click.Path(), help="PLAIN shards with a test split.")
+@click.option("--test", "test_dir", required=True, type=click.Path(), help="PLAIN shards with a test split (directory or http(s)/s3 URL base).")
 @click.option("--key", "true_key", type=click.Path(dir_okay=False), default=None,
               help="The true key (auditors): report distances to it and its rank.")
 @click.option("--ffx-password", default=None, help="FFX: the password the attacker knows (default: the --key's).")
@@ -146,8 +146,8 @@ def search_command(ckpt, labelled_dir, labelled_split, n_labelled, test_dir, tru
 
 @attack.command("finetune")
 @click.option("--checkpoint", "ckpt", required=True, type=click.Path(dir_okay=False), help="The protected model.")
-@click.option("--plain-train", "train_dir", required=True, type=click.Path(), help="PLAIN shards with a train split.")
-@click.option("--test", "test_dir", required=True, type=click.Path(), help="PLAIN shards with a test split.")
+@click.option("--plain-train", "train_dir", required=True, type=click.Path(), help="PLAIN shards with a train split (directory or URL base).")
+@click.option("--test", "test_dir", required=True, type=click.Path(), help="PLAIN shards with a test split (directory or http(s)/s3 URL base).")
 @click.option("--fraction", default="0.01,0.05,0.1", show_default=True, help="Fractions of the train ids to use.")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--lr", type=float, default=0.02, show_default=True)

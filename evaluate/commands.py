@@ -13,7 +13,7 @@ from keyshard.errors import KeyshardError
 @click.option("--checkpoint", "ckpt", required=True, type=click.Path(dir_okay=False), help="RUN/best.pt")
 @click.option("--key", "key_file", default=None, type=click.Path(dir_okay=False),
               help="The key the model was trained with (omit for a model trained on plain images: the baseline).")
-@click.option("--test", "test_dir", required=True, type=click.Path(), help="PLAIN shards with a test split.")
+@click.option("--test", "test_dir", required=True, type=click.Path(), help="PLAIN shards with a test split (directory or http(s)/s3 URL base).")
 @click.option("--wrong-keys", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the wrong keys (independent of the key).")
 @click.option("--out", default=None, type=click.Path(file_okay=False),

@@ -154,7 +154,8 @@ def stream_shard(location: str, expected: dict | None = None, verify: bool = Tru
     """
     from keyshard.sources import Stream
 
-    with Stream(location, hash_bytes=verify and expected is not None) as stream:
+    with Stream(location, hash_bytes=verify and expected is not None,
+                size=expected["bytes"] if expected is not None else None) as stream:
         count = 0
         try:
             for sample in iter_tar_samples(stream):

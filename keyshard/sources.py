@@ -41,7 +41,7 @@ class _Transient(Exception):
     """An error worth another attempt (connection trouble, HTTP 5xx, throttling)."""
 
 
-def _fsspec_open(location: str):
+def _fsspec_open(location: str, size: int | None):
     try:
         import fsspec
     except ImportError:  # pragma: no cover - fsspec comes with torch
@@ -52,16 +52,21 @@ def _fsspec_open(location: str):
         except ImportError:
             raise KeyshardError(f"{location}: reading s3:// needs the s3 extra "
                                 "(pip install 'keyshard[s3]')") from None
-        return fsspec.open(location, "rb", block_size=S3_BLOCK, cache_type="readahead").open()
+        fs, path = fsspec.core.url_to_fs(location)
+        return fs.open(path, "rb", block_size=S3_BLOCK, cache_type="readahead")
     try:
         import aiohttp  # noqa: F401
     except ImportError:
         raise KeyshardError(f"{location}: reading http(s) URLs needs aiohttp (pip install aiohttp)") from None
-    return fsspec.open(location, "rb", block_size=0).open()  # a stream: no HEAD-size, no Range
+    fs, path = fsspec.core.url_to_fs(location)
+    # block_size=0: one front-to-back GET, no Range requests; a known size skips the HEAD probe
+    return fs.open(path, "rb", block_size=0, size=size)
 
 
 def _classify(exc: BaseException, location: str) -> Exception:
     """Map a library error to a one-line KeyshardError, or _Transient if worth retrying."""
+    if isinstance(exc, FileNotFoundError) and exc.__cause__ is not None:
+        return _classify(exc.__cause__, location)  # fsspec's HTTP reports every failure as not found
     status = getattr(exc, "status", None) or getattr(exc, "code", None)
     name = type(exc).__name__
     if isinstance(exc, FileNotFoundError) or status == 404:
@@ -82,8 +87,9 @@ def _reason(exc: BaseException) -> str:
     return text[0][:200] if text and text[0] else type(exc).__name__
 
 
-def open_binary(location: str):
-    """Open one file of a source for sequential binary reading (local file or URL)."""
+def open_binary(location: str, size: int | None = None):
+    """Open one file of a source for sequential binary reading (local file or URL); ``size``, when
+    known (a shard's manifest entry), saves a round trip."""
     if not is_url(location):
         try:
             return open(location, "rb")
@@ -94,7 +100,7 @@ def open_binary(location: str):
     delay = RETRY_BACKOFF_S
     for attempt in range(RETRIES):
         try:
-            return _fsspec_open(location)
+            return _fsspec_open(location, size)
         except KeyshardError:
             raise
         except Exception as exc:  # noqa: BLE001 - every library error becomes one line
@@ -113,9 +119,9 @@ class Stream:
     (``hashlib`` releases the GIL, so decoding goes on meanwhile), and turns read errors into one
     line naming the location.  ``finish()`` drains the rest and returns (bytes, sha256 hex)."""
 
-    def __init__(self, location: str, hash_bytes: bool = True):
+    def __init__(self, location: str, hash_bytes: bool = True, size: int | None = None):
         self.location, self.size = location, 0
-        self._f = open_binary(location)
+        self._f = open_binary(location, size)
         self._sha = hashlib.sha256() if hash_bytes else None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="keyshard-hash") if hash_bytes else None
 

@@ -121,7 +121,10 @@ def _dask_client(address, jobs):
     except ImportError:
         raise KeyshardError("--backend dask needs dask: pip install 'keyshard[dask]'") from None
     if address:
-        return Client(address)
+        try:
+            return Client(address)
+        except (OSError, TypeError, ValueError) as exc:  # unreachable, bad address, TLS not configured
+            raise KeyshardError(f"--dask-scheduler {address}: cannot connect ({exc})") from None
     return Client(n_workers=(os.cpu_count() if jobs < 1 else jobs), threads_per_worker=1, processes=True)
 
 
@@ -129,7 +132,11 @@ def _dask_client(address, jobs):
 @click.argument("shards", type=click.Path())
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def verify(shards, quiet):
-    """Re-hash every shard against manifest.json and recount samples (exit 1 on any mismatch)."""
+    """Re-hash every shard against manifest.json and recount samples (exit 1 on any mismatch).
+
+    SHARDS is a directory or a URL base (http(s)://host/dir/, s3://bucket/prefix/ with the s3
+    extra); remote shards are streamed front to back, never downloaded to disk.
+    """
     from keyshard.pipeline.manifest import verify as verify_dir
 
     problems = verify_dir(shards, progress=not quiet)

@@ -8,7 +8,7 @@ from keyshard.errors import KeyshardError
 
 
 @click.command("train")
-@click.option("--shards", required=True, type=click.Path(), help="Shard directory from `keyshard encrypt`.")
+@click.option("--shards", required=True, type=click.Path(), help="Shards from `keyshard encrypt`: a directory or a URL base (http(s)://host/dir/, s3://bucket/prefix/).")
 @click.option("--out", "out", required=True, type=click.Path(), help="Run directory (best.pt, last.pt, metrics.jsonl).")
 @click.option("--preset", type=click.Choice(["paper", "demo"]), default="demo", show_default=True,
               help="paper: FCN-ResNet50, SGD lr 0.1, wd 0.005, cosine restarts every 10 epochs, batch 256, "

@@ -1,0 +1,128 @@
+"""The public API: lazy exports, the README's own-loop example, corrupt shards stop every reader."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import keyshard
+from keyshard import keys
+from keyshard.errors import KeyshardError
+from keyshard.pipeline import encrypt_job
+from keyshard.pipeline.toy_voc import make_toy_voc
+
+from conftest import assert_user_error, invoke
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    voc = make_toy_voc(root / "voc", images=64, seed=11, min_side=40, max_side=56, progress=False)
+    key = keys.Key("ffx", 4, bytes(range(32)))
+    keys.save(key, root / "key.json")
+    encrypt_job.run(str(voc), str(root / "plain"), None, encrypt_job.EncryptOptions(size=SIZE, shard_size=5),
+                    jobs=1, progress=False)
+    encrypt_job.run(str(voc), str(root / "ffx4"), key,
+                    encrypt_job.EncryptOptions(size=SIZE, shard_size=5, splits=("train", "holdout")),
+                    jobs=1, progress=False)
+    return root
+
+
+def test_import_keyshard_is_light_and_exports_the_api():
+    code = ("import sys, keyshard; assert 'torch' not in sys.modules and 'webdataset' not in sys.modules; "
+            "names = ('read_manifest', 'open_shards', 'model_input', 'load_key', 'encrypt_image', 'decrypt_image'); "
+            "assert all(callable(getattr(keyshard, n)) for n in names); assert set(names) <= set(dir(keyshard))")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    with pytest.raises(AttributeError):
+        keyshard.no_such_name
+
+
+def test_readme_example_runs_and_lowers_the_loss(shards, capsys):
+    text = README.read_text()
+    block = re.search(r"```python\n(import torch\nimport keyshard\n.*?)```", text, re.S).group(1)
+    assert 15 <= len(block.strip().splitlines()) <= 22
+    code = block.replace('source = "shards/np8"', f'source = {str(shards / "ffx4")!r}')
+    assert code != block
+    torch.manual_seed(0)
+    exec(compile(code, "README.md", "exec"), {})
+    losses = [float(v) for v in re.findall(r"mean loss ([0-9.]+)", capsys.readouterr().out)]
+    assert len(losses) == 3 and losses[-1] < 0.9 * losses[0], losses
+
+
+def test_batches_are_stored_integers_and_model_input_normalises_on_the_device(shards):
+    manifest = keyshard.read_manifest(str(shards / "ffx4"))
+    pixels, targets, ids, n_pad = next(iter(keyshard.open_shards(str(shards / "ffx4"), "holdout", batch_size=4,
+                                                                 shuffle=False)))
+    assert pixels.dtype == torch.uint16 and targets.dtype == torch.uint8 and n_pad == 0
+    key = keyshard.load_key(shards / "key.json")
+    # the stored codes are the plain pixels under the key, exactly
+    plain = {k: p for px, _, ks, _ in keyshard.open_shards(str(shards / "plain"), "holdout", batch_size=8,
+                                                          shuffle=False) for k, p in zip(ks, px)}
+    for k, p in zip(ids, pixels):
+        assert np.array_equal(keyshard.encrypt_image(plain[k].numpy(), key), p.numpy())
+        assert np.array_equal(keyshard.decrypt_image(p.numpy(), shards / "key.json"), plain[k].numpy())
+    x = keyshard.model_input(pixels, manifest, "cpu")
+    divisor = manifest["encryption"]["pixel_divisor"]
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    expected = (pixels.permute(0, 3, 1, 2).double() / divisor - mean.view(1, 3, 1, 1).double()) / std.view(1, 3, 1, 1)
+    assert x.dtype == torch.float32 and x.shape == (len(ids), 3, SIZE, SIZE)
+    assert torch.allclose(x.double(), expected, atol=1e-5)
+
+
+def corrupt_copy(src: Path, dst: Path, split: str) -> Path:
+    """Copy a shard set and flip one byte inside the first member's data of a shard of ``split``."""
+    shutil.copytree(src, dst)
+    shard = sorted(dst.glob(f"{split}-*.tar"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 1
+    shard.write_bytes(bytes(data))
+    return shard
+
+
+def test_a_corrupt_shard_stops_the_stream_with_one_line_with_two_workers(shards, tmp_path):
+    bad = corrupt_copy(shards / "ffx4", tmp_path / "bad", "train")
+    loader = keyshard.open_shards(str(tmp_path / "bad"), "train", batch_size=4, workers=2)
+    with pytest.raises(KeyshardError) as info:
+        for _ in loader:
+            pass
+    message = str(info.value)
+    assert bad.name in message and "sha256" in message and "\n" not in message and "Traceback" not in message
+    # verification off: the same stream runs to its end (the bytes still parse)
+    n = sum(len(ks) for _, _, ks, _ in keyshard.open_shards(str(tmp_path / "bad"), "train", batch_size=4,
+                                                            workers=2, verify_stream=False))
+    assert n == sum(s["samples"] for s in keyshard.read_manifest(str(tmp_path / "bad"))["shards"]
+                    if s["split"] == "train")
+
+
+def test_train_and_evaluate_stop_on_a_corrupt_shard_and_save_nothing(shards, tmp_path):
+    bad = corrupt_copy(shards / "ffx4", tmp_path / "bad", "train")
+    res = invoke("train", "--shards", tmp_path / "bad", "--out", tmp_path / "run", "--epochs", 1,
+                 "--batch-size", 4, "--workers", 2, "-q")
+    assert_user_error(res, bad.name, "sha256")
+    assert not list((tmp_path / "run").glob("*.pt"))
+    good = tmp_path / "good-run"
+    assert invoke("train", "--shards", shards / "ffx4", "--out", good, "--epochs", 1, "--batch-size", 4,
+                  "--workers", 0, "-q").exit_code == 0
+    bad_test = corrupt_copy(shards / "plain", tmp_path / "bad-plain", "test")
+    res = invoke("evaluate", "--checkpoint", good / "best.pt", "--key", shards / "key.json", "--test",
+                 tmp_path / "bad-plain", "--wrong-keys", 2, "--workers", 2, "--out", tmp_path / "audit", "-q")
+    assert_user_error(res, bad_test.name, "sha256")
+    assert not (tmp_path / "audit" / "audit.json").exists()
+
+
+def test_a_shard_with_a_wrong_sample_shape_is_named(shards, tmp_path):
+    shutil.copytree(shards / "plain", tmp_path / "p")
+    doc = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    doc["image"]["height"] = doc["image"]["width"] = 64  # as if another --size
+    (tmp_path / "p" / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(KeyshardError, match=r"test-000000\.tar: sample \S+ is uint8 \(32, 32, 3\)"):
+        list(keyshard.open_shards(str(tmp_path / "p"), "test", batch_size=4, shuffle=False, workers=1))
