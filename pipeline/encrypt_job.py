@@ -217,7 +217,8 @@ def run(voc: str, out: str, key: Key | None, options: EncryptOptions, jobs: int 
 
     if key is not None and options.size % key.block_size:
         raise KeyshardError(f"{key.path or 'key'}: block size {key.block_size} does not divide --size {options.size}")
-    source = VocSource.open(voc)
+    # absolute paths: dask workers may run in another directory (or on another node)
+    source = VocSource.open(os.path.abspath(voc))
     tasks, counts = plan_tasks(source, options)
     out_path = Path(out)
     identity = job_identity(source, key, options)
@@ -245,7 +246,8 @@ def run(voc: str, out: str, key: Key | None, options: EncryptOptions, jobs: int 
     try:
         with parallel_config(backend=backend, n_jobs=jobs):
             results = Parallel(return_as="generator_unordered")(
-                delayed(process_shard)(t, material, options, str(out_path), str(partial)) for t in todo)
+                delayed(process_shard)(t, material, options, str(out_path.absolute()), str(partial.absolute()))
+                for t in todo)
             for rec in results:
                 records[rec["file"]] = rec
                 synced.append(syncer.submit(fsync_path, out_path / rec["file"]))
