@@ -1,46 +1,101 @@
 """Turn one VOC image + label map into fixed-size uint8 arrays (plain space), with checks.
 
-Images are decoded and resized with torchvision's uint8 kernels (``decode_jpeg`` and
-antialiased bilinear ``resize``): faster than PIL here and within ±1 of its output.  Label maps
-stay in PIL (palette indices), checked from their histogram and resized with nearest neighbour.  Augmentation replicas (random resized crop + horizontal flip) are made here, in
-plain space, because they do not commute with a block key.
+Images are decoded and resized with torchvision's uint8 kernels (libjpeg-turbo ``decode_jpeg``
+and antialiased bilinear resize): faster than PIL here and within ±1 of its output.  Label maps
+stay in PIL (palette indices), checked from their histogram and resized with nearest neighbour.
+Augmentation replicas (random resized crop + horizontal flip) are made here, in plain space,
+because they do not commute with a block key.
+
+Start-up cost matters (every ``--jobs`` worker pays it), so this module imports neither torch
+nor torchvision at import time, and never imports the ``torchvision`` package at all: that
+loads its whole model zoo and ``torch._dynamo`` (~1–2.5 s per process).  Instead the first
+sample loads torch and torchvision's compiled image library (``image_stable.so``, found on disk
+without importing torchvision) and calls the same operators torchvision's Python wrappers call:
+
+* ``torch.ops.image.decode_jpeg`` ← ``torchvision.io.decode_jpeg(..., mode=ImageReadMode.RGB)``;
+* ``torch.nn.functional.interpolate(uint8, bilinear, antialias=True)`` with torchvision's
+  memory-format and AVX2 / non-AVX2 choices ← ``transforms.v2.functional.resized_crop``;
+* ``_crop_box`` ← ``transforms.RandomResizedCrop.get_params`` (same torch RNG calls, same order).
+
+``tests/test_encrypt_speedpath.py`` checks each against torchvision, bit for bit.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
+import importlib.util
 import io
-import warnings
+import math
+import platform
 
 import numpy as np
-import torch
 from PIL import Image
-from torchvision import transforms as T
-from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as F
 
 NUM_CLASSES = 21
 VOID = 255
+RGB_MODE = 3  # torchvision.io.ImageReadMode.RGB.value (checked by the tests)
+CROP_RATIO = (3 / 4, 4 / 3)
+
+_torch = None  # torch, once torchvision's image library is loaded into it
+_native_uint8 = None
 
 
 class BadSample(Exception):
     """One input file is unusable; the message names the file (picklable across workers)."""
 
 
-def decode_rgb(data: bytes, label: str) -> torch.Tensor:
+def image_library_path() -> str | None:
+    """Path of torchvision's compiled image library (``image_stable`` / ``image``), or None.
+
+    Found with the same finder torchvision's ``extension._get_extension_path`` uses, but without
+    importing the torchvision package.
+    """
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    details = (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES)
+    for folder in spec.submodule_search_locations:
+        finder = importlib.machinery.FileFinder(folder, details)
+        for name in ("image_stable", "image"):
+            found = finder.find_spec(name)
+            if found is not None and found.origin:
+                return found.origin
+    return None
+
+
+def load_torch():
+    """torch with ``torch.ops.image`` registered (once per process; ~1 ms beyond ``import torch``)."""
+    global _torch, _native_uint8
+    if _torch is None:
+        import torch
+
+        path = image_library_path()
+        try:
+            if path is None:
+                raise OSError("torchvision's image library not found")
+            torch.ops.load_library(path)
+        except OSError:
+            import torchvision.io  # noqa: F401  (the slow, official way of loading the same library)
+        # torchvision.transforms.v2.functional._do_native_uint8_resize_on_cpu(BILINEAR): uint8
+        # is interpolated natively on AVX2/AVX512/arm64 CPUs, else through float32 + round.
+        _native_uint8 = (torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+                         or platform.machine() in ("aarch64", "arm64"))
+        _torch = torch
+    return _torch
+
+
+def decode_rgb(data: bytes, label: str):
     """Image bytes → uint8 CHW RGB tensor; a corrupt or truncated file is a BadSample.
 
-    JPEGs go through torchvision's libjpeg-turbo decoder (it raises on truncated data; its
-    deprecation notice in favour of torchcodec is silenced: torchvision is pinned).  Other
+    JPEGs go through torchvision's libjpeg-turbo decoder (it raises on truncated data).  Other
     formats fall back to PIL.
     """
+    torch = load_torch()
     try:
         if data[:2] == b"\xff\xd8":
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                   mode=ImageReadMode.RGB)
+            return torch.ops.image.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                               RGB_MODE, False)
         with Image.open(io.BytesIO(data)) as im:
             return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
     except (RuntimeError, ValueError, OSError, SyntaxError):
@@ -73,14 +128,91 @@ def replica_seed(seed: int, voc_id: str, replica: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+def _crop_box(torch, height: int, width: int, scale, ratio) -> tuple[int, int, int, int]:
+    """``torchvision.transforms.RandomResizedCrop.get_params`` (torchvision 0.29), line for line.
+
+    It draws from torch's global RNG, so the calls, their order and dtypes must stay exactly
+    these; ``tests/test_encrypt_speedpath.py`` compares it with torchvision for many seeds.
+    """
+    area = height * width
+
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect_ratio = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+
+        if 0 < w <= width and 0 < h <= height:
+            i = torch.randint(0, height - h + 1, size=(1,)).item()
+            j = torch.randint(0, width - w + 1, size=(1,)).item()
+            return i, j, h, w
+
+    # Fallback to central crop
+    in_ratio = float(width) / float(height)
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:  # whole image
+        w = width
+        h = height
+    i = (height - h) // 2
+    j = (width - w) // 2
+    return i, j, h, w
+
+
 def crop_params(height: int, width: int, seed: int, scale: tuple[float, float]):
     """torchvision's RandomResizedCrop parameters + a flip bit, from a private seeded RNG."""
+    torch = load_torch()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        top, left, h, w = T.RandomResizedCrop.get_params(
-            torch.empty(1, height, width), scale=scale, ratio=(3 / 4, 4 / 3))
+        top, left, h, w = _crop_box(torch, height, width, scale, CROP_RATIO)
         flip = bool(torch.rand(1).item() < 0.5)
     return top, left, h, w, flip
+
+
+def resize_bilinear(img, size: int):
+    """uint8 CHW → ``size``×``size``, antialiased bilinear: torchvision v2 ``resize_image``.
+
+    Same steps as torchvision for a CPU uint8 image: identity at equal size; a channels-last
+    single image is re-strided so the output stays channels-last; native uint8 kernel on
+    AVX2/AVX512/arm64, else float32 + round.
+    """
+    torch = load_torch()
+    c, h, w = img.shape
+    if (h, w) == (size, size):
+        return img
+    x = img.reshape(-1, c, h, w)
+    strides = x.stride()
+    if x.is_contiguous(memory_format=torch.channels_last) and x.shape[0] == 1 and x.numel() != strides[0]:
+        x = x.as_strided((1, c, h, w), [x.numel(), *strides[1:]])
+    if _native_uint8:
+        x = torch.nn.functional.interpolate(x, size=[size, size], mode="bilinear", align_corners=False,
+                                            antialias=True)
+    else:
+        x = torch.nn.functional.interpolate(x.to(dtype=torch.float32), size=[size, size], mode="bilinear",
+                                            align_corners=False, antialias=True).round_().to(dtype=torch.uint8)
+    return x.reshape(c, size, size)
+
+
+def fit(img, mask: Image.Image, size: int, augment_seed: int | None = None, crop_scale=(0.08, 1.0)):
+    """Resize (or random-resized-crop + flip) a decoded sample to ``size``×``size`` numpy arrays."""
+    h, w = img.shape[-2:]
+    if augment_seed is None:
+        top, left, ch, cw, flip = 0, 0, h, w, False
+    else:
+        top, left, ch, cw, flip = crop_params(h, w, augment_seed, crop_scale)
+    # get_params always returns a box inside the image, so the crop is a plain slice (torchvision
+    # pads only boxes that stick out)
+    img = resize_bilinear(img[..., top:top + ch, left:left + cw], size)
+    mask = mask.resize((size, size), Image.NEAREST, box=(left, top, left + cw, top + ch))
+    if flip:
+        img, mask = img.flip(-1), mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return img.permute(1, 2, 0).contiguous().numpy(), np.asarray(mask)
 
 
 def prepare(image_bytes: bytes, mask_bytes: bytes, size: int, image_label: str, mask_label: str,
@@ -95,13 +227,5 @@ def prepare(image_bytes: bytes, mask_bytes: bytes, size: int, image_label: str, 
     h, w = img.shape[-2:]
     if mask.size != (w, h):
         raise BadSample(f"{mask_label}: label map is {mask.size[0]}x{mask.size[1]} but its image is {w}x{h}")
-    if augment_seed is None:
-        top, left, ch, cw, flip = 0, 0, h, w, False
-    else:
-        top, left, ch, cw, flip = crop_params(h, w, augment_seed, crop_scale)
-    img = F.resized_crop(img, top, left, ch, cw, [size, size],
-                         interpolation=InterpolationMode.BILINEAR, antialias=True)
-    mask = mask.resize((size, size), Image.NEAREST, box=(left, top, left + cw, top + ch))
-    if flip:
-        img, mask = F.horizontal_flip(img), mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return img.permute(1, 2, 0).contiguous().numpy(), np.asarray(mask), (int(h), int(w))
+    img, mask = fit(img, mask, size, augment_seed, crop_scale)
+    return img, mask, (int(h), int(w))

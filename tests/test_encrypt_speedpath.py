@@ -1,0 +1,182 @@
+"""The encryption worker's fast path gives exactly torchvision's results.
+
+``pipeline/samples.py`` calls torchvision's compiled image operators and torch's resize directly,
+without importing the torchvision package (its model zoo costs seconds per worker).  Each piece
+is checked here against the torchvision call it replaces, bit for bit.  No timings.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from keyshard.pipeline import samples
+
+tv = pytest.importorskip("torchvision")
+from torchvision import transforms as T  # noqa: E402
+from torchvision.io import ImageReadMode, decode_jpeg  # noqa: E402
+from torchvision.transforms.v2 import InterpolationMode  # noqa: E402
+from torchvision.transforms.v2 import functional as F  # noqa: E402
+
+
+def _photo(h: int, w: int, seed: int) -> np.ndarray:
+    """Smooth colour gradients plus noise: JPEG-like content without data files."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([(x * 255 // max(w - 1, 1)), (y * 255 // max(h - 1, 1)), ((x + y) * 127 // max(h + w, 1))], -1)
+    return np.clip(base + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def _jpeg(arr: np.ndarray, mode: str = "RGB", **save) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).convert(mode).save(buf, format="JPEG", **save)
+    return buf.getvalue()
+
+
+def _tv_decode(data: bytes) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+def _tv_prepare(img, mask, size, seed, scale):
+    """The code samples.prepare replaced (torchvision calls), for comparison."""
+    h, w = img.shape[-2:]
+    if seed is None:
+        top, left, ch, cw, flip = 0, 0, h, w, False
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            top, left, ch, cw = T.RandomResizedCrop.get_params(torch.empty(1, h, w), scale=scale, ratio=(3 / 4, 4 / 3))
+            flip = bool(torch.rand(1).item() < 0.5)
+    img = F.resized_crop(img, top, left, ch, cw, [size, size], interpolation=InterpolationMode.BILINEAR,
+                         antialias=True)
+    mask = mask.resize((size, size), Image.NEAREST, box=(left, top, left + cw, top + ch))
+    if flip:
+        img, mask = F.horizontal_flip(img), mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return img.permute(1, 2, 0).contiguous().numpy(), np.asarray(mask)
+
+
+def test_rgb_mode_is_torchvisions():
+    assert samples.RGB_MODE == ImageReadMode.RGB.value
+
+
+def test_image_library_is_torchvisions():
+    from torchvision.extension import _get_extension_path
+
+    assert samples.image_library_path() == _get_extension_path("image_stable")
+
+
+@pytest.mark.parametrize("hw", [(375, 500), (500, 375), (64, 64), (10, 400), (400, 10), (1, 1), (33, 17)])
+@pytest.mark.parametrize("scale", [(0.08, 1.0), (0.3, 0.9), (1.0, 1.0), (0.01, 0.02)])
+def test_crop_box_matches_random_resized_crop_get_params(hw, scale):
+    h, w = hw
+    for seed in range(100):
+        torch.manual_seed(seed)
+        want = T.RandomResizedCrop.get_params(torch.empty(1, h, w), scale=list(scale), ratio=[3 / 4, 4 / 3])
+        after_want = torch.rand(1).item()
+        torch.manual_seed(seed)
+        got = samples._crop_box(torch, h, w, scale, samples.CROP_RATIO)
+        assert got == tuple(want), (seed, h, w, scale)
+        assert torch.rand(1).item() == after_want  # same number of RNG draws
+
+
+def test_crop_params_with_replica_seeds_and_rng_left_alone():
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    for i in range(200):
+        seed = samples.replica_seed(0, f"2007_{i:06d}", 1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            want = T.RandomResizedCrop.get_params(torch.empty(1, 375, 500), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+            flip = bool(torch.rand(1).item() < 0.5)
+        assert samples.crop_params(375, 500, seed, (0.08, 1.0)) == (*want, flip)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("kind", ["rgb", "gray", "cmyk", "progressive", "444", "q50"])
+def test_decode_matches_torchvision(kind):
+    arr = _photo(123, 77, 1)
+    data = {"rgb": lambda: _jpeg(arr, quality=90), "gray": lambda: _jpeg(arr, "L"),
+            "cmyk": lambda: _jpeg(arr, "CMYK"), "progressive": lambda: _jpeg(arr, progressive=True),
+            "444": lambda: _jpeg(arr, subsampling=0, quality=95), "q50": lambda: _jpeg(arr, quality=50)}[kind]()
+    got = samples.decode_rgb(data, "x.jpg")
+    want = _tv_decode(data)
+    assert got.dtype == torch.uint8 and got.shape == want.shape == (3, 123, 77)
+    assert got.stride() == want.stride()
+    assert torch.equal(got, want)
+
+
+def test_truncated_jpeg_is_a_bad_sample():
+    data = _jpeg(_photo(64, 64, 2))
+    with pytest.raises(samples.BadSample, match="x.jpg: cannot decode image"):
+        samples.decode_rgb(data[: len(data) // 2], "x.jpg")
+
+
+def _cases():
+    for i, (h, w) in enumerate([(375, 500), (500, 375), (256, 256), (100, 60), (48, 96), (512, 512), (257, 255)]):
+        for size in (256, 64, 32):
+            for seed in (None, 10 + i, 1000 + i):
+                yield h, w, size, seed
+
+
+def _compare_all(step: int = 1):
+    mask_rng = np.random.default_rng(0)
+    n = 0
+    for h, w, size, seed in list(_cases())[::step]:
+        for source in ("jpeg", "pil"):
+            arr = _photo(h, w, n)
+            img = (_tv_decode(_jpeg(arr)) if source == "jpeg"
+                   else torch.from_numpy(np.array(Image.fromarray(arr))).permute(2, 0, 1))
+            mask = Image.fromarray(mask_rng.integers(0, 21, (h, w), dtype=np.uint8), mode="L")
+            scale = (0.08, 1.0)
+            got = samples.fit(img, mask, size, seed, scale)
+            want = _tv_prepare(img, mask, size, seed, scale)
+            assert np.array_equal(got[0], want[0]), (h, w, size, seed, source)
+            assert np.array_equal(got[1], want[1]), (h, w, size, seed, source)
+            n += 1
+    return n
+
+
+def test_resize_matches_torchvision_resized_crop():
+    assert _compare_all() > 100
+
+
+def test_resize_matches_torchvision_without_avx2():
+    """On CPUs without AVX2 torchvision resizes uint8 through float32; the fast path must follow."""
+    code = ("import torch, tests.test_encrypt_speedpath as t;"
+            "assert torch.backends.cpu.get_cpu_capability() == 'DEFAULT', torch.backends.cpu.get_cpu_capability();"
+            "print(t._compare_all(step=4))")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "PYTHONWARNINGS": "ignore"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert int(res.stdout.split()[-1]) > 30
+
+
+def test_worker_never_imports_torchvision_or_plotting():
+    """A worker's imports: the job module and one sample through prepare, without torchvision."""
+    code = (
+        "import sys, io, numpy as np; from PIL import Image\n"
+        "import keyshard.pipeline.encrypt_job as job\n"
+        "assert 'torch' not in sys.modules, 'torch imported with the job module'\n"
+        "from keyshard.pipeline.samples import prepare\n"
+        "b = io.BytesIO(); Image.fromarray(np.zeros((40, 30, 3), np.uint8)).save(b, 'JPEG')\n"
+        "m = io.BytesIO(); Image.fromarray(np.zeros((40, 30), np.uint8)).save(m, 'PNG')\n"
+        "img, mask, orig = prepare(b.getvalue(), m.getvalue(), 32, 'a', 'b', 7)\n"
+        "assert img.shape == (32, 32, 3) and orig == (40, 30)\n"
+        "bad = sorted(n for n in sys.modules if n.split('.')[0] in "
+        "('torchvision', 'matplotlib', 'webdataset', 'torch._dynamo', 'sympy'))\n"
+        "bad += [n for n in sys.modules if n.startswith('torch._dynamo')]\n"
+        "assert not bad, bad\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
