@@ -16,7 +16,7 @@ import torch
 
 
 def rate(model, x, y, train: bool, steps: int) -> float:
-    from keyshard.train.loop import segmentation_loss
+    from keyshard.train.step import segmentation_loss
 
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model.train(train)

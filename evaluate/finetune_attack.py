@@ -19,7 +19,7 @@ from keyshard.evaluate.audit import score_on_split, test_batches
 from keyshard.pipeline.manifest import load as load_manifest
 from keyshard.shardformat import VOID
 from keyshard.train.data import epoch_plan
-from keyshard.train.loop import segmentation_loss
+from keyshard.train.step import segmentation_loss
 from keyshard.train.models import build_model
 from keyshard.transforms import normalize_pixels
 

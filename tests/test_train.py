@@ -14,7 +14,8 @@ from keyshard.pipeline.manifest import load as load_manifest
 from keyshard.pipeline.toy_voc import make_toy_voc
 from keyshard.train import checkpoint
 from keyshard.train.data import epoch_plan, model_input, open_shards
-from keyshard.train.loop import TrainConfig, Trainer, param_digest, segmentation_loss
+from keyshard.train.loop import TrainConfig, Trainer, param_digest
+from keyshard.train.step import segmentation_loss
 from keyshard.train.models import build_model
 from keyshard.transforms import normalize_pixels
 
@@ -105,21 +106,30 @@ def test_one_demo_epoch_lowers_the_loss(data, tmp_path):
     assert lines[0]["epoch"] == 1 and "holdout_loss" in lines[0]
 
 
-def test_resume_gives_identical_weights(data, tmp_path):
-    full = Trainer(data / "np4", tmp_path / "full", small_config(epochs=2), progress=False, log=lambda m: None)
-    full.fit()
-    part = Trainer(data / "np4", tmp_path / "part", small_config(epochs=1), progress=False, log=lambda m: None)
-    part.fit()
-    resumed = Trainer(data / "np4", tmp_path / "part", small_config(epochs=2), resume=True, progress=False,
-                      log=lambda m: None)
-    assert resumed.start_epoch == 1
-    resumed.fit()
-    a = checkpoint.load(tmp_path / "full" / "last.pt")
-    b = checkpoint.load(tmp_path / "part" / "last.pt")
-    assert a["epoch"] == b["epoch"] == 1
+def test_killed_run_resumes_to_identical_weights(data, tmp_path):
+    """SIGKILL during epoch 2 of 3 (a test hook kills after an exact step), then --resume: the
+    run continues from the last completed epoch and ends bit-identical to an uninterrupted one."""
+    from conftest import run_subprocess
+
+    args = ["train", "--shards", data / "np4", "--epochs", 3, "--batch-size", 4, "--workers", 1,
+            "--shuffle-buffer", 8, "-q"]
+    steps = 7  # 25 train samples in batches of 4
+    killed = subprocess.run([sys.executable, "-c", "from keyshard.cli import main; main()",
+                             *map(str, args), "--out", str(tmp_path / "part")], capture_output=True, text=True,
+                            env={**os.environ, "KEYSHARD_TEST_KILL_AFTER_STEPS": str(steps + 3)})
+    assert killed.returncode == -9, killed.stderr
+    state = checkpoint.load(tmp_path / "part" / "last.pt")  # complete, never truncated
+    assert state["epoch"] == 0 and len(state["metrics"]) == 1
+    checkpoint.load(tmp_path / "part" / "best.pt")
+    assert run_subprocess(*args, "--out", tmp_path / "part", "--resume").returncode == 0
+    assert run_subprocess(*args, "--out", tmp_path / "full").returncode == 0
+    a, b = checkpoint.load(tmp_path / "full" / "last.pt"), checkpoint.load(tmp_path / "part" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 2
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
-    assert param_digest(full.model) == param_digest(resumed.model)
+    for i, st in a["optimizer"]["state"].items():
+        assert all(torch.equal(v, b["optimizer"]["state"][i][k]) for k, v in st.items())
+    assert [m["train_loss"] for m in a["metrics"]] == [m["train_loss"] for m in b["metrics"]]
 
 
 def test_checkpoint_carries_the_fingerprint_not_the_secret(data, tmp_path):

@@ -11,23 +11,23 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from keyshard.errors import KeyshardError
-from keyshard.pipeline.manifest import load as load_manifest
+from keyshard.pipeline.manifest import load_trusted
 from keyshard.train import checkpoint
 from keyshard.train.augment import KeySafeAugment
 from keyshard.shardformat import VOID
 from keyshard.train.data import model_input, open_shards
 from keyshard.train.models import build_model
+from keyshard.train.step import segmentation_loss, train_step
 
 PRESETS = {
     # Section 3.1 of the paper.
@@ -96,13 +96,17 @@ def all_reduce_sum(values: list[float], dist: Dist, device) -> list[float]:
     return t.tolist()
 
 
-def segmentation_loss(outputs: dict, masks: torch.Tensor, aux_weight: float) -> torch.Tensor:
-    """Summed cross-entropy over non-void pixels (caller divides by the batch's valid count),
-    so void padding and accumulation chunks add exactly nothing."""
-    loss = F.cross_entropy(outputs["out"], masks, ignore_index=VOID, reduction="sum")
-    if aux_weight and "aux" in outputs:
-        loss = loss + aux_weight * F.cross_entropy(outputs["aux"], masks, ignore_index=VOID, reduction="sum")
-    return loss
+_KILL_AFTER = int(os.environ.get("KEYSHARD_TEST_KILL_AFTER_STEPS", "0") or 0)
+_steps_done = 0
+
+
+def _kill_hook() -> None:
+    """Test hook: SIGKILL this process after N optimiser steps (``KEYSHARD_TEST_KILL_AFTER_STEPS``),
+    so the kill-and-resume test dies at an exact point instead of after a sleep."""
+    global _steps_done
+    _steps_done += 1
+    if _KILL_AFTER and _steps_done >= _KILL_AFTER:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def param_digest(model: nn.Module) -> str:
@@ -116,11 +120,12 @@ def param_digest(model: nn.Module) -> str:
 
 class Trainer:
     def __init__(self, shards: str, out: str, config: TrainConfig, resume: bool = False,
-                 progress: bool = True, log=print):
+                 progress: bool = True, log=print, trust: str | None = None):
         self.shards, self.out, self.cfg, self.progress, self.log = str(shards), Path(out), config, progress, log
         self.dist = setup_distributed()
         self.device = torch.device(f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu")
-        self.manifest = load_manifest(self.shards)
+        # trust: a public signing key; the manifest's signature must verify (keyshard/signing.py)
+        self.manifest, self.provenance = load_trusted(self.shards, trust)
         self.data = checkpoint.data_identity(self.manifest)
         if "train" not in self.manifest["splits"]["counts"] or "holdout" not in self.manifest["splits"]["counts"]:
             raise KeyshardError(f"{self.shards}: needs train and holdout splits (encrypt --splits train,holdout,...)")
@@ -169,6 +174,7 @@ class Trainer:
             state = checkpoint.load(last)
             if state["data"] != self.data:
                 raise KeyshardError(f"{last}: was trained on other shards (key fingerprint/method/block size differ)")
+            checkpoint.check_resume_provenance(state, self.provenance, last)
             free = ("epochs", "workers")  # may change on resume without changing the result
             old = {k: v for k, v in state["config"].items() if k not in free}
             new = {k: v for k, v in asdict(self.cfg).items() if k not in free}
@@ -211,12 +217,12 @@ class Trainer:
         loader.set_epoch(epoch)
         return loader.plan, loader
 
-    def _forward(self, pixels):
+    def _forward(self, pixels, model=None):
         x = model_input(pixels, self.manifest, self.device)
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, enabled=self.cfg.amp and self.device.type == "cuda"):
-            return self.ddp(x)
+            return (model or self.ddp)(x)
 
     def train_epoch(self, epoch: int) -> dict:
         from tqdm import tqdm
@@ -224,41 +230,32 @@ class Trainer:
         self.ddp.train()
         plan, batches = self._batches("train", epoch, shuffle=True)
         steps = math.ceil(plan.target / self.cfg.batch_size)
-        chunks = self.cfg.batch_size // self.cfg.micro_batch
         loss_sum = pixels_sum = 0.0
-        padding = 0
+        padding = skipped = 0
         t0 = time.perf_counter()
         bar = tqdm(total=plan.target * self.dist.world, desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
                    unit="img", disable=not (self.progress and self.dist.main), file=sys.stderr)
         for step, (pixels, masks, _, n_pad) in enumerate(batches):
-            masks = masks.to(self.device).long()
-            n_valid = int((masks != VOID).sum())
-            valid = max(n_valid, 1)  # an all-void (padding) batch has loss 0 and zero gradients
-            self.optimizer.zero_grad(set_to_none=True)
-            batch_loss = 0.0
-            for i in range(0, len(pixels), self.cfg.micro_batch):
-                sync = i + self.cfg.micro_batch >= len(pixels) or chunks == 1
-                ctx = self.ddp.no_sync() if (self.dist.world > 1 and not sync) else nullcontext()
-                with ctx:
-                    out = self._forward(pixels[i:i + self.cfg.micro_batch])
-                    loss = segmentation_loss({k: v.float() for k, v in out.items()},
-                                             masks[i:i + self.cfg.micro_batch], self.cfg.aux_weight) / valid
-                    self.scaler.scale(loss).backward()
-                batch_loss += float(loss.detach())
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            batch_loss, valid = train_step(self.ddp, self.optimizer, self.scaler, self._forward, pixels, masks,
+                                           n_pad, self.cfg.micro_batch, self.dist.world, self.cfg.aux_weight)
             self.scheduler.step(epoch + (step + 1) / steps)  # cosine within the epoch, restarts every N
-            loss_sum += batch_loss * valid
-            pixels_sum += n_valid
+            loss_sum += batch_loss
+            pixels_sum += valid / self.dist.world  # summed over ranks below
             padding += n_pad
+            skipped += valid == 0
             bar.update(len(pixels) * self.dist.world)
-            bar.set_postfix(loss=f"{batch_loss:.3f}")
+            bar.set_postfix(loss=f"{self.dist.world * batch_loss / max(valid, 1):.3f}")
+            _kill_hook()
         bar.close()
+        if self.dist.world > 1:  # DDP broadcasts rank 0's BatchNorm buffers at each forward; end there too
+            for buffer in self.model.buffers():
+                torch.distributed.broadcast(buffer, 0)
         loss_sum, pixels_sum, padding, samples = all_reduce_sum(
             [loss_sum, pixels_sum, padding, plan.samples], self.dist, self.device)
         elapsed = time.perf_counter() - t0
         return {"train_loss": loss_sum / max(pixels_sum, 1), "train_samples": int(samples),
-                "train_padding": int(padding), "steps": steps, "samples_per_s": samples / elapsed,
+                "train_padding": int(padding), "steps": steps, "padding_only_steps": skipped,
+                "samples_per_s": samples / elapsed,
                 "lr": self.optimizer.param_groups[0]["lr"]}
 
     @torch.no_grad()
@@ -266,9 +263,12 @@ class Trainer:
         self.ddp.eval()
         _, batches = self._batches("holdout", epoch, shuffle=False)
         loss_sum = pixels_sum = 0.0
-        for pixels, masks, _, _ in batches:
-            masks = masks.to(self.device).long()
-            out = self._forward(pixels)
+        for pixels, masks, _, n_pad in batches:
+            n_real = len(pixels) - n_pad
+            if not n_real:
+                continue
+            masks = masks[:n_real].to(self.device).long()
+            out = self._forward(pixels[:n_real], self.model)  # the plain module: no DDP collectives
             loss_sum += float(segmentation_loss({"out": out["out"].float()}, masks, 0.0))
             pixels_sum += float((masks != VOID).sum())
         loss_sum, pixels_sum = all_reduce_sum([loss_sum, pixels_sum], self.dist, self.device)
@@ -318,6 +318,7 @@ class Trainer:
             "epoch": epoch, "model_name": self.cfg.model, "model_block_size": self.model_block,
             "config": asdict(self.cfg),
             "metrics": self.history, "best_holdout_loss": self.best_loss, "data": self.data,
+            "manifest": self.provenance,
             "world_size": self.dist.world,
         }
         checkpoint.save(self.out / "last.pt", state)

@@ -1,0 +1,78 @@
+"""One optimiser step over a (possibly padded) batch, the same on one process and under DDP.
+
+Padding rows (the last ``n_pad`` of a batch, added so every rank takes the same number of
+steps) must change nothing, so they never reach the model:
+
+* only the real rows are forwarded — BatchNorm's batch statistics and running buffers see
+  exactly the real samples, and the loss and gradients are those of the real rows alone;
+* the loss is the summed cross-entropy over valid pixels divided by the **global** count of
+  valid pixels (all ranks, all micro-batches), times the world size because DDP averages
+  gradients — so the update equals one over the union of every rank's real pixels;
+* a global step with no valid pixel at all (every rank all padding) takes no optimiser step:
+  parameters, BatchNorm buffers and optimizer state stay bit-identical;
+* under DDP, a rank whose micro-batch is all padding while others have data still runs one
+  forward/backward (DDP's collectives must match across ranks), in eval mode so BatchNorm
+  buffers do not move, with a zero loss so it adds zero gradient.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch.nn import functional as F
+
+from keyshard.shardformat import VOID
+
+
+def segmentation_loss(outputs: dict, masks: torch.Tensor, aux_weight: float) -> torch.Tensor:
+    """Summed cross-entropy over non-void pixels (the caller normalises)."""
+    loss = F.cross_entropy(outputs["out"], masks, ignore_index=VOID, reduction="sum")
+    if aux_weight and "aux" in outputs:
+        loss = loss + aux_weight * F.cross_entropy(outputs["aux"], masks, ignore_index=VOID, reduction="sum")
+    return loss
+
+
+def global_sum(value: float, world: int, device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if world > 1:
+        torch.distributed.all_reduce(t)
+    return float(t[0])
+
+
+def train_step(model, optimizer, scaler, forward, pixels, masks, n_pad: int, micro_batch: int, world: int,
+               aux_weight: float = 0.0) -> tuple[float, float]:
+    """Forward/backward the real rows of one batch in micro-batches, then step.
+
+    ``model`` is the (DDP-wrapped) module, ``forward(pixels) -> outputs`` runs it on stored
+    pixels.  Returns (summed loss over this rank's valid pixels, global valid pixel count);
+    a count of 0 means no step was taken.
+    """
+    n_real = len(pixels) - n_pad
+    masks = masks.to(next(model.parameters()).device).long()
+    n_valid = float((masks[:n_real] != VOID).sum())
+    total_valid = global_sum(n_valid, world, masks.device)
+    if total_valid == 0:
+        return 0.0, 0.0
+    scale = world / total_valid
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = 0.0
+    starts = range(0, len(pixels), micro_batch)  # the same chunk count on every rank
+    for i in starts:
+        last = i == starts[-1]
+        ctx = model.no_sync() if world > 1 and not last else nullcontext()
+        end = min(i + micro_batch, n_real)
+        with ctx:
+            if end > i:
+                out = forward(pixels[i:end])
+                loss = segmentation_loss({k: v.float() for k, v in out.items()}, masks[i:end], aux_weight)
+                scaler.scale(loss * scale).backward()
+                loss_sum += float(loss.detach())
+            elif world > 1:  # keep DDP's collectives in step: no BN update, zero gradient
+                model.eval()
+                out = forward(pixels[i:i + 1])
+                scaler.scale(sum(v.float().sum() for v in out.values()) * 0.0).backward()
+                model.train()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss_sum, total_valid
