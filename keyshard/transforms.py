@@ -30,13 +30,25 @@ def check_divisible(height: int, width: int, block_size: int, what: str = "image
         )
 
 
+def block_index(y, x, c, m: int):
+    """THE block flattening order: pixel (y, x), channel c → index k in its block's 3M² vector,
+    (row-in-block, column-in-block, channel).  Used by the transforms and by ``protect``."""
+    return ((y % m) * m + (x % m)) * CHANNELS + c
+
+
+def block_coords(k, m: int):
+    """Inverse of ``block_index`` inside one block: k → (row-in-block, column-in-block, channel)."""
+    row, rem = np.divmod(k, m * CHANNELS)
+    col, ch = np.divmod(rem, CHANNELS)
+    return row, col, ch
+
+
 def _block_positions(height: int, width: int, m: int):
     """For each flat image position: its block origin (y0, x0) and index k inside the block."""
     y = np.arange(height).reshape(-1, 1, 1)
     x = np.arange(width).reshape(1, -1, 1)
     c = np.arange(CHANNELS).reshape(1, 1, -1)
-    k = ((y % m) * m + (x % m)) * CHANNELS + c
-    return y - y % m, x - x % m, k
+    return y - y % m, x - x % m, block_index(y, x, c, m)
 
 
 def _expand(values: np.ndarray, height: int, width: int, m: int) -> np.ndarray:
@@ -114,9 +126,7 @@ def compile_plan(material: KeyMaterial, height: int, width: int) -> Plan:
     check_divisible(height, width, m)
     if material.method == "shf":
         y0, x0, k = _block_positions(height, width, m)
-        src = material.perm[k]  # out[k] = in[perm[k]] within the block
-        r, rem = np.divmod(src, m * CHANNELS)
-        col, ch = np.divmod(rem, CHANNELS)
+        r, col, ch = block_coords(material.perm[k], m)  # out[k] = in[perm[k]] within the block
         gather = (((y0 + r) * width + (x0 + col)) * CHANNELS + ch).reshape(-1).astype(np.intp)
         scatter = np.empty_like(gather)
         scatter[gather] = np.arange(gather.size, dtype=np.intp)

@@ -22,19 +22,17 @@ import torch
 
 from keyshard.errors import KeyshardError
 from keyshard.keys import CHANNELS, KeyMaterial
-from keyshard.transforms import IMAGENET_MEAN, IMAGENET_STD
+from keyshard.transforms import IMAGENET_MEAN, IMAGENET_STD, block_coords, block_index
 
 
 def _patch_maps(material: KeyMaterial, s: int):
     """For each (channel, row, col) of an S×S patch: its source (c, y, x) and the affine (a, c)."""
     m = material.block_size
     c, y, x = np.meshgrid(np.arange(CHANNELS), np.arange(s), np.arange(s), indexing="ij")
-    k = ((y % m) * m + (x % m)) * CHANNELS + c
+    k = block_index(y, x, c, m)
     mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
     if material.method == "shf":
-        src = material.perm[k]
-        r, rem = np.divmod(src, m * CHANNELS)
-        col, ch = np.divmod(rem, CHANNELS)
+        r, col, ch = block_coords(material.perm[k], m)
         sy, sx, sc = y - y % m + r, x - x % m + col, ch
         a = std[sc] / std[c]
         off = (mean[sc] - mean[c]) / std[c]
