@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from keyshard import keys
 from keyshard.errors import KeyshardError
 from keyshard.keys import KeyMaterial
 from keyshard.shardformat import VOID
@@ -38,11 +39,6 @@ class Objective:
         logits = self.model(normalize_pixels(plan.encrypt(self.pixels), material.divisor))["out"]
         self.evaluations += 1
         return float(F.cross_entropy(logits.float(), self.masks, ignore_index=VOID))
-
-
-def mask_size(n: int, derivation: str) -> int:
-    """How many positions the key's derivation rule selects (reference keys: one fewer than half)."""
-    return n - 1 - n // 2 if derivation.startswith("reference") else n // 2
 
 
 def exhaustive(objective: Objective, method: str, m: int, selected: int, table: np.ndarray | None,
@@ -89,11 +85,19 @@ def hill_climb(objective: Objective, start: KeyMaterial, budget: int, seed: int,
 
 
 def search(objective: Objective, method: str, m: int, derivation: str, table: np.ndarray | None,
-           budget: int, exhaustive_limit: int, start: KeyMaterial, seed: int, progress=None):
-    """Exhaustive when the mask space is at most ``exhaustive_limit``, else hill-climbing."""
+           budget: int, exhaustive_limit: int, start: KeyMaterial | None, seed: int, progress=None):
+    """Exhaustive when the mask space is at most ``exhaustive_limit``, else hill-climbing.
+
+    Masks have the size of ``start``'s (``keys.mask_size``; the caller draws the start with
+    ``wrong_keys.draw`` from the true key or a key of the model's derivation, so a recovered or
+    imported explicit key is searched with its own mask size), or without a start the size
+    ``derivation`` selects (``keys.rule_mask_size``).
+    """
     n = 3 * m * m
     if method != "shf":
-        k = mask_size(n, derivation)
+        k = keys.mask_size(start) if start is not None else keys.rule_mask_size(m, derivation)
+        if k is None:
+            raise KeyshardError(f"the mask size of {derivation} keys is not known; give a start key")
         if math.comb(n, k) <= exhaustive_limit:
             return "exhaustive", exhaustive(objective, method, m, k, table, progress)
     if budget < 2:

@@ -3,7 +3,9 @@ accuracy falls off a cliff (good) or degrades smoothly (a hill-climbing attack c
 
 Distance: for SHF, the number of transpositions separating two permutations (k disjoint
 transpositions of the correct permutation are at distance k); for NP/FFX, the number of
-selected positions swapped with unselected ones (the mask keeps its size; FFX keeps its table).
+selected positions swapped with unselected ones (the mask keeps its size, ``keys.mask_size``;
+FFX keeps its table).  Keys are built from the correct key's material, so explicit keys
+(recovered or imported) get near-miss keys of their own shape too.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from keyshard.keys import KeyMaterial
 def max_distance(material: KeyMaterial) -> int:
     if material.method == "shf":
         return material.perm.size // 2
-    selected = int(material.mask.sum())
+    selected = keys.mask_size(material)
     return min(selected, material.mask.size - selected)
 
 

@@ -1,9 +1,24 @@
 """Random wrong keys for the audit: reproducible from a seed, never the correct key, all distinct.
 
-Wrong keys follow the correct key's derivation rule (a ``reference_seed`` key gets
-reference-style masks with 3M²/2 − 1 positions; a secret key gets exactly-half masks), have its
-method and block size, and — for FFX — keep its password and vary only the mask, as in the
-paper (the worst case: protection by the mask alone).  ``randomize_password`` varies it too.
+Wrong keys follow the correct key's own material, whatever kind of key it is (derived from a
+secret, from a ``reference_seed``, or explicit — recovered by an attack or imported):
+
+* same method and block size;
+* SHF: a uniformly random permutation of the same 3M² positions;
+* NP/FFX: a uniformly random mask selecting as many positions as the correct key's mask
+  (``keys.mask_size``: half of 3M² for secret keys, one fewer for reference-seed keys, whatever
+  an explicit key holds);
+* FFX: the correct key's own table — the paper's setting, protection by the mask alone (the
+  worst case).  ``randomize_password`` gives each wrong key the table of its own random password.
+
+Candidate ``index`` uses the secret ``sha256("keyshard-wrong-key/1|<seed>|<index>")`` and the
+documented ``keyshard-shake256/1`` shuffles (``keys.fisher_yates``): the SHF permutation is that
+secret's, a mask selects the first ``mask_size`` entries of its ``mask-order`` shuffle, and a
+randomized FFX password is that secret's derived password.  So for a secret-derived correct key
+the wrong keys' material is exactly what those secrets derive; for every kind they are uniform over
+the masks/permutations of the correct key's shape, identical on every machine and library
+version, and depend on the correct key only through the candidates they must skip.  Each is
+returned as an explicit key whose fingerprint is keyed by its secret.
 """
 
 from __future__ import annotations
@@ -14,38 +29,60 @@ import numpy as np
 
 from keyshard import keys
 from keyshard.errors import KeyshardError
+from keyshard.keys import KeyMaterial
 
 
 def _secret(seed: int, index: int) -> bytes:
     return hashlib.sha256(f"keyshard-wrong-key/1|{seed}|{index}".encode()).digest()
 
 
+def rule(correct: keys.Key, randomize_password: bool = False) -> str:
+    """What the wrong keys of ``correct`` are, in words (the audit's ``wrong_keys.rule``).
+
+    With ``randomize_password`` the FFX part is left out: the audit records that flag beside the
+    rule and the report appends "random FFX passwords".
+    """
+    base = correct.material
+    if base.method == "shf":
+        return f"random permutations of the {base.block_len} block positions"
+    text = f"random masks of the key's size ({keys.mask_size(base)} of {base.block_len} positions)"
+    if base.method == "ffx" and not randomize_password:
+        text += ", the key's FFX table"
+    return text
+
+
 def draw(correct: keys.Key, count: int, seed: int, randomize_password: bool = False,
          max_tries_factor: int = 50) -> list[keys.Key]:
-    """``count`` keys ≠ ``correct`` and ≠ each other, drawn from ``seed`` only."""
-    space = correct.keyspace_count()
-    if space is not None and count > space - 1:
-        raise KeyshardError(f"--wrong-keys {count} exceeds the {space - 1} other keys of "
-                            f"{correct.method} M={correct.block_size}")
-    reference = correct.reference_seed is not None
-    rng = np.random.default_rng([seed, 4242])
-    password = None
-    if correct.method == "ffx" and not randomize_password:
-        password = correct.password
-    taken = {correct.material.canonical_bytes()}
+    """``count`` keys ≠ ``correct`` and ≠ each other, following its material, drawn from ``seed``."""
+    base = correct.material
+    n = base.block_len
+    vary_table = base.method == "ffx" and randomize_password
+    if not vary_table:  # otherwise the table varies too and the space is far larger
+        space = correct.keyspace_count()
+        if space is not None and count > space - 1:
+            raise KeyshardError(f"--wrong-keys {count} exceeds the {space - 1} other keys of "
+                                f"{correct.method} M={correct.block_size}")
+    selected = keys.mask_size(base) if base.method != "shf" else None
+    taken = {base.canonical_bytes()}
     out: list[keys.Key] = []
     index = 0
     while len(out) < count:
         if index > count * max_tries_factor:
             raise KeyshardError(f"could not draw {count} distinct wrong keys")
-        candidate = keys.Key(
-            method=correct.method, block_size=correct.block_size, secret=_secret(seed, index),
-            reference_seed=int(rng.integers(0, 2**62)) if reference else None,
-            ffx_password=password if correct.method == "ffx" else None)
+        secret = _secret(seed, index)
         index += 1
-        ident = candidate.material.canonical_bytes()
+        if base.method == "shf":
+            material = KeyMaterial("shf", base.block_size, perm=keys.fisher_yates(secret, b"shf-permutation", n))
+        else:
+            mask = np.zeros(n, dtype=bool)
+            mask[keys.fisher_yates(secret, b"mask-order", n)[:selected]] = True
+            table = base.table
+            if vary_table:
+                table = keys.ffx_table(keys.Key(base.method, base.block_size, secret).password)
+            material = KeyMaterial(base.method, base.block_size, mask=mask, table=table)
+        ident = material.canonical_bytes()
         if ident in taken:
             continue
         taken.add(ident)
-        out.append(candidate)
+        out.append(keys.Key(method=base.method, block_size=base.block_size, secret=secret, explicit=material))
     return out

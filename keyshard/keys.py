@@ -14,7 +14,9 @@ every machine.  Derivation ``keyshard-shake256/1``:
 * FFX password (when the file gives none) = hex of the first 16 bytes of ``stream(b"ffx-password")``.
 
 ``reference_seed`` keys follow the authors' public code instead (``torch.manual_seed(seed);
-perm = torch.randperm(3M²)``; masks are ``perm > 3M²/2``).  Explicit keys carry the material itself.
+perm = torch.randperm(3M²)``; masks are ``perm > 3M²/2``, one position fewer than half).  Explicit
+keys carry the material itself, so their mask selects however many positions it holds
+(``mask_size``; ``rule_mask_size`` says what each derivation selects).
 
 The fingerprint is HMAC-SHA256 keyed by the secret over the public parameters and the derived
 material: it identifies a key without letting anyone test guesses offline.
@@ -174,10 +176,10 @@ class Key:
                     else fisher_yates(self.secret, b"shf-permutation", n))
             return KeyMaterial("shf", self.block_size, perm=perm)
         if self.reference_seed is not None:
-            mask = reference_permutation(self.reference_seed, n) > n / 2
+            mask = reference_permutation(self.reference_seed, n) > n / 2  # rule_mask_size: n - 1 - n // 2
         else:
             mask = np.zeros(n, dtype=bool)
-            mask[fisher_yates(self.secret, b"mask-order", n)[: n // 2]] = True
+            mask[fisher_yates(self.secret, b"mask-order", n)[: rule_mask_size(self.block_size, DERIVE_SECRET)]] = True
         table = ffx_table(self.password) if self.method == "ffx" else None
         return KeyMaterial(self.method, self.block_size, mask=mask, table=table)
 
@@ -206,7 +208,7 @@ class Key:
         n = self.block_size * self.block_size * CHANNELS
         if self.method == "shf":
             return math.lgamma(n + 1) / math.log(2)
-        selected = int(self.material.mask.sum())
+        selected = mask_size(self.material)
         return math.log2(math.comb(n, selected)) if n < 4000 else _log2_comb(n, selected)
 
     def keyspace_count(self) -> int | None:
@@ -216,7 +218,7 @@ class Key:
         n = self.block_size * self.block_size * CHANNELS
         if self.method == "shf":
             return math.factorial(n)
-        return math.comb(n, int(self.material.mask.sum()))
+        return math.comb(n, mask_size(self.material))
 
     def describe_warnings(self) -> list[str]:
         """Plain-language warnings a user should see in ``key-info``."""
@@ -234,6 +236,30 @@ class Key:
                 "be enumerated with torch.randperm. Use it only to interoperate with the authors' code."
             )
         return out
+
+
+def rule_mask_size(block_size: int, derivation: str) -> int | None:
+    """How many of the 3M² block positions an NP/FFX mask of ``derivation`` selects.
+
+    ``keyshard-shake256/1``: exactly half (``n // 2``).  The reference code's ``perm > n/2``
+    selects the values ``floor(n/2) + 1 .. n - 1``: ``n - 1 - n // 2`` positions (one fewer than
+    half for even n).  An explicit key's mask is whatever its file holds: None here, ask
+    ``mask_size(material)``.  This is the one place that knows these counts; wrong keys, near-miss
+    keys and key search all follow ``mask_size`` of the key they are given.
+    """
+    n = block_size * block_size * CHANNELS
+    if derivation == DERIVE_SECRET:
+        return n // 2
+    if derivation == DERIVE_REFERENCE:
+        return n - 1 - n // 2
+    return None
+
+
+def mask_size(material: KeyMaterial) -> int:
+    """How many positions an NP/FFX key's mask selects (what its wrong keys and searches keep)."""
+    if material.mask is None:
+        raise ValueError(f"{material.method} keys have no mask")
+    return int(material.mask.sum())
 
 
 def _log2_comb(n: int, k: int) -> float:

@@ -23,14 +23,20 @@ def toy(tmp_path_factory) -> Path:
     return out / "voc"
 
 
+# Fixed key secrets: a test whose outcome depends on the key (training, attacks) must not
+# depend on a fresh random one.  fixed_secret(i) gives distinct, reproducible secrets.
+def fixed_secret(i: int = 0) -> bytes:
+    return bytes((i + j) % 256 for j in range(32))
+
+
 @pytest.fixture(scope="session")
 def key_files(tmp_path_factory) -> dict:
-    """One key file per method at M=4 (image size 32 in these tests)."""
+    """One key file per method at M=4 (image size 32 in these tests), from fixed secrets."""
     d = tmp_path_factory.mktemp("keys")
     out = {}
-    for method in keys.METHODS:
+    for i, method in enumerate(keys.METHODS):
         path = d / f"{method}.json"
-        keys.save(keys.generate(method, 4), path)
+        keys.save(keys.Key(method, 4, fixed_secret(i)), path)
         out[method] = path
     return out
 
@@ -62,22 +68,27 @@ def assert_user_error(result, *fragments):
 
 
 def keyed_run(root: Path, method: str, m: int, images: int, seed: int, epochs: int, size: int = 32,
-              shard_size: int = 8, enc_splits=("train", "holdout", "test"), **train_overrides) -> Path:
+              shard_size: int = 8, enc_splits=("train", "holdout", "test"), secret: bytes = fixed_secret(0),
+              **train_overrides) -> Path:
     """Toy VOC → plain shards (all splits) + keyed shards → a demo model trained on them.
 
-    Lays out root/{voc, key.json, plain, enc, run}; returns root.
+    Everything is fixed — the toy data (``seed``), the key (``secret``, never a random one) and
+    the training seed (``train_overrides`` may set ``seed``, default 0) — so a test asserting a
+    training outcome sees the same run every time.  Lays out root/{voc, key.json, plain, enc,
+    run}; returns root.
     """
     from keyshard.pipeline import encrypt_job
     from keyshard.train.loop import TrainConfig, Trainer
 
     voc = make_toy_voc(root / "voc", images=images, seed=seed, min_side=40, max_side=56, progress=False)
-    key = keys.generate(method, m)
+    key = keys.Key(method, m, secret)
     keys.save(key, root / "key.json")
     encrypt_job.run(str(voc), str(root / "plain"), None, encrypt_job.EncryptOptions(size=size, shard_size=shard_size),
                     jobs=1, progress=False)
     encrypt_job.run(str(voc), str(root / "enc"), key,
                     encrypt_job.EncryptOptions(size=size, shard_size=shard_size, splits=tuple(enc_splits)),
                     jobs=1, progress=False)
+    train_overrides.setdefault("seed", 0)
     cfg = TrainConfig.from_preset("demo", epochs=epochs, batch_size=8, micro_batch=8, workers=0, **train_overrides)
     Trainer(root / "enc", root / "run", cfg, progress=False, log=lambda msg: None).fit()
     return root

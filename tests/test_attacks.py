@@ -1,6 +1,7 @@
 """Attacks: known-plaintext key recovery, near-miss keys, key search, fine-tuning."""
 
 import json
+import math
 
 import numpy as np
 import torch
@@ -12,7 +13,7 @@ from keyshard.pipeline import encrypt_job
 from keyshard.pipeline.toy_voc import make_toy_voc
 from keyshard.transforms import compile_plan
 
-from conftest import assert_user_error, invoke, keyed_run
+from conftest import assert_user_error, fixed_secret, invoke, keyed_run
 
 SIZE = 32
 
@@ -23,11 +24,16 @@ def kpa(tmp_path_factory):
     voc = make_toy_voc(root / "voc", images=12, seed=8, min_side=40, max_side=56, progress=False)
     opts = encrypt_job.EncryptOptions(size=SIZE, shard_size=8, splits=("test",))
     encrypt_job.run(str(voc), str(root / "plain"), None, opts, jobs=1, progress=False)
-    for method in keys.METHODS:
+    for i, method in enumerate(keys.METHODS):
         for m in (2, 16):
-            key = keys.generate(method, m)
+            key = keys.Key(method, m, fixed_secret(i + m))
             keys.save(key, root / f"{method}{m}.json")
             encrypt_job.run(str(voc), str(root / f"{method}{m}"), key, opts, jobs=1, progress=False)
+        # a reference-seed key (its masks select 5 of 12 positions at M=2, not 6)
+        ref = keys.Key(method, 2, fixed_secret(i), reference_seed=5 + i,
+                       ffx_password=b"password" if method == "ffx" else None)
+        keys.save(ref, root / f"ref-{method}2.json")
+        encrypt_job.run(str(voc), str(root / f"ref-{method}2"), ref, opts, jobs=1, progress=False)
     return root
 
 
@@ -64,6 +70,46 @@ def test_known_plaintext_recovers_the_key(kpa, tmp_path, method, m):
         assert report["table_entries_known"] == int(determined.sum()) > 100
 
 
+@pytest.mark.parametrize("method", keys.METHODS)
+@pytest.mark.parametrize("kind", ["derived", "reference-seed"])
+def test_recovered_keys_get_wrong_near_miss_and_search_keys_of_their_own_shape(kpa, tmp_path, method, kind):
+    """README flow: recover a key, then audit/attack with it.  The explicit key's wrong keys,
+    near-miss keys and search space follow its own material: mask size (5 of 12 for a
+    reference-seed key, 6 for a derived one), FFX table, permutation length."""
+    from keyshard.evaluate import wrong_keys
+    from keyshard.evaluate.key_search import Objective, search
+    from keyshard.evaluate.near_miss import distance, near_miss_keys
+
+    name = f"{method}2" if kind == "derived" else f"ref-{method}2"
+    out = tmp_path / "recovered.json"
+    res = invoke("attack", "known-plaintext", "--plain", kpa / "plain", "--encrypted", kpa / name, "-o", out)
+    assert res.exit_code == 0, res.output
+    recovered, truth = keys.load(out), keys.load(kpa / f"{name}.json")
+    assert recovered.derivation == keys.DERIVE_EXPLICIT
+    base, n = recovered.material, 12
+    wrong = wrong_keys.draw(recovered, 10, seed=2)
+    assert [k.fingerprint for k in wrong] == [k.fingerprint for k in wrong_keys.draw(recovered, 10, seed=2)]
+    near = near_miss_keys(recovered, 1, 3, seed=1)
+    for k in wrong + near:
+        assert not k.material.equals(base) and (k.method, k.block_size) == (method, 2)
+        if method == "shf":
+            assert sorted(k.material.perm.tolist()) == list(range(n))
+        else:
+            size = keys.rule_mask_size(2, truth.derivation)
+            assert size == (5 if kind == "reference-seed" else 6)
+            assert keys.mask_size(k.material) == keys.mask_size(base) == keys.mask_size(truth.material) == size
+        if method == "ffx":  # the recovered key's own table, not one derived from its fresh secret
+            np.testing.assert_array_equal(k.material.table, base.table)
+    assert all(distance(k.material, base) == 1 for k in near)
+    if method == "np":  # the search enumerates masks of the recovered key's size and finds it
+        plain = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
+        objective = Objective(OracleNP(base, 8, 8).eval(), plain, oracle_labels(plain), "cpu")
+        mode, ranked = search(objective, "np", 2, recovered.derivation, None, budget=10, exhaustive_limit=5000,
+                              start=wrong[0].material, seed=0)
+        assert mode == "exhaustive" and len(ranked) == math.comb(n, keys.mask_size(base))
+        assert ranked[0][1].equals(base) and ranked[0][1].equals(truth.material)
+
+
 def test_known_plaintext_refuses_mismatched_inputs(kpa, tmp_path):
     args = ["attack", "known-plaintext", "-o", tmp_path / "k.json"]
     assert_user_error(invoke(*args, "--plain", kpa / "np2", "--encrypted", kpa / "shf2"), "is not plain")
@@ -85,7 +131,7 @@ def test_known_plaintext_refuses_other_ids(kpa, tmp_path):
 def test_near_miss_keys_are_at_exactly_the_requested_distance(method, m):
     from keyshard.evaluate.near_miss import distance, max_distance, near_miss_keys
 
-    correct = keys.generate(method, m)
+    correct = keys.Key(method, m, fixed_secret(3))
     n = 3 * m * m
     top = max_distance(correct.material)
     for d, count in ((1, 3), (2, 3), (top, 1)):  # at M=2 NP/FFX, distance 6 is the complement only
@@ -141,7 +187,7 @@ def test_exhaustive_search_finds_the_key_a_model_is_built_for():
 
     from keyshard.evaluate.key_search import Objective, search
 
-    correct = keys.generate("np", 2)
+    correct = keys.Key("np", 2, fixed_secret(4))
     plain = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
     model = OracleNP(correct.material, 8, 8).eval()
     objective = Objective(model, plain, oracle_labels(plain), "cpu")
@@ -158,7 +204,7 @@ def test_hill_climbing_improves_on_its_start():
     from keyshard.evaluate import wrong_keys
     from keyshard.evaluate.key_search import Objective, hill_climb
 
-    correct = keys.generate("np", 4)
+    correct = keys.Key("np", 4, fixed_secret(5))
     plain = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8))
     objective = Objective(OracleNP(correct.material, 8, 8).eval(), plain, oracle_labels(plain), "cpu")
     start = wrong_keys.draw(correct, 1, seed=1)[0].material
@@ -192,7 +238,7 @@ def test_search_refuses_mismatched_inputs(np2_model, tmp_path):
     assert_user_error(invoke(*args, "--labelled-shards", np2_model / "enc", "--test", np2_model / "plain"),
                       "must hold plain shards")
     other = tmp_path / "m4.json"
-    keys.save(keys.generate("np", 4), other)
+    keys.save(keys.Key("np", 4, fixed_secret(6)), other)
     assert_user_error(invoke(*args, "--labelled-shards", np2_model / "plain", "--test", np2_model / "plain",
                              "--key", other), "M=4")
 

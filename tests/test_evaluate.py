@@ -1,5 +1,6 @@
 """The audit: metrics against independent computations, wrong keys, device transforms, refusals."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -59,32 +60,101 @@ def test_miou_and_accuracy_match_independent_computations(seed):
         assert scores["per_class_iou"][11] == 0.0  # predicted but never labelled: counts as 0
 
 
+FIXED_SECRET = bytes(range(32))
+OTHER_SECRET = bytes(range(32, 64))
+
+
+def key_kinds(method: str, m: int) -> dict:
+    """One correct key of every kind: derived from a secret (FFX: derived password and a given
+    one), from a reference seed, and explicit copies of both as `attack known-plaintext` writes
+    them (the material plus a fresh secret — whose derived FFX password is *not* the key's)."""
+    pw = b"pw" if method == "ffx" else None
+    out = {"derived": keys.Key(method, m, FIXED_SECRET),
+           "reference-seed": keys.Key(method, m, FIXED_SECRET, reference_seed=9, ffx_password=pw)}
+    if method == "ffx":
+        out["derived, given password"] = keys.Key(method, m, FIXED_SECRET, ffx_password=pw)
+    for name, key in list(out.items()):
+        out[f"explicit from {name}"] = keys.Key(method, m, OTHER_SECRET, explicit=key.material)
+    return out
+
+
+@pytest.mark.parametrize("m", [2, 4])
 @pytest.mark.parametrize("method", keys.METHODS)
-def test_wrong_keys_are_reproducible_distinct_and_never_correct(method):
-    correct = keys.generate(method, 4, ffx_password=b"pw" if method == "ffx" else None)
-    a = wrong_keys.draw(correct, 20, seed=3)
-    b = wrong_keys.draw(correct, 20, seed=3)
-    c = wrong_keys.draw(correct, 20, seed=4)
-    assert [k.fingerprint for k in a] == [k.fingerprint for k in b]
-    assert [k.fingerprint for k in a] != [k.fingerprint for k in c]
-    materials = {k.material.canonical_bytes() for k in a}
-    assert len(materials) == 20 and correct.material.canonical_bytes() not in materials
-    if method == "ffx":  # the paper's setting: same password, other mask
-        assert all(np.array_equal(k.material.table, correct.material.table) for k in a)
-        other = wrong_keys.draw(correct, 5, seed=3, randomize_password=True)
-        assert not any(np.array_equal(k.material.table, correct.material.table) for k in other)
-    if method != "shf":
-        assert all(int(k.material.mask.sum()) == 24 for k in a)
+def test_wrong_keys_follow_the_correct_keys_own_rules_for_every_kind(method, m):
+    n = 3 * m * m
+    drawn = {}
+    for kind, correct in key_kinds(method, m).items():
+        base = correct.material
+        a = wrong_keys.draw(correct, 20, seed=3)
+        b = wrong_keys.draw(correct, 20, seed=3)
+        c = wrong_keys.draw(correct, 20, seed=4)
+        assert [k.fingerprint for k in a] == [k.fingerprint for k in b], kind  # deterministic from the seed
+        assert all(x.material.equals(y.material) for x, y in zip(a, b)), kind
+        assert [k.fingerprint for k in a] != [k.fingerprint for k in c], kind
+        assert len({k.material.canonical_bytes() for k in a}) == 20, kind  # distinct
+        for k in a:
+            w = k.material
+            assert (w.method, w.block_size) == (method, m), kind
+            assert not w.equals(base), kind  # never the correct key
+            if method == "shf":  # a permutation of the same length
+                assert sorted(w.perm.tolist()) == list(range(n)), kind
+            else:  # as many positions as the correct key's mask
+                assert w.mask.shape == (n,) and keys.mask_size(w) == keys.mask_size(base), kind
+            if method == "ffx":  # the correct key's table (the paper's setting)
+                np.testing.assert_array_equal(w.table, base.table, err_msg=kind)
+        if method != "shf":
+            expected = n - 1 - n // 2 if "reference" in kind else n // 2
+            assert keys.mask_size(base) == expected, kind
+            assert f"({expected} of {n} positions)" in wrong_keys.rule(correct), kind
+        if method == "ffx":
+            assert "the key's FFX table" in wrong_keys.rule(correct)
+            other = wrong_keys.draw(correct, 5, seed=3, randomize_password=True)
+            assert "FFX table" not in wrong_keys.rule(correct, randomize_password=True)
+            for k in other:  # --randomize-ffx-password: another table, same mask size
+                assert not np.array_equal(k.material.table, base.table), kind
+                assert len(set(k.material.table.tolist())) == 256 and k.material.table.max() <= 999
+                assert keys.mask_size(k.material) == keys.mask_size(base)
+            assert [k.fingerprint for k in other] == [k.fingerprint for k in
+                                                      wrong_keys.draw(correct, 5, seed=3, randomize_password=True)]
+        drawn[kind] = a
+    # the draw depends on the material only: an explicit copy gets the very same wrong keys
+    for kind, ks in drawn.items():
+        if kind.startswith("explicit from "):
+            original = drawn[kind[len("explicit from "):]]
+            assert all(x.material.equals(y.material) for x, y in zip(ks, original)), kind
+
+
+def test_wrong_keys_of_a_secret_key_are_the_keys_their_secrets_derive():
+    """Stable across library versions: the documented derivation, not a numpy generator."""
+    correct = keys.Key("np", 4, FIXED_SECRET)
+    for i, k in enumerate(wrong_keys.draw(correct, 3, seed=5)):
+        fresh = keys.Key("np", 4, hashlib.sha256(f"keyshard-wrong-key/1|5|{i}".encode()).digest())
+        assert k.material.equals(fresh.material)
+
+
+def test_wrong_keys_keep_an_explicit_masks_unusual_size():
+    mask = np.zeros(12, dtype=bool)
+    mask[[0, 4, 11]] = True  # an imported key: 3 of 12 positions, no derivation selects that
+    correct = keys.Key("ffx", 2, OTHER_SECRET, explicit=keys.KeyMaterial("ffx", 2, mask=mask,
+                                                                          table=keys.ffx_table(b"pw")))
+    every_other = wrong_keys.draw(correct, 219, seed=0)  # C(12, 3) - 1
+    assert all(keys.mask_size(k.material) == 3 for k in every_other)
+    assert len({k.material.canonical_bytes() for k in every_other}) == 219
+    assert "(3 of 12 positions)" in wrong_keys.rule(correct)
+    with pytest.raises(Exception, match="219 other keys"):
+        wrong_keys.draw(correct, 220, seed=0)
 
 
 def test_small_key_space_is_exhausted_exactly():
-    correct = keys.generate("np", 2)
+    correct = keys.Key("np", 2, FIXED_SECRET)
     every_other = wrong_keys.draw(correct, 923, seed=0)
     assert len({k.material.canonical_bytes() for k in every_other}) == 923
     with pytest.raises(Exception, match="923 other keys"):
         wrong_keys.draw(correct, 924, seed=0)
-    ref = keys.generate("np", 2, reference_seed=9)
+    ref = keys.Key("np", 2, FIXED_SECRET, reference_seed=9)
     assert all(int(k.material.mask.sum()) == 5 for k in wrong_keys.draw(ref, 10, seed=0))
+    every_other_ref = wrong_keys.draw(keys.Key("np", 2, OTHER_SECRET, explicit=ref.material), 791, seed=0)
+    assert len({k.material.canonical_bytes() for k in every_other_ref}) == 791  # C(12, 5) - 1
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +201,7 @@ def test_evaluate_writes_the_audit_and_report(audited, tmp_path):
 
 def test_evaluate_refuses_mismatches(audited, tmp_path):
     other = tmp_path / "other.json"
-    keys.save(keys.generate("ffx", 4), other)
+    keys.save(keys.Key("ffx", 4, OTHER_SECRET), other)
     args = ["--checkpoint", audited / "run" / "best.pt", "--test", audited / "plain", "--wrong-keys", 2,
             "--workers", 0, "-q"]
     assert_user_error(invoke("evaluate", *args, "--key", other, "--out", tmp_path / "a"), "fingerprint")
@@ -141,7 +211,7 @@ def test_evaluate_refuses_mismatches(audited, tmp_path):
     assert "overridden" in json.loads((tmp_path / "b" / "audit.json").read_text())["key"]["fingerprint_check"]
     assert "overridden" in res.output
     wrong_m = tmp_path / "m8.json"
-    keys.save(keys.generate("ffx", 8), wrong_m)
+    keys.save(keys.Key("ffx", 8, OTHER_SECRET), wrong_m)
     assert_user_error(invoke("evaluate", *args, "--key", wrong_m, "--out", tmp_path / "c"), "M=8")
     enc_test = ["--checkpoint", audited / "run" / "best.pt", "--test", audited / "enc", "--key", audited / "key.json"]
     assert_user_error(invoke("evaluate", *enc_test, "--out", tmp_path / "d", "-q"), "must be plain")

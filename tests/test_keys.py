@@ -65,6 +65,26 @@ def test_reference_seed_matches_authors_code(seed, m):
         assert expected_mask.sum() == 5
 
 
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 16])
+def test_rule_mask_size_is_what_each_derivation_selects(m):
+    """The one helper for mask sizes agrees with the derivations themselves, odd 3M² included."""
+    n = 3 * m * m
+    assert keys.rule_mask_size(m, keys.DERIVE_SECRET) == n // 2
+    assert keys.rule_mask_size(m, keys.DERIVE_REFERENCE) == n - 1 - n // 2
+    assert keys.rule_mask_size(m, keys.DERIVE_EXPLICIT) is None
+    for method in ("np", "ffx"):
+        pw = b"password" if method == "ffx" else None
+        for key in (keys.Key(method, m, FIXED_SECRET, ffx_password=pw),
+                    *(keys.Key(method, m, FIXED_SECRET, reference_seed=s, ffx_password=pw) for s in (0, 7))):
+            assert keys.mask_size(key.material) == int(key.material.mask.sum()) == keys.rule_mask_size(m, key.derivation)
+    mask = np.zeros(n, dtype=bool)
+    mask[:1] = True  # an explicit (imported) key may hold any mask
+    explicit = keys.Key("np", m, FIXED_SECRET, explicit=keys.KeyMaterial("np", m, mask=mask))
+    assert keys.mask_size(explicit.material) == 1 and explicit.keyspace_count() == n
+    with pytest.raises(ValueError):
+        keys.mask_size(keys.Key("shf", m, FIXED_SECRET).material)
+
+
 def test_ffx_table_equals_pyffx_value_by_value():
     key = keys.generate("ffx", 2, ffx_password=b"password")
     fpe = pyffx.Integer(b"password", length=3)
