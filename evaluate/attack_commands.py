@@ -76,7 +76,6 @@ def search_command(ckpt, labelled_dir, labelled_split, n_labelled, test_dir, tru
     Reports the best keys, their test mIoU and, with --key, their distance to the true key and
     the true key's rank.
     """
-    import torch
     from tqdm import tqdm
 
     from keyshard import keys
@@ -85,11 +84,12 @@ def search_command(ckpt, labelled_dir, labelled_split, n_labelled, test_dir, tru
     from keyshard.evaluate.key_search import Objective, search
     from keyshard.evaluate.near_miss import distance
     from keyshard.pipeline.manifest import load as load_manifest
+    from keyshard.train.device import pick_device
     from keyshard.transforms import compile_plan
 
     if out_path and Path(out_path).exists():  # before the search, not after minutes of it
         raise KeyshardError(f"{out_path}: already exists; refusing to overwrite")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
     model, state = load_model(ckpt, device)
     data = state["data"]
     if data["plain"]:

@@ -19,9 +19,10 @@ from keyshard.evaluate import wrong_keys
 from keyshard.evaluate.metrics import Confusion
 from keyshard.evaluate.near_miss import near_miss_keys
 from keyshard.pipeline.manifest import library_versions
-from keyshard.pipeline.manifest import load as load_manifest
+from keyshard.pipeline.manifest import load_trusted
 from keyshard.train import checkpoint
 from keyshard.train.data import epoch_plan, open_shards
+from keyshard.train.device import pick_device
 from keyshard.train.models import build_model
 from keyshard.transforms import compile_plan, normalize_pixels
 
@@ -89,11 +90,11 @@ def score_on_split(model, configs: list, source, manifest: dict, device, batch_s
 
 
 def run_baseline(ckpt_path: str, test_dir: str, batch_size: int = 32, workers: int = 0,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, trust: str | None = None) -> dict:
     """The audit of a model trained on plain images: its test mIoU (the no-key baseline)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
     model, state = load_model(ckpt_path, device)
-    manifest = load_manifest(test_dir)
+    manifest, test_provenance = load_trusted(test_dir, trust)
     if not manifest["encryption"]["plain"] or "test" not in manifest["splits"]["counts"]:
         raise KeyshardError(f"{test_dir}: needs plain shards with a test split")
     scores = score_on_split(model, [(None, 255)], test_dir, manifest, device, batch_size, workers, progress,
@@ -104,10 +105,10 @@ def run_baseline(ckpt_path: str, test_dir: str, batch_size: int = 32, workers: i
         "tool": {"name": "keyshard", "version": __version__}, "libraries": library_versions(),
         "checkpoint": {"path": str(ckpt_path), "sha256": sha256_file(Path(ckpt_path)), "epoch": state["epoch"] + 1,
                        "model": state["model_name"], "model_block_size": state.get("model_block_size"),
-                       "data": state["data"]},
+                       "data": state["data"], "manifest": state.get("manifest")},
         "key": None,
         "test": {"path": str(test_dir), "images": epoch_plan(test_dir, manifest, "test", 0, 0, shuffle=False).samples,
-                 "source_content_sha256": manifest["source"]["content_sha256"]},
+                 "source_content_sha256": manifest["source"]["content_sha256"], **test_provenance},
         "device": str(device), "results": {"plain": scores[0]},
     }
 
@@ -115,11 +116,11 @@ def run_baseline(ckpt_path: str, test_dir: str, batch_size: int = 32, workers: i
 def run_audit(ckpt_path: str, key_path: str, test_dir: str, n_wrong: int = 100, seed: int = 0,
               batch_size: int = 32, ignore_fingerprint: bool = False, randomize_password: bool = False,
               workers: int = 0, progress: bool = True, near_miss: tuple[int, ...] = (),
-              near_miss_count: int = 5) -> dict:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+              near_miss_count: int = 5, trust: str | None = None) -> dict:
+    device = pick_device()
     model, state = load_model(ckpt_path, device)
     key = keys.load(key_path)
-    manifest = load_manifest(test_dir)
+    manifest, test_provenance = load_trusted(test_dir, trust)
     status = check_inputs(state, key, manifest, ckpt_path, key_path, test_dir, ignore_fingerprint)
     size = state["data"]["image_size"]
     wrong = wrong_keys.draw(key, n_wrong, seed, randomize_password)
@@ -146,14 +147,14 @@ def run_audit(ckpt_path: str, key_path: str, test_dir: str, n_wrong: int = 100, 
         "created_utc": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         "tool": {"name": "keyshard", "version": __version__}, "libraries": library_versions(),
         "checkpoint": {"path": str(ckpt_path), "sha256": sha256_file(Path(ckpt_path)), "epoch": state["epoch"] + 1,
-                       "model": state["model_name"], "data": state["data"]},
+                       "model": state["model_name"], "data": state["data"], "manifest": state.get("manifest")},
         "key": {"fingerprint": key.fingerprint, "method": key.method, "block_size": key.block_size,
                 "derivation": key.derivation, "fingerprint_check": status},
         "test": {"path": str(test_dir), "images": epoch_plan(test_dir, manifest, "test", 0, 0, shuffle=False).samples,
-                 "source_content_sha256": manifest["source"]["content_sha256"]},
+                 "source_content_sha256": manifest["source"]["content_sha256"], **test_provenance},
         "device": str(device),
         "wrong_keys": {"count": len(wrong), "seed": seed, "randomize_password": randomize_password,
-                       "rule": key.derivation if key.derivation != keys.DERIVE_EXPLICIT else keys.DERIVE_SECRET},
+                       "rule": wrong_keys.rule(key, randomize_password)},
         "results": {
             "correct": scores[0], "plain": scores[1],
             "wrong": {"summary": {"mean": float(np.mean(mious)), "std": float(np.std(mious)),

@@ -20,6 +20,7 @@ from keyshard.pipeline.manifest import load as load_manifest
 from keyshard.shardformat import VOID
 from keyshard.train.data import epoch_plan
 from keyshard.train.step import segmentation_loss
+from keyshard.train.device import pick_device
 from keyshard.train.models import build_model
 from keyshard.transforms import normalize_pixels
 
@@ -59,7 +60,7 @@ def run(ckpt_path: str, train_dir: str, test_dir: str, fractions: list[float], e
         batch: int, seed: int, progress: bool = True) -> dict:
     from keyshard.evaluate.audit import load_model
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
     stolen, state = load_model(ckpt_path, device)
     test_doc = load_manifest(test_dir)
     if not test_doc["encryption"]["plain"]:

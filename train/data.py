@@ -29,6 +29,7 @@ import webdataset as wds
 from keyshard import sources
 from keyshard.errors import KeyshardError
 from keyshard.shardformat import VOID, decode_mask, decode_npy, stream_shard
+from keyshard.train.device import pick_device
 from keyshard.transforms import normalize_pixels
 
 
@@ -155,7 +156,7 @@ class ShardLoader:
         self.manifest = stream.manifest
         self._loader = torch.utils.data.DataLoader(
             stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None)
+            pin_memory=pick_device().type == "cuda", prefetch_factor=4 if workers else None)
 
     def set_epoch(self, epoch: int) -> None:
         self.stream.epoch[0] = epoch

@@ -26,6 +26,7 @@ from keyshard.train import checkpoint
 from keyshard.train.augment import KeySafeAugment
 from keyshard.shardformat import VOID
 from keyshard.train.data import model_input, open_shards
+from keyshard.train.device import dist_backend, pick_device
 from keyshard.train.models import build_model
 from keyshard.train.step import segmentation_loss, train_step
 
@@ -84,8 +85,7 @@ def setup_distributed() -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    torch.distributed.init_process_group(backend=backend)
+    torch.distributed.init_process_group(backend=dist_backend())
     return Dist(torch.distributed.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
@@ -123,7 +123,7 @@ class Trainer:
                  progress: bool = True, log=print, trust: str | None = None):
         self.shards, self.out, self.cfg, self.progress, self.log = str(shards), Path(out), config, progress, log
         self.dist = setup_distributed()
-        self.device = torch.device(f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu")
+        self.device = pick_device(self.dist.local_rank)
         # trust: a public signing key; the manifest's signature must verify (keyshard/signing.py)
         self.manifest, self.provenance = load_trusted(self.shards, trust)
         self.data = checkpoint.data_identity(self.manifest)
