@@ -28,9 +28,12 @@ from keyshard.errors import KeyshardError
                    "SHF transpositions, NP/FFX swaps of a selected and an unselected position.")
 @click.option("--near-miss-keys", type=click.IntRange(min=1), default=5, show_default=True,
               help="Keys per near-miss distance.")
+@click.option("--trust", type=click.Path(dir_okay=False), default=None, metavar="NAME.pub",
+              help="Public signing key of the test data's publisher: refuse the test shards unless their "
+                   "manifest.json.sig verifies. The audit records the result.")
 @click.option("--quiet", "-q", is_flag=True)
 def evaluate(ckpt, key_file, test_dir, wrong_keys, seed, out, batch_size, workers, ignore_fingerprint,
-             randomize_ffx_password, near_miss, near_miss_keys, quiet):
+             randomize_ffx_password, near_miss, near_miss_keys, trust, quiet):
     """Audit a protected model: mIoU with the correct key, plain images and N random wrong keys.
 
     Every test batch is decoded once; the keys are applied to it on the device (GPU when there
@@ -45,7 +48,7 @@ def evaluate(ckpt, key_file, test_dir, wrong_keys, seed, out, batch_size, worker
         raise KeyshardError(f"{out}: already holds an audit; choose another --out")
     plain_model = load_checkpoint(ckpt)["data"]["plain"]
     if plain_model and key_file is None:
-        audit = run_baseline(ckpt, test_dir, batch_size, workers, progress=not quiet)
+        audit = run_baseline(ckpt, test_dir, batch_size, workers, progress=not quiet, trust=trust)
         paths = write_audit(audit, out)
         click.echo(markdown(audit).rstrip() + "\n\nwrote " + ", ".join(str(p) for p in paths))
         return
@@ -57,7 +60,7 @@ def evaluate(ckpt, key_file, test_dir, wrong_keys, seed, out, batch_size, worker
         raise KeyshardError(f"--near-miss {near_miss!r}: expected comma-separated integers") from None
     audit = run_audit(ckpt, key_file, test_dir, wrong_keys, seed, batch_size, ignore_fingerprint,
                       randomize_ffx_password, workers, progress=not quiet, near_miss=distances,
-                      near_miss_count=near_miss_keys)
+                      near_miss_count=near_miss_keys, trust=trust)
     paths = write_audit(audit, out)
     click.echo(markdown(audit).split("<details>")[0].rstrip())
     click.echo("\nwrote " + ", ".join(str(p) for p in paths))

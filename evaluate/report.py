@@ -20,13 +20,28 @@ PAPER_BASELINE = 0.7080
 VOC_VAL_IMAGES = 1449
 
 
+def _provenance(record: dict | None) -> str:
+    """One manifest's provenance (keyshard.signing.manifest_provenance) in words."""
+    if not record or not record.get("manifest_sha256"):
+        return "not recorded"
+    signed = (f"signature verified, signer {record['signer_fingerprint'][:16]}…" if record.get("signature_verified")
+              else "signature not verified")
+    return f"sha256 {record['manifest_sha256'][:16]}…, {signed}"
+
+
+def provenance_line(audit: dict) -> str:
+    return (f"- manifests: training data {_provenance(audit['checkpoint'].get('manifest'))}; "
+            f"test data {_provenance(audit['test'])}")
+
+
 def markdown(audit: dict) -> str:
     if audit.get("kind") == "baseline":
         c = audit["checkpoint"]
         return "\n".join([
             f"# keyshard audit — baseline ({c['model']} trained on plain images)", "",
             f"- checkpoint: `{c['path']}` (epoch {c['epoch']}, sha256 {c['sha256'][:16]}…)",
-            f"- test: `{audit['test']['path']}`, {audit['test']['images']} images; device {audit['device']}", "",
+            f"- test: `{audit['test']['path']}`, {audit['test']['images']} images; device {audit['device']}",
+            provenance_line(audit), "",
             "| input | mIoU | pixel accuracy |", "|---|---:|---:|",
             f"| plain images | {audit['results']['plain']['miou']:.4f} | {audit['results']['plain']['pixel_acc']:.4f} |", ""])
     r = audit["results"]
@@ -39,6 +54,7 @@ def markdown(audit: dict) -> str:
         f"model {audit['checkpoint']['model']}, sha256 {audit['checkpoint']['sha256'][:16]}…)",
         f"- key fingerprint: `{k['fingerprint']}` — check: {k['fingerprint_check']}",
         f"- test: `{audit['test']['path']}`, {audit['test']['images']} images; device {audit['device']}",
+        provenance_line(audit),
         f"- wrong keys: {audit['wrong_keys']['count']} drawn from seed {audit['wrong_keys']['seed']} "
         f"({audit['wrong_keys']['rule']}{', random FFX passwords' if audit['wrong_keys']['randomize_password'] else ''})",
         "",

@@ -44,14 +44,14 @@ def cli():
 
 def _register() -> None:
     from keyshard.demo import demo
-    from keyshard.key_commands import key_info, keygen
+    from keyshard.key_commands import key_info, keygen, signing_key
     from keyshard.pipeline.commands import decrypt, encrypt, toy_voc, verify
     from keyshard.train.commands import protect, train
     from keyshard.evaluate.attack_commands import attack
     from keyshard.evaluate.commands import evaluate, report
 
-    for command in (demo, keygen, key_info, toy_voc, encrypt, verify, decrypt, train, protect, evaluate, report,
-                    attack):
+    for command in (demo, keygen, key_info, signing_key, toy_voc, encrypt, verify, decrypt, train, protect,
+                    evaluate, report, attack):
         cli.add_command(command)
 
 

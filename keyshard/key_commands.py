@@ -62,3 +62,21 @@ def key_info(key_file):
     mode_warning = keys.check_file_mode(key_file)
     for warning in key.describe_warnings() + ([mode_warning] if mode_warning else []):
         click.echo(f"warning: {warning}", err=True)
+
+
+@click.command("signing-key")
+@click.option("--output", "-o", "name", type=click.Path(dir_okay=False), required=True, metavar="NAME",
+              help="Private key file to create (mode 0600); the public key goes to NAME.pub.")
+def signing_key(name):
+    """Create an Ed25519 key pair for signing manifests (separate from any encryption key).
+
+    NAME holds the private key (PEM, mode 0600): the data publisher keeps it and signs with
+    `keyshard encrypt ... --sign-with NAME`.  NAME.pub is public: trainers and auditors verify
+    with `keyshard verify DIR --public-key NAME.pub` or `train`/`evaluate --trust NAME.pub`.
+    An existing NAME or NAME.pub is never overwritten.
+    """
+    from keyshard import signing
+
+    fp = signing.generate(name)
+    click.echo(f"wrote {name} (private, mode 0600) and {signing.public_path(name)} (public); "
+               f"signer fingerprint {fp}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from keyshard import keys, sources
+from keyshard import keys, signing, sources
 from keyshard.errors import KeyshardError
 from keyshard.pipeline.splits import SPLITS
 
@@ -78,9 +78,12 @@ def toy_voc(out, images, voc_sizes, make_tar, seed, min_side, max_side):
 @click.option("--skip-bad", is_flag=True,
               help="Skip unreadable samples and list them in the manifest instead of stopping.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in OUTPUT (same settings required).")
+@click.option("--sign-with", "sign_with", type=click.Path(dir_okay=False), default=None, metavar="NAME",
+              help="Ed25519 signing key from `keyshard signing-key -o NAME`: also write manifest.json.sig, "
+                   "a detached signature over the exact bytes of manifest.json (checked before any work).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def encrypt(voc, key_file, plain, output, splits, size, shard_size, jobs, backend, dask_scheduler,
-            augment_copies, augment_seed, crop_scale, split_seed, holdout, skip_bad, resume, quiet):
+            augment_copies, augment_seed, crop_scale, split_seed, holdout, skip_bad, resume, sign_with, quiet):
     """Encrypt VOC into keyed WebDataset shards (or --plain shards) with a manifest.
 
     Output: OUTPUT/<split>-NNNNNN.tar and OUTPUT/manifest.json (written last).  The same input,
@@ -97,6 +100,9 @@ def encrypt(voc, key_file, plain, output, splits, size, shard_size, jobs, backen
     if plain == bool(key_file):
         raise KeyshardError("give exactly one of --key KEY_FILE or --plain")
     key = keys.load(key_file) if key_file else None
+    signer = signing.load_private(sign_with) if sign_with else None  # a bad key fails before any work
+    if sign_with and (warning := signing.check_file_mode(sign_with)):
+        click.echo(f"warning: {warning}", err=True)
     options = encrypt_job.EncryptOptions(size=size, splits=splits, shard_size=shard_size,
                                          augment_copies=augment_copies, augment_seed=augment_seed,
                                          crop_scale=crop_scale, split_seed=split_seed, holdout=holdout,
@@ -111,6 +117,9 @@ def encrypt(voc, key_file, plain, output, splits, size, shard_size, jobs, backen
     n = sum(s["samples"] for s in doc["shards"])
     counts = ", ".join(f"{k} {v}" for k, v in doc["splits"]["counts"].items())
     click.echo(f"wrote {n} samples in {len(doc['shards'])} shards to {output} ({counts}); manifest.json written")
+    if signer is not None:
+        sig = signing.write_signature(Path(output) / "manifest.json", signer)
+        click.echo(f"signed: {sig} (signer {signing.fingerprint(signer.public_key())})")
     if doc["failed"]:
         click.echo(f"warning: skipped {len(doc['failed'])} bad samples (listed in manifest.json 'failed')", err=True)
 
@@ -130,25 +139,34 @@ def _dask_client(address, jobs):
 
 @click.command("verify")
 @click.argument("shards", type=click.Path())
+@click.option("--public-key", "--trust", "public_key", type=click.Path(dir_okay=False), default=None,
+              metavar="NAME.pub",
+              help="Also require manifest.json.sig to be a valid signature by this public key "
+                   "(from `keyshard signing-key`); an unsigned or changed manifest is refused.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def verify(shards, quiet):
+def verify(shards, public_key, quiet):
     """Re-hash every shard against manifest.json and recount samples (exit 1 on any mismatch).
 
     SHARDS is a directory or a URL base (http(s)://host/dir/, s3://bucket/prefix/ with the s3
-    extra); remote shards are streamed front to back, never downloaded to disk.
+    extra); remote shards are streamed front to back, never downloaded to disk.  With
+    --public-key the manifest's signature is checked first, and the shards against that manifest.
     """
+    from keyshard.pipeline.manifest import load_trusted
     from keyshard.pipeline.manifest import verify as verify_dir
 
-    problems = verify_dir(shards, progress=not quiet)
+    doc, provenance = load_trusted(shards, public_key)
+    problems = verify_dir(shards, progress=not quiet, doc=doc)
     for line in problems:
         click.echo(f"keyshard: verify: {line}", err=True)
     if problems:
         raise SystemExit(1)
-    from keyshard.pipeline.manifest import load
-
-    doc = load(shards)
     n = sum(s["samples"] for s in doc["shards"])
-    click.echo(f"OK: {len(doc['shards'])} shards, {n} samples match {sources.join(shards, 'manifest.json')}")
+    click.echo(f"OK: {len(doc['shards'])} shards, {n} samples match {sources.join(shards, 'manifest.json')}"
+               f" (sha256 {provenance['manifest_sha256'][:16]}…)")
+    if provenance["signature_verified"]:
+        click.echo(f"OK: signature verified, signer {provenance['signer_fingerprint']} ({public_key})")
+    elif not sources.is_url(shards) and (Path(shards) / signing.SIGNATURE_FILE).exists():
+        click.echo(f"note: {signing.SIGNATURE_FILE} not checked (give --public-key NAME.pub)")
 
 
 @click.command("decrypt")

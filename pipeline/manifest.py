@@ -106,13 +106,26 @@ def load_bytes(source: str | Path) -> tuple[dict, bytes]:
     (what a signature covers).  One clear error if it is not there."""
     from keyshard import sources
 
+    path = _location(source)
+    raw = sources.read_bytes(path)
+    return parse(raw, path), raw
+
+
+def _location(source) -> str:
+    """Where ``manifest.json`` of ``source`` is; for a directory, one clear error if it is not there."""
+    from keyshard import sources
+
     path = sources.join(source, MANIFEST)
     if not sources.is_url(source):
         if not Path(source).is_dir():
             raise KeyshardError(f"{source}: not a directory of shards")
         if not Path(path).exists():
             raise KeyshardError(f"{path}: missing — the directory is not a finished keyshard dataset")
-    raw = sources.read_bytes(path)
+    return path
+
+
+def parse(raw: bytes, path: str) -> dict:
+    """A manifest from its bytes, schema-checked; one clear error naming ``path`` otherwise."""
     try:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -120,7 +133,7 @@ def load_bytes(source: str | Path) -> tuple[dict, bytes]:
     if not isinstance(doc, dict):
         raise KeyshardError(f"{path}: not a JSON object")
     validate(doc, path)
-    return doc, raw
+    return doc
 
 
 def load(source: str | Path) -> dict:
@@ -128,15 +141,33 @@ def load(source: str | Path) -> dict:
     return load_bytes(source)[0]
 
 
-def verify(source: str | Path, progress: bool = True) -> list[str]:
+def load_trusted(source: str | Path, trust: str | Path | None = None) -> tuple[dict, dict]:
+    """The manifest and its provenance (``keyshard.signing.manifest_provenance``: sha256, whether
+    a signature was verified, signer fingerprint).  With ``trust`` (a public-key file) the
+    signature is checked over the exact bytes *before* they are parsed, and the manifest returned
+    is parsed from those same bytes: a tampered manifest is refused as a bad signature."""
+    from keyshard import signing, sources
+
+    if trust is None:
+        doc, raw = load_bytes(source)
+        return doc, signing.manifest_provenance(source, raw, None)
+    signing.load_public(trust)  # a bad --trust file fails before anything is fetched
+    path = _location(source)
+    raw = sources.read_bytes(path)
+    provenance = signing.manifest_provenance(source, raw, trust)
+    return parse(raw, path), provenance
+
+
+def verify(source: str | Path, progress: bool = True, doc: dict | None = None) -> list[str]:
     """Re-read every shard (local or remote), re-hash it and recount its samples against the
-    manifest; return one line per problem (empty = OK)."""
+    manifest (``doc``, e.g. one whose signature was checked, or read from ``source``); return
+    one line per problem (empty = OK)."""
     from tqdm import tqdm
 
     from keyshard import sources
     from keyshard.shardformat import stream_shard
 
-    doc = load(source)
+    doc = load(source) if doc is None else doc
     problems = []
     for shard in tqdm(doc["shards"], desc="verify", unit="shard", disable=not progress):
         location = sources.join(source, shard["file"])

@@ -1,5 +1,10 @@
 """Checkpoints: model, optimiser, scheduler, RNG, config, metrics, and the data's key identity.
 
+``state["manifest"]`` records the provenance of the training shards' manifest
+(``keyshard.signing.manifest_provenance``: its sha256, whether its signature was verified, the
+signer's public-key fingerprint).  It sits beside ``data``, not in it: ``data`` must match on
+``--resume``, while the provenance is re-checked by ``check_resume_provenance``.
+
 Saved atomically (temporary name + rename) and always loaded with ``weights_only=True``, so a
 checkpoint can never execute code.  They carry the key *fingerprint*, method and block size of
 the shards the model was trained on — never key material.
@@ -51,3 +56,18 @@ def data_identity(manifest: dict) -> dict:
         "pixel_divisor": enc["pixel_divisor"], "image_size": manifest["image"]["height"],
         "source_content_sha256": manifest["source"]["content_sha256"],
     }
+
+
+def check_resume_provenance(state: dict, provenance: dict, path) -> None:
+    """``--resume`` continues on the very manifest the run started on (same sha256), and a run
+    whose manifest signature was verified is resumed with ``--trust`` again.  Checkpoints made
+    before manifests were recorded carry no ``manifest`` and are not checked."""
+    old = state.get("manifest")
+    if not old:
+        return
+    if old["manifest_sha256"] != provenance["manifest_sha256"]:
+        raise KeyshardError(f"{path}: was trained on another manifest.json (sha256 {old['manifest_sha256'][:16]}…, "
+                            f"now {provenance['manifest_sha256'][:16]}…); refusing to resume")
+    if old["signature_verified"] and not provenance["signature_verified"]:
+        raise KeyshardError(f"{path}: the run verified the manifest's signature (signer "
+                            f"{old['signer_fingerprint'][:16]}…); resume with --trust NAME.pub")

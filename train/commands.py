@@ -42,10 +42,13 @@ from keyshard.errors import KeyshardError
 @click.option("--block-crop", type=click.IntRange(min=1), default=None, metavar="SIZE",
               help="Key-safe augmentation: random SIZExSIZE crop at block-aligned offsets (a multiple of M).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from last.pt (same settings; --epochs may grow).")
+@click.option("--trust", type=click.Path(dir_okay=False), default=None, metavar="NAME.pub",
+              help="Public signing key of the data publisher: refuse the shards unless manifest.json.sig is "
+                   "its valid signature over manifest.json. Checkpoints record the result.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def train(shards, out, preset, model, block_size, epochs, batch_size, micro_batch, lr, momentum, weight_decay,
           restart_epochs, min_lr, aux_weight, weights, seed, workers, shuffle_buffer, amp, channels_last,
-          block_flip, block_crop, resume, quiet):
+          block_flip, block_crop, resume, trust, quiet):
     """Train a segmentation model by streaming (plain or keyed) shards.
 
     Method, block size, key fingerprint and pixel divisor come from the shards' manifest.  Runs on
@@ -65,7 +68,10 @@ def train(shards, out, preset, model, block_size, epochs, batch_size, micro_batc
         amp=amp, channels_last=channels_last, block_size=block_size, block_flip=block_flip, block_crop=block_crop)
     if config.batch_size % config.micro_batch:
         raise KeyshardError(f"--batch-size {config.batch_size} must be a multiple of --micro-batch {config.micro_batch}")
-    result = Trainer(shards, out, config, resume=resume, progress=not quiet, log=click.echo).fit()
+    trainer = Trainer(shards, out, config, resume=resume, progress=not quiet, log=click.echo, trust=trust)
+    if trainer.dist.main and trainer.provenance["signature_verified"]:
+        click.echo(f"manifest signature verified: signer {trainer.provenance['signer_fingerprint']} ({trust})")
+    result = trainer.fit()
     if result["history"]:
         click.echo(f"best holdout loss {result['best_holdout_loss']:.4f}; checkpoints in {out}/best.pt and {out}/last.pt")
 
