@@ -217,6 +217,27 @@ def test_evaluate_refuses_mismatches(audited, tmp_path):
     assert_user_error(invoke("evaluate", *enc_test, "--out", tmp_path / "d", "-q"), "must be plain")
 
 
+def test_audit_with_an_explicit_key_keeps_the_wrong_keys_promises(audited, tmp_path):
+    """README flow: a recovered (explicit) copy of the key, `evaluate --ignore-fingerprint`: its
+    wrong keys are the original's — same mask size, same FFX table — so every score is the same."""
+    original = keys.load(audited / "key.json")
+    copy = tmp_path / "explicit.json"
+    keys.save(keys.Key("ffx", 4, OTHER_SECRET, explicit=original.material), copy)
+    common = ["--checkpoint", audited / "run" / "best.pt", "--test", audited / "plain", "--wrong-keys", 3,
+              "--seed", 11, "--near-miss", "2", "--near-miss-keys", 2, "--workers", 0, "-q"]
+    assert invoke("evaluate", *common, "--key", audited / "key.json", "--out", tmp_path / "a").exit_code == 0
+    res = invoke("evaluate", *common, "--key", copy, "--out", tmp_path / "b", "--ignore-fingerprint")
+    assert res.exit_code == 0, res.output
+    a, b = (json.loads((tmp_path / d / "audit.json").read_text()) for d in ("a", "b"))
+    assert b["key"]["derivation"] == keys.DERIVE_EXPLICIT and "overridden" in b["key"]["fingerprint_check"]
+    assert a["wrong_keys"]["rule"] == b["wrong_keys"]["rule"] == \
+        "random masks of the key's size (24 of 48 positions), the key's FFX table"
+    assert b["results"]["correct"] == a["results"]["correct"]
+    assert [k["miou"] for k in b["results"]["wrong"]["keys"]] == [k["miou"] for k in a["results"]["wrong"]["keys"]]
+    assert b["results"]["near_miss"][0]["mean"] == a["results"]["near_miss"][0]["mean"]
+    assert "the key's FFX table" in (tmp_path / "b" / "audit.md").read_text()
+
+
 def test_evaluate_near_miss_curve(audited, tmp_path):
     out = tmp_path / "nm"
     base = ["evaluate", "--checkpoint", audited / "run" / "best.pt", "--key", audited / "key.json",
