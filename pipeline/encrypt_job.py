@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from keyshard.fsutil import fsync_path, sha256_file, write_json_atomic
 from keyshard.keys import Key, KeyMaterial
 from keyshard.transforms import compile_plan
 from keyshard.pipeline import manifest as manifest_mod
-from keyshard.pipeline.samples import BadSample, prepare, replica_seed
+from keyshard.pipeline.samples import BadSample, load_torch, prepare, replica_seed
 from keyshard.pipeline.splits import SPLITS, split_ids
 from keyshard.pipeline.voc import SampleRef, VocSource
 
@@ -73,12 +74,23 @@ def _plan_for(material: KeyMaterial | None, size: int):
     return _PLAN_CACHE[ident]
 
 
+def _single_threaded_torch():
+    torch = load_torch()  # torch + torchvision's image ops, without the torchvision package
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)  # parallelism comes from joblib; avoid oversubscribing cores
+
+
+def warm_up(material: KeyMaterial | None, size: int) -> int:
+    """Load torch and compile the key in a fresh worker while the main process plans the job."""
+    _single_threaded_torch()
+    _plan_for(material, size)
+    return os.getpid()
+
+
 def process_shard(task: ShardTask, material: KeyMaterial | None, options: EncryptOptions,
                   out_dir: str, partial_dir: str) -> dict:
     """Write one shard atomically and return (and persist) its completion record."""
-    import torch
-
-    torch.set_num_threads(1)  # parallelism comes from joblib; avoid oversubscribing cores
+    _single_threaded_torch()
     plan = _plan_for(material, options.size)
     out, partial = Path(out_dir), Path(partial_dir)
     tmp = partial / "tmp" / f"{task.name}.{os.getpid()}"
@@ -212,27 +224,57 @@ def run(voc: str, out: str, key: Key | None, options: EncryptOptions, jobs: int 
         backend: str = "loky", resume: bool = False, command: list[str] | None = None,
         progress: bool = True) -> dict:
     """Run (or resume) an encryption job and return the manifest written to ``out``."""
-    from joblib import Parallel, delayed, parallel_config
-    from tqdm import tqdm
+    from joblib import Parallel, delayed, effective_n_jobs, parallel_config
 
     if key is not None and options.size % key.block_size:
         raise KeyshardError(f"{key.path or 'key'}: block size {key.block_size} does not divide --size {options.size}")
-    # absolute paths: dask workers may run in another directory (or on another node)
-    source = VocSource.open(os.path.abspath(voc))
-    tasks, counts = plan_tasks(source, options)
-    out_path = Path(out)
-    identity = job_identity(source, key, options)
-    partial = prepare_output(out_path, identity, resume)
     material = key.material if key is not None else None
+    with parallel_config(backend=backend, n_jobs=jobs), \
+            Parallel(return_as="generator_unordered", batch_size=1) as parallel:
+        # Start the workers before planning: each spends ~1 s loading torch, and that overlaps
+        # with indexing the source, resume checks and the output directory set-up here.  (This
+        # process never imports torch when workers do the encoding.)
+        n_workers = effective_n_jobs()
+        warming = parallel(delayed(warm_up)(material, options.size) for _ in range(n_workers)) if n_workers > 1 else None
+        try:
+            source = VocSource.open(voc)
+            tasks, counts = plan_tasks(source, options)
+            out_path = Path(out)
+            identity = job_identity(source, key, options)
+            partial = prepare_output(out_path, identity, resume)
+            records = {}
+            todo = []
+            for task in tasks:
+                rec = finished_record(out_path, partial, task.name) if resume else None
+                if rec is not None:
+                    records[task.name] = rec
+                else:
+                    todo.append(task)
+            # Largest shards first: the short last shard of each split/replica then fills the
+            # end of the run instead of leaving a worker idle (bytes do not depend on order).
+            todo.sort(key=lambda t: len(t.refs), reverse=True)
+            for _ in warming or ():
+                pass
+        except BaseException:
+            if warming is not None:
+                with warnings.catch_warnings():  # joblib warns that the warm-up was cancelled
+                    warnings.simplefilter("ignore")
+                    warming.close()
+            raise
+        _encode(parallel, delayed, todo, tasks, records, material, options, out_path, partial, key, progress)
 
-    records = {}
-    todo = []
-    for task in tasks:
-        rec = finished_record(out_path, partial, task.name) if resume else None
-        if rec is not None:
-            records[task.name] = rec
-        else:
-            todo.append(task)
+    ordered = [records[t.name] for t in tasks]
+    fsync_path(out_path)
+    doc = manifest_mod.build(identity, key, options, ordered, counts, command or sys.argv)
+    manifest_mod.write(out_path, doc)
+    shutil.rmtree(partial, ignore_errors=True)
+    return doc
+
+
+def _encode(parallel, delayed, todo, tasks, records, material, options, out_path, partial, key, progress):
+    """Run the shard tasks on ``parallel``; fsync each finished shard in the background."""
+    from tqdm import tqdm
+
     total = sum(len(t.refs) for t in tasks)
     done = sum(r["samples"] + len(r["failed"]) for r in records.values())
     label = "plain" if key is None else f"{key.method} M={key.block_size}"
@@ -244,14 +286,11 @@ def run(voc: str, out: str, key: Key | None, options: EncryptOptions, jobs: int 
     syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keyshard-fsync")
     synced = [syncer.submit(fsync_path, out_path / name) for name in records]
     try:
-        with parallel_config(backend=backend, n_jobs=jobs):
-            results = Parallel(return_as="generator_unordered")(
-                delayed(process_shard)(t, material, options, str(out_path.absolute()), str(partial.absolute()))
-                for t in todo)
-            for rec in results:
-                records[rec["file"]] = rec
-                synced.append(syncer.submit(fsync_path, out_path / rec["file"]))
-                bar.update(rec["samples"] + len(rec["failed"]))
+        results = parallel(delayed(process_shard)(t, material, options, str(out_path), str(partial)) for t in todo)
+        for rec in results:
+            records[rec["file"]] = rec
+            synced.append(syncer.submit(fsync_path, out_path / rec["file"]))
+            bar.update(rec["samples"] + len(rec["failed"]))
         for future in synced:
             future.result()
     except (BadSample, KeyshardError) as exc:
@@ -261,10 +300,3 @@ def run(voc: str, out: str, key: Key | None, options: EncryptOptions, jobs: int 
     finally:
         bar.close()
         syncer.shutdown(wait=True, cancel_futures=True)
-
-    ordered = [records[t.name] for t in tasks]
-    fsync_path(out_path)
-    doc = manifest_mod.build(identity, key, options, ordered, counts, command or sys.argv)
-    manifest_mod.write(out_path, doc)
-    shutil.rmtree(partial, ignore_errors=True)
-    return doc
