@@ -8,6 +8,7 @@ known-plaintext attack on the holdout pairs → report.  Every artifact's path i
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import click
@@ -21,6 +22,11 @@ from keyshard.errors import KeyshardError
 DEFAULT_METHOD, DEFAULT_BLOCK = "np", 8
 
 
+def demo_secret(key_seed: int) -> bytes:
+    """The demo key's secret for ``--key-seed``: SHA-256 of ``keyshard-demo-key/1|<seed>``."""
+    return hashlib.sha256(f"keyshard-demo-key/1|{key_seed}".encode()).digest()
+
+
 @click.command("demo")
 @click.option("--workdir", default="keyshard-demo", show_default=True, type=click.Path(file_okay=False),
               help="New directory for every artifact of the demo.")
@@ -31,7 +37,11 @@ DEFAULT_METHOD, DEFAULT_BLOCK = "np", 8
 @click.option("--epochs", type=click.IntRange(min=1), default=15, show_default=True)
 @click.option("--wrong-keys", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--jobs", "-j", type=int, default=-1, show_default=True)
-def demo(workdir, images, size, method, block_size, epochs, wrong_keys, jobs):
+@click.option("--key-seed", type=click.IntRange(min=0), default=None,
+              help="Derive the demo key from this number instead of a fresh random secret, so the whole "
+                   "run is reproducible (the toy data and training are seeded already). Such a key is "
+                   "public: never protect real data with it.")
+def demo(workdir, images, size, method, block_size, epochs, wrong_keys, jobs, key_seed):
     """Run the whole chain on synthetic data and show that the model needs its key.
 
     Default: NP with M=8.  The paper reports that SHF and NP at small block sizes still work
@@ -56,8 +66,13 @@ def demo(workdir, images, size, method, block_size, epochs, wrong_keys, jobs):
     click.echo(f"[1/8] synthetic VOC2012 layout, {images} images, and its official-layout tar")
     voc = make_toy_voc(work / "toy-voc", images=images, make_tar=True)
     key_path = work / "key.json"
-    click.echo(f"[2/8] key: {method} M={block_size}{why}")
-    key = keys.generate(method, block_size)
+    if key_seed is None:
+        click.echo(f"[2/8] key: {method} M={block_size}{why}")
+        key = keys.generate(method, block_size)
+    else:
+        click.echo(f"[2/8] key: {method} M={block_size}{why}, from --key-seed {key_seed} (reproducible, not secret)")
+        keys.validate_params(method, block_size)
+        key = keys.Key(method, block_size, demo_secret(key_seed))
     keys.save(key, key_path)
     click.echo("[3/8] encrypt: plain test/holdout shards (the audit encrypts them itself), keyed "
                "train/holdout shards with 1 augmentation replica, read from the tar")
