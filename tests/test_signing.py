@@ -97,6 +97,24 @@ def test_sign_with_is_checked_before_any_work(toy, signed, tmp_path):
         assert not out.exists()
 
 
+def test_resumed_run_is_signed(toy, signed, tmp_path):
+    voc = tmp_path / "voc"
+    shutil.copytree(toy, voc)
+    root = next(voc.rglob("JPEGImages"))
+    victim = root / (sorted((root.parent / "ImageSets" / "Segmentation" / "val.txt").read_text().split())[-1] + ".jpg")
+    good = victim.read_bytes()
+    victim.write_bytes(good[:40])  # a truncated JPEG in the test split stops the run part-way
+    out = tmp_path / "out"
+    args = ["encrypt", "--voc", root.parent, "-o", out, "--plain", *COMMON, "--sign-with", signed / "publisher"]
+    assert_user_error(invoke(*args), victim.name)
+    assert not (out / "manifest.json").exists() and not (out / "manifest.json.sig").exists()
+    assert list(out.glob("train-*.tar"))  # finished shards wait for --resume
+    victim.write_bytes(good)
+    res = invoke(*args, "--resume")
+    assert res.exit_code == 0, res.output
+    assert invoke("verify", out, "--trust", signed / "publisher.pub", "-q").exit_code == 0
+
+
 def test_tampered_manifests_are_refused(signed, tmp_path):
     # a flipped byte anywhere in manifest.json
     flipped = tmp_path / "flipped"
