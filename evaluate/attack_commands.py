@@ -80,7 +80,8 @@ def search_command(ckpt, labelled_dir, labelled_split, n_labelled, test_dir, tru
 
     from keyshard import keys
     from keyshard.evaluate import wrong_keys
-    from keyshard.evaluate.audit import load_model, score_on_split, test_batches
+    from keyshard.evaluate.audit import score_on_split, test_batches
+    from keyshard.train.checkpoint import load_model
     from keyshard.evaluate.key_search import Objective, search
     from keyshard.evaluate.near_miss import distance
     from keyshard.pipeline.manifest import load as load_manifest

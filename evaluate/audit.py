@@ -20,19 +20,10 @@ from keyshard.evaluate.metrics import Confusion
 from keyshard.evaluate.near_miss import near_miss_keys
 from keyshard.pipeline.manifest import library_versions
 from keyshard.pipeline.manifest import load_trusted
-from keyshard.train import checkpoint
+from keyshard.train.checkpoint import load_model
 from keyshard.train.data import epoch_plan, open_shards
 from keyshard.train.device import pick_device
-from keyshard.train.models import build_model
 from keyshard.transforms import compile_plan, normalize_pixels
-
-
-def load_model(ckpt_path: str, device) -> tuple[torch.nn.Module, dict]:
-    state = checkpoint.load(ckpt_path)
-    model = build_model(state["model_name"], aux_loss=any(k.startswith("aux_classifier") for k in state["model"]),
-                        block_size=state.get("model_block_size"))
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), state
 
 
 def check_inputs(state: dict, key: keys.Key, test_manifest: dict, ckpt_path, key_path, test_dir,

@@ -58,7 +58,7 @@ def fit(model, pixels, masks, epochs: int, lr: float, batch: int, seed: int, dev
 
 def run(ckpt_path: str, train_dir: str, test_dir: str, fractions: list[float], epochs: int, lr: float,
         batch: int, seed: int, progress: bool = True) -> dict:
-    from keyshard.evaluate.audit import load_model
+    from keyshard.train.checkpoint import load_model
 
     device = pick_device()
     stolen, state = load_model(ckpt_path, device)

@@ -43,7 +43,7 @@ def cli():
 
 
 def _register() -> None:
-    from keyshard.demo import demo
+    from keyshard.evaluate.demo import demo
     from keyshard.key_commands import key_info, keygen, signing_key
     from keyshard.pipeline.commands import decrypt, encrypt, toy_voc, verify
     from keyshard.train.commands import protect, train

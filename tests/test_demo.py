@@ -4,7 +4,7 @@ import json
 import stat
 
 from keyshard import keys
-from keyshard.demo import demo_secret
+from keyshard.evaluate.demo import demo_secret
 from keyshard.pipeline.manifest import load, verify
 
 from conftest import assert_user_error, invoke

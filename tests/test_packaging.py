@@ -35,3 +35,30 @@ def test_example_manifest_matches_the_schema():
     from keyshard.pipeline.manifest import validate
 
     validate(json.loads((ROOT / "manifests" / "example-manifest.json").read_text()), "example")
+
+
+def _imports(path: Path) -> set[str]:
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+    return out
+
+
+def test_dependency_direction():
+    """core ← pipeline ← train ← evaluate; the core reaches a stage only through the CLI root."""
+    forbidden = {
+        "keyshard": ("keyshard.pipeline", "keyshard.train", "keyshard.evaluate"),
+        "pipeline": ("keyshard.train", "keyshard.evaluate"),
+        "train": ("keyshard.evaluate",),
+    }
+    for folder, stages in forbidden.items():
+        for path in sorted((ROOT / folder).glob("*.py")):
+            if folder == "keyshard" and path.name == "cli.py":
+                continue  # registers the stages' commands lazily
+            bad = {m for m in _imports(path) if m.startswith(stages)}
+            assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"

@@ -280,7 +280,8 @@ def test_protect_refuses_ffx():
 
 
 def test_protect_command_end_to_end(data, tmp_path):
-    from keyshard.evaluate.audit import load_model, score_on_split
+    from keyshard.evaluate.audit import score_on_split
+    from keyshard.train.checkpoint import load_model
 
     run = tmp_path / "plain-ba"
     res = invoke("train", "--shards", data / "plain", "--out", run, "--model", "block_aligned", "--block-size", 4,
@@ -317,7 +318,8 @@ def test_block_aligned_model_keeps_its_accuracy_under_the_key(tmp_path):
     """Same network and seed trained on plain and on NP-keyed shards: (almost) the same mIoU,
     while the keyed model collapses on plain images and wrong keys."""
     from keyshard.evaluate import wrong_keys
-    from keyshard.evaluate.audit import load_model, score_on_split
+    from keyshard.evaluate.audit import score_on_split
+    from keyshard.train.checkpoint import load_model
     from keyshard.pipeline.toy_voc import make_toy_voc
     from keyshard.transforms import compile_plan
 

@@ -71,3 +71,14 @@ def check_resume_provenance(state: dict, provenance: dict, path) -> None:
     if old["signature_verified"] and not provenance["signature_verified"]:
         raise KeyshardError(f"{path}: the run verified the manifest's signature (signer "
                             f"{old['signer_fingerprint'][:16]}…); resume with --trust NAME.pub")
+
+
+def load_model(ckpt_path: str | Path, device) -> tuple[torch.nn.Module, dict]:
+    """The checkpoint's model, built as it was trained and loaded in eval mode on ``device``."""
+    from keyshard.train.models import build_model
+
+    state = load(ckpt_path)
+    model = build_model(state["model_name"], aux_loss=any(k.startswith("aux_classifier") for k in state["model"]),
+                        block_size=state.get("model_block_size"))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), state

@@ -93,7 +93,7 @@ def protect(ckpt, key_file, output):
     from pathlib import Path
 
     from keyshard import keys
-    from keyshard.evaluate.audit import load_model
+    from keyshard.train.checkpoint import load_model
     from keyshard.fsutil import sha256_file
     from keyshard.train import checkpoint as ckpt_mod
     from keyshard.train.protect import protect_model

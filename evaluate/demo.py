@@ -49,7 +49,8 @@ def demo(workdir, images, size, method, block_size, epochs, wrong_keys, jobs, ke
     """
     from keyshard import keys
     from keyshard.evaluate import known_plaintext
-    from keyshard.evaluate.audit import load_model, run_audit, score_on_split
+    from keyshard.evaluate.audit import run_audit, score_on_split
+    from keyshard.train.checkpoint import load_model
     from keyshard.evaluate.near_miss import max_distance
     from keyshard.evaluate.report import markdown, table, write_audit
     from keyshard.pipeline import encrypt_job
