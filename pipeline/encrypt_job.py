@@ -237,7 +237,8 @@ def run(voc: str, out: str, key: Key | None, options: EncryptOptions, jobs: int 
         n_workers = effective_n_jobs()
         warming = parallel(delayed(warm_up)(material, options.size) for _ in range(n_workers)) if n_workers > 1 else None
         try:
-            source = VocSource.open(voc)
+            # absolute paths: dask workers may run in another directory (or on another node)
+            source = VocSource.open(os.path.abspath(voc))
             tasks, counts = plan_tasks(source, options)
             out_path = Path(out)
             identity = job_identity(source, key, options)
@@ -286,7 +287,8 @@ def _encode(parallel, delayed, todo, tasks, records, material, options, out_path
     syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keyshard-fsync")
     synced = [syncer.submit(fsync_path, out_path / name) for name in records]
     try:
-        results = parallel(delayed(process_shard)(t, material, options, str(out_path), str(partial)) for t in todo)
+        results = parallel(delayed(process_shard)(t, material, options, str(out_path.absolute()),
+                                          str(partial.absolute())) for t in todo)
         for rec in results:
             records[rec["file"]] = rec
             synced.append(syncer.submit(fsync_path, out_path / rec["file"]))
