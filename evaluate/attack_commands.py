@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -76,69 +75,12 @@ def search_command(ckpt, labelled_dir, labelled_split, n_labelled, test_dir, tru
     Reports the best keys, their test mIoU and, with --key, their distance to the true key and
     the true key's rank.
     """
-    from tqdm import tqdm
-
-    from keyshard import keys
-    from keyshard.evaluate import wrong_keys
-    from keyshard.evaluate.audit import score_on_split, test_batches
-    from keyshard.train.checkpoint import load_model
-    from keyshard.evaluate.key_search import Objective, search
-    from keyshard.evaluate.near_miss import distance
-    from keyshard.pipeline.manifest import load as load_manifest
-    from keyshard.train.device import pick_device
-    from keyshard.transforms import compile_plan
+    from keyshard.evaluate.key_search import run_search
 
     if out_path and Path(out_path).exists():  # before the search, not after minutes of it
         raise KeyshardError(f"{out_path}: already exists; refusing to overwrite")
-    device = pick_device()
-    model, state = load_model(ckpt, device)
-    data = state["data"]
-    if data["plain"]:
-        raise KeyshardError(f"{ckpt}: was trained on plain images; there is no key to search for")
-    labelled_doc, test_doc = load_manifest(labelled_dir), load_manifest(test_dir)
-    for d, doc in ((labelled_dir, labelled_doc), (test_dir, test_doc)):
-        if not doc["encryption"]["plain"]:
-            raise KeyshardError(f"{d}: must hold plain shards")
-        if doc["image"]["height"] != data["image_size"]:
-            raise KeyshardError(f"{d}: images are {doc['image']['height']}px, the model's {data['image_size']}px")
-    method, m = data["method"], data["block_size"]
-    truth = keys.load(true_key) if true_key else None
-    if truth is not None and (truth.method, truth.block_size) != (method, m):
-        raise KeyshardError(f"{true_key}: is {truth.method} M={truth.block_size}, the model {method} M={m}")
-    table = None
-    if method == "ffx":
-        if ffx_password is None and truth is None:
-            raise KeyshardError("FFX search needs the password the attacker knows: --ffx-password (or --key)")
-        table = keys.ffx_table(ffx_password.encode()) if ffx_password else truth.material.table
-    # the first N labelled images
-    pixels, masks, _, _ = next(iter(test_batches(labelled_dir, labelled_doc, n_labelled, split=labelled_split)))
-    objective = Objective(model, pixels, masks, device)
-    # a random start with the model's derivation rule (wrong_keys draws exactly those)
-    template = truth or keys.Key(method, m, b"\0" * 32,
-                                 reference_seed=0 if str(data["key_derivation"]).startswith("reference") else None,
-                                 ffx_password=ffx_password.encode() if ffx_password else None)
-    start = wrong_keys.draw(template, 1, seed)[0].material
-    if table is not None:
-        start = keys.KeyMaterial(method, m, mask=start.mask, table=table)
-    bar = tqdm(unit="key", desc="search", file=sys.stderr)
-    mode, ranked = search(objective, method, m, data["key_derivation"], table, budget, exhaustive_limit, start,
-                          seed, progress=bar.update)
-    bar.close()
-    best = ranked[:top]
-    size = data["image_size"]
-    scores = score_on_split(model, [(compile_plan(mat, size, size).to_torch(device), mat.divisor) for _, mat in best],
-                            test_dir, test_doc, device, progress=False)
-    report = {"mode": mode, "method": method, "block_size": m, "labelled_images": int(objective.pixels.shape[0]),
-              "evaluations": objective.evaluations,
-              "best": [{"labelled_loss": round(loss, 6), "test_miou": s["miou"]} for (loss, _), s in zip(best, scores)]}
-    if truth is not None:
-        correct = truth.material
-        for entry, (_, mat) in zip(report["best"], best):
-            entry["distance_to_true_key"] = distance(mat, correct)
-        true_loss = objective(correct)
-        report["true_key_labelled_loss"] = round(true_loss, 6)
-        report["true_key_rank"] = 1 + sum(1 for loss, _ in ranked if loss < true_loss)
-        report["true_key_found"] = any(mat.equals(correct) for _, mat in best)
+    report = run_search(ckpt, labelled_dir, labelled_split, n_labelled, test_dir, true_key, ffx_password, budget,
+                        exhaustive_limit, top, seed)
     text = json.dumps(report, indent=2)
     if out_path:
         Path(out_path).write_text(text + "\n")
