@@ -32,8 +32,7 @@ import platform
 import numpy as np
 from PIL import Image
 
-NUM_CLASSES = 21
-VOID = 255
+from keyshard.shardformat import NUM_CLASSES, VOID
 RGB_MODE = 3  # torchvision.io.ImageReadMode.RGB.value (checked by the tests)
 CROP_RATIO = (3 / 4, 4 / 3)
 
