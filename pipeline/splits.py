@@ -24,6 +24,9 @@ def split_ids(train_file_ids: list[str], val_file_ids: list[str] | None, seed: i
     """Sorted ids of each split.  ``holdout`` overrides the proportional count."""
     n = len(train_file_ids)
     k = holdout_count(n) if holdout is None else holdout
+    if holdout is None and n < 2:
+        raise KeyshardError(f"train.txt lists {n} id: the train/holdout split needs at least 2 "
+                            "(or give --holdout 0)")
     if not 0 <= k < n:
         raise KeyshardError(f"--holdout {k} must be between 0 and {n - 1} (train.txt lists {n} ids)")
     ranked = sorted(train_file_ids, key=lambda i: hashlib.sha256(f"{seed}|{i}".encode()).digest())

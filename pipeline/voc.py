@@ -72,6 +72,8 @@ class VocSource:
             ids = [line.strip() for line in data.decode("utf-8").splitlines() if line.strip()]
         except UnicodeDecodeError:
             raise KeyshardError(f"{self.describe(SPLIT_DIR + f'/{name}.txt')}: not a text file") from None
+        if not ids:
+            raise KeyshardError(f"{self.describe(SPLIT_DIR + f'/{name}.txt')}: lists no ids (empty split file)")
         if len(set(ids)) != len(ids):
             raise KeyshardError(f"{self.describe(SPLIT_DIR + f'/{name}.txt')}: lists an id twice")
         for i in ids:
