@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keyshard.errors import KeyshardError
+from keyshard.shardformat import sample_key
 
 SPLIT_DIR = "ImageSets/Segmentation"
 IMAGE_DIR = "JPEGImages"
@@ -66,20 +67,68 @@ class VocSource:
         raise KeyshardError(f"{path}: VOC dataset not found (expected a VOC2012 directory or tar)")
 
     def split_ids(self, name: str) -> list[str]:
-        """Ids listed in ``ImageSets/Segmentation/<name>.txt``, in file order, unique."""
+        """Ids listed in ``ImageSets/Segmentation/<name>.txt``, in file order, unique.
+
+        ``train`` and ``val`` are also checked against each other (when the other file is there):
+        an id in both would land in train and test, and two ids with the same sample key (ids
+        differing only in dots, or an id that spells another id's augmentation replica
+        ``<key>_a<r>``) would overwrite each other in the shards.  Either is refused, naming both.
+        """
+        ids = self._read_ids(name)
+        other = {"train": "val", "val": "train"}.get(name)
+        if other is not None:
+            try:
+                other_ids = self._read_ids(other)
+            except KeyshardError:  # missing or bad: reported when that split is used
+                other_ids = []
+            self._check_disjoint(name, ids, other, other_ids)
+        return ids
+
+    def _split_label(self, name: str) -> str:
+        return self.describe(f"{SPLIT_DIR}/{name}.txt")
+
+    def _read_ids(self, name: str) -> list[str]:
         data = self.split_bytes(name)
+        where = self._split_label(name)
         try:
             ids = [line.strip() for line in data.decode("utf-8").splitlines() if line.strip()]
         except UnicodeDecodeError:
-            raise KeyshardError(f"{self.describe(SPLIT_DIR + f'/{name}.txt')}: not a text file") from None
+            raise KeyshardError(f"{where}: not a text file") from None
         if not ids:
-            raise KeyshardError(f"{self.describe(SPLIT_DIR + f'/{name}.txt')}: lists no ids (empty split file)")
-        if len(set(ids)) != len(ids):
-            raise KeyshardError(f"{self.describe(SPLIT_DIR + f'/{name}.txt')}: lists an id twice")
+            raise KeyshardError(f"{where}: lists no ids (empty split file)")
+        seen = set()
         for i in ids:
-            if "/" in i or "\\" in i or i.startswith("."):
-                raise KeyshardError(f"{self.describe(SPLIT_DIR + f'/{name}.txt')}: invalid id {i!r}")
+            if i in seen:
+                raise KeyshardError(f"{where}: lists id {i!r} twice")
+            seen.add(i)
+            if "/" in i or "\\" in i or i.startswith(".") or not i.isprintable():
+                raise KeyshardError(f"{where}: invalid id {i!r}")
         return ids
+
+    def _check_disjoint(self, name: str, ids: list[str], other: str, other_ids: list[str]) -> None:
+        both = set(ids) & set(other_ids)
+        if both:
+            first = min(both)
+            raise KeyshardError(
+                f"{self._split_label(name)}: id {first!r} is also listed in {other}.txt "
+                f"({len(both)} id(s) in both; an id in two splits would be trained and tested on)")
+        owner = {}  # sample key -> (id, split file)
+        for split, listed in ((name, ids), (other, other_ids)):
+            for i in listed:
+                k = sample_key(i)
+                if k in owner:
+                    j, where = owner[k]
+                    raise KeyshardError(
+                        f"{self._split_label(split)}: ids {j!r} ({where}.txt) and {i!r} ({split}.txt) "
+                        f"have the same sample key {k!r} (keys are ids without dots)")
+                owner[k] = (i, split)
+        for k, (i, split) in owner.items():
+            base, sep, r = k.rpartition("_a")
+            if sep and r.isdigit() and r[0] != "0" and base in owner:
+                j, where = owner[base]
+                raise KeyshardError(
+                    f"{self._split_label(split)}: id {i!r} has the sample key of replica {r} of id {j!r} "
+                    f"({where}.txt) under --augment-copies; rename one of them")
 
     def split_sha256(self, name: str) -> str:
         return hashlib.sha256(self.split_bytes(name)).hexdigest()

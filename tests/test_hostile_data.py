@@ -47,3 +47,44 @@ def test_one_id_train_file_names_the_file_not_holdout(voc, tmp_path):
     (voc / SEG / "train.txt").write_text(ids(voc)[0] + "\n")
     line = assert_user_error(encrypt_plain(voc, tmp_path / "out"), "train.txt lists 1 id", "--holdout 0")
     assert "--holdout 1" not in line
+
+
+def test_id_in_two_splits(voc, tmp_path):
+    shared = ids(voc, "val")[3]
+    with open(voc / SEG / "train.txt", "a") as f:
+        f.write(shared + "\n")
+    out = tmp_path / "out"
+    # refused even when only one of the two splits is written
+    for splits in ("train,holdout,test", "test"):
+        assert_user_error(encrypt_plain(voc, out, "--splits", splits), "train.txt", repr(shared), "val.txt")
+    assert not out.exists()
+
+
+def _add_id(voc, split, new_id, like):
+    """List ``new_id`` in ``split`` with a copy of ``like``'s image and mask."""
+    shutil.copy(voc / "JPEGImages" / f"{like}.jpg", voc / "JPEGImages" / f"{new_id}.jpg")
+    shutil.copy(voc / "SegmentationClass" / f"{like}.png", voc / "SegmentationClass" / f"{new_id}.png")
+    with open(voc / SEG / f"{split}.txt", "a") as f:
+        f.write(new_id + "\n")
+
+
+def test_ids_that_differ_only_in_dots_are_refused(voc, tmp_path):
+    victim = ids(voc)[0]  # 2007_000006-like
+    dotted = victim[:-2] + "." + victim[-2:]
+    _add_id(voc, "val", dotted, victim)
+    out = tmp_path / "out"
+    line = assert_user_error(encrypt_plain(voc, out), repr(victim), repr(dotted), "same sample key")
+    assert "val.txt" in line and "train.txt" in line
+    assert not out.exists()
+
+
+def test_id_spelling_a_replica_key_is_refused(voc, tmp_path):
+    victim = ids(voc)[0]
+    _add_id(voc, "train", f"{victim}_a1", victim)
+    assert_user_error(encrypt_plain(voc, tmp_path / "out"), repr(f"{victim}_a1"), repr(victim), "replica 1")
+
+
+def test_id_with_control_character(voc, tmp_path):
+    with open(voc / SEG / "val.txt", "a") as f:
+        f.write("2007_00\x010999\n")
+    assert_user_error(encrypt_plain(voc, tmp_path / "out"), "val.txt", "invalid id")
