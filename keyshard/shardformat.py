@@ -1,8 +1,8 @@
 """The shard format shared by the encryption job, the trainer, the evaluator and ``verify``.
 
 ``<out>/<split>-<NNNNNN>.tar`` in WebDataset convention; per sample ``<key>.img.npy``,
-``<key>.json`` and ``<key>.mask.png``.  Writing is deterministic (sorted members, USTAR, fixed
-mtime/owner/mode, fixed encoders) so the same input gives byte-identical shards, and the sha256
+``<key>.json`` and ``<key>.mask.png``.  Writing is deterministic (sorted members, USTAR headers —
+a pax header only for a name USTAR cannot hold —, fixed mtime/owner/mode, fixed encoders) so the same input gives byte-identical shards, and the sha256
 is computed while writing instead of re-reading the file.
 """
 
@@ -88,6 +88,11 @@ class ShardStats:
 class ShardWriter:
     """Deterministic WebDataset tar writer (USTAR, fixed mtime/owner/mode, members in order).
 
+    Written in ``PAX_FORMAT``, which gives exactly the USTAR header for an ASCII name of at most
+    100 bytes (every VOC id) and adds a POSIX pax extended header only for a longer or non-ASCII
+    name (USTAR alone cannot store a long id: its name field is 100 bytes and ours hold no ``/``
+    to split on).  ``tarfile``, webdataset and GNU/BSD tar read both.
+
     Uses ``tarfile`` in plain write mode rather than ``webdataset.TarWriter``: the latter always
     opens a ``w|`` stream that re-buffers every member in 10 KB slices, which cost ~0.2 ms per
     256² sample here.  The member layout is the same WebDataset convention (``<key>.<ext>``,
@@ -96,7 +101,7 @@ class ShardWriter:
 
     def __init__(self, fileobj):
         self._hf = _HashingFile(fileobj)
-        self._tar = tarfile.open(fileobj=self._hf, mode="w", format=tarfile.USTAR_FORMAT)
+        self._tar = tarfile.open(fileobj=self._hf, mode="w", format=tarfile.PAX_FORMAT)
         self._tar.copybufsize = 1 << 24  # copy each member in one piece
         self.samples = 0
 

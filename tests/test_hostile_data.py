@@ -88,3 +88,32 @@ def test_id_with_control_character(voc, tmp_path):
     with open(voc / SEG / "val.txt", "a") as f:
         f.write("2007_00\x010999\n")
     assert_user_error(encrypt_plain(voc, tmp_path / "out"), "val.txt", "invalid id")
+
+
+def test_long_and_non_ascii_ids_are_stored_with_pax_headers(voc, tmp_path):
+    """USTAR holds 100-byte names; longer (and non-ASCII) ids get a pax header, other members
+    keep their plain USTAR headers, and every reader gets the full key back."""
+    import json
+    import tarfile
+
+    import webdataset as wds
+
+    from keyshard.pipeline.manifest import load as load_manifest
+
+    like = ids(voc, "val")[0]
+    long_id, accented = "2012_" + "x" * 145, "2012_caf\u00e9"
+    _add_id(voc, "val", long_id, like)
+    _add_id(voc, "val", accented, like)
+    out = tmp_path / "out"
+    res = encrypt_plain(voc, out, "--splits", "test", "--shard-size", 64)
+    assert res.exit_code == 0, res.output
+    assert invoke("verify", out, "-q").exit_code == 0
+    doc = load_manifest(out)
+    shard = out / doc["shards"][0]["file"]
+    with tarfile.open(shard) as tf:
+        members = tf.getmembers()
+    assert {m.name for m in members if m.pax_headers} == {
+        f"{k}.{ext}" for k in (long_id, accented) for ext in ("img.npy", "json", "mask.png")}
+    got = {s["__key__"]: json.loads(s["json"])["id"]
+           for s in wds.WebDataset([str(shard)], shardshuffle=False, empty_check=False)}
+    assert got[long_id] == long_id and got[accented] == accented and got[like] == like
