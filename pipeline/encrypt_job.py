@@ -167,7 +167,8 @@ def job_identity(source: VocSource, key: Key | None, options: EncryptOptions) ->
     return {
         "keyshard": __version__,
         "libraries": manifest_mod.library_versions(),
-        "source": {"kind": source.kind, "path": str(Path(source.path).resolve()), "split_files": split_files},
+        "source": {"kind": source.kind, "path": str(Path(source.path).resolve()), "root": source.layout_root,
+                   "split_files": split_files},
         "encryption": None if key is None else {
             "method": key.method, "block_size": key.block_size, "key_fingerprint": key.fingerprint},
         "options": json.loads(json.dumps(asdict(options))),

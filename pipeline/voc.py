@@ -50,9 +50,14 @@ class SampleRef:
 
 
 class VocSource:
-    """A VOC2012 layout; ``open`` picks the directory or tar reader from the path."""
+    """A VOC2012 layout; ``open`` picks the directory or tar reader from the path.
+
+    ``layout_root`` is where the layout sits inside ``path`` (``VOCdevkit/VOC2012``, ``VOC2012``
+    or ``.``), recorded in the manifest's ``source.root``.
+    """
 
     kind = "?"
+    layout_root = "."
 
     def __init__(self, path: Path):
         self.path = path
@@ -150,13 +155,15 @@ class VocDir(VocSource):
 
     def __init__(self, path: Path):
         super().__init__(path)
-        for root in (path, path / "VOC2012", path / "VOCdevkit" / "VOC2012"):
-            if (root / SPLIT_DIR).is_dir():
-                self.root = root
-                return
-        raise KeyshardError(
-            f"{path}: not a VOC2012 layout (no {SPLIT_DIR}/ here, in VOC2012/ or in VOCdevkit/VOC2012/)"
-        )
+        found = [rel for rel in (".", "VOC2012", "VOCdevkit/VOC2012") if (path / rel / SPLIT_DIR).is_dir()]
+        if not found:
+            raise KeyshardError(
+                f"{path}: not a VOC2012 layout (no {SPLIT_DIR}/ here, in VOC2012/ or in VOCdevkit/VOC2012/)")
+        if len(found) > 1:
+            raise KeyshardError(f"{path}: holds more than one VOC2012 layout ({', '.join(found)}); "
+                                "give the one to use")
+        self.layout_root = found[0]
+        self.root = path if found[0] == "." else path / found[0]
 
     def describe(self, rel: str) -> str:
         return str(self.root / rel)
@@ -175,6 +182,15 @@ class VocDir(VocSource):
         return Blob(str(p), str(p))
 
 
+_MARKERS = (f"{SPLIT_DIR}/train.txt", f"{SPLIT_DIR}/val.txt")
+
+
+def _unsafe_name(name: str) -> bool:
+    """A member name that is absolute or climbs out with ``..`` (never counts as input)."""
+    parts = name.replace("\\", "/").split("/")
+    return name.startswith(("/", "\\")) or ".." in parts or (len(name) > 1 and name[0].isalpha() and name[1] == ":")
+
+
 class VocTar(VocSource):
     """The official ``VOCtrainval_11-May-2012.tar`` (uncompressed), indexed once, never extracted."""
 
@@ -184,11 +200,16 @@ class VocTar(VocSource):
         super().__init__(path)
         file_size = path.stat().st_size
         self.members: dict[str, tarfile.TarInfo] = {}
+        unsafe = 0
         try:
             with tarfile.open(path, "r:") as tf:
                 for m in tf:
-                    if m.isfile():
-                        self.members[m.name] = m
+                    if not m.isfile():
+                        continue
+                    if _unsafe_name(m.name):  # never part of the dataset, whatever it holds
+                        unsafe += 1
+                        continue
+                    self.members[m.name] = m
         except tarfile.ReadError as exc:
             hint = "compressed tars are not supported; use the uncompressed tar" if "compress" in str(exc) or "magic" in str(exc) else "truncated or not a tar"
             raise KeyshardError(f"{path}: cannot read tar ({hint})") from None
@@ -197,11 +218,19 @@ class VocTar(VocSource):
         for m in self.members.values():
             if m.offset_data + m.size > file_size:
                 raise KeyshardError(f"{path}: tar is truncated ({m.name} is cut short)")
-        marker = f"{SPLIT_DIR}/train.txt"
-        prefixes = sorted(n[: -len(marker)] for n in self.members if n.endswith(marker))
+        # A layout root is a directory holding ImageSets/Segmentation/{train,val}.txt.  Exactly
+        # one is accepted: with two, which one is "the" dataset is not ours to guess.
+        prefixes = sorted({n[: -len(marker)] for n in self.members for marker in _MARKERS
+                           if n.endswith(marker) and (len(n) == len(marker) or n[-len(marker) - 1] == "/")})
         if not prefixes:
-            raise KeyshardError(f"{path}: tar holds no VOC2012 layout (no {marker})")
+            ignored = f"; {unsafe} member(s) with '..' or absolute names ignored" if unsafe else ""
+            raise KeyshardError(f"{path}: tar holds no VOC2012 layout (no {_MARKERS[0]}{ignored})")
+        if len(prefixes) > 1:
+            roots = ", ".join(repr(p.rstrip("/") or ".") for p in prefixes[:4])
+            raise KeyshardError(f"{path}: tar holds {len(prefixes)} VOC2012 layouts ({roots}); "
+                                "refusing to guess which one to read")
         self.prefix = prefixes[0]
+        self.layout_root = self.prefix.rstrip("/") or "."
 
     def describe(self, rel: str) -> str:
         return f"{self.path}:{self.prefix}{rel}"

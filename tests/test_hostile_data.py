@@ -117,3 +117,78 @@ def test_long_and_non_ascii_ids_are_stored_with_pax_headers(voc, tmp_path):
     got = {s["__key__"]: json.loads(s["json"])["id"]
            for s in wds.WebDataset([str(shard)], shardshuffle=False, empty_check=False)}
     assert got[long_id] == long_id and got[accented] == accented and got[like] == like
+
+
+# -- VOC tar / directory roots ----------------------------------------------------------------
+
+def _tar_with(toy, path, extra_roots):
+    """The toy tar's members, preceded by a copy of its layout under each of ``extra_roots``."""
+    import io
+    import tarfile
+
+    with tarfile.open(toy / "VOCtrainval_11-May-2012.tar") as src, tarfile.open(path, "w") as dst:
+        members = [(m, src.extractfile(m).read()) for m in src.getmembers() if m.isfile()]
+        for root in extra_roots:
+            for m, data in members:
+                info = tarfile.TarInfo(root + m.name[len("VOCdevkit/VOC2012/"):])
+                if info.name.endswith("train.txt"):  # a different dataset: one id only
+                    data = data.split(b"\n")[0] + b"\n"
+                info.size = len(data)
+                dst.addfile(info, io.BytesIO(data))
+        for m, data in members:
+            dst.addfile(m, io.BytesIO(data))
+    return path
+
+
+def test_tar_layouts_outside_the_tar_never_count(toy, tmp_path):
+    from keyshard.pipeline.manifest import load as load_manifest
+
+    tar = _tar_with(toy, tmp_path / "voc.tar", ["../evil/VOCdevkit/VOC2012/", "/abs/VOCdevkit/VOC2012/"])
+    out = tmp_path / "out"
+    res = encrypt_plain(tar, out, "--splits", "train")
+    assert res.exit_code == 0, res.output
+    source = load_manifest(out)["source"]
+    assert source["root"] == "VOCdevkit/VOC2012" and source["kind"] == "tar"
+    assert load_manifest(out)["splits"]["counts"]["train"] == 11  # the real train.txt (12 ids)
+
+
+def test_tar_with_two_layouts_is_refused(toy, tmp_path):
+    tar = _tar_with(toy, tmp_path / "voc.tar", ["backup/VOCdevkit/VOC2012/"])
+    out = tmp_path / "out"
+    assert_user_error(encrypt_plain(tar, out), str(tar), "2 VOC2012 layouts",
+                      "'VOCdevkit/VOC2012'", "'backup/VOCdevkit/VOC2012'")
+    assert not out.exists()
+
+
+def test_tar_whose_only_layout_climbs_out_is_refused(toy, tmp_path):
+    import tarfile
+
+    tar = _tar_with(toy, tmp_path / "all.tar", ["../evil/VOCdevkit/VOC2012/"])
+    only = tmp_path / "evil.tar"
+    with tarfile.open(tar) as src, tarfile.open(only, "w") as dst:
+        for m in src.getmembers():
+            if m.name.startswith("../"):
+                dst.addfile(m, src.extractfile(m))
+    assert_user_error(encrypt_plain(only, tmp_path / "out"), str(only), "no VOC2012 layout", "'..'")
+
+
+def test_directory_with_two_layouts_is_refused(voc, tmp_path):
+    top = voc.parent.parent  # holds VOCdevkit/VOC2012
+    shutil.copytree(voc, top / "VOC2012")
+    assert_user_error(encrypt_plain(top, tmp_path / "out"), str(top), "more than one VOC2012 layout")
+    from keyshard.pipeline.manifest import load as load_manifest
+
+    res = encrypt_plain(voc.parent, tmp_path / "ok", "--splits", "test")
+    assert res.exit_code == 0, res.output
+    assert load_manifest(tmp_path / "ok")["source"]["root"] == "VOC2012"
+
+
+def test_manifests_without_source_root_stay_valid():
+    import json
+    from pathlib import Path
+
+    from keyshard.pipeline.manifest import validate
+
+    doc = json.loads((Path(__file__).parent.parent / "manifests" / "example-manifest.json").read_text())
+    del doc["source"]["root"]
+    validate(doc, "old manifest")
