@@ -26,6 +26,22 @@ MTIME = 0  # fixed member mtime: shards must not depend on when they were writte
 PNG_LEVEL = 1  # label maps are flat regions: level 1 is ~2x faster than 6 and nearly as small
 
 
+def voc_palette() -> list[int]:
+    """The standard PASCAL VOC colour map (256 entries, flattened RGB): the bits of index i are
+    dealt out to R, G, B from the top bit down (1 → dark red, 2 → dark green, 255 → cream)."""
+    pal = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal += [r, g, b]
+    return pal
+
+
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 

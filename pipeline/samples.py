@@ -32,7 +32,7 @@ import platform
 import numpy as np
 from PIL import Image
 
-from keyshard.shardformat import NUM_CLASSES, VOID
+from keyshard.shardformat import NUM_CLASSES, VOID, voc_palette
 RGB_MODE = 3  # torchvision.io.ImageReadMode.RGB.value (checked by the tests)
 CROP_RATIO = (3 / 4, 4 / 3)
 
@@ -101,11 +101,39 @@ def decode_rgb(data: bytes, label: str):
         raise BadSample(f"{label}: cannot decode image (corrupt or truncated)") from None
 
 
+_VOC_PALETTE = bytes(voc_palette())
+_GRAY_PALETTE = bytes(v for i in range(256) for v in (i, i, i))
+_CHECKED_ENTRIES = (*range(NUM_CLASSES), VOID)
+
+
+def _palette_mismatch(im: Image.Image) -> str | None:
+    """Why a palette label map's colours are not VOC's, or None.
+
+    The class of a pixel is its palette *index*; the palette only colours it.  A mask whose
+    palette is not VOC's was (usually) re-quantised from a colour image, so its indices are
+    not class ids.  Entries 0..20 and 255 (those present) must be the VOC colour map's, or all
+    gray (index i = colour (i, i, i): an index map saved as a palette PNG).  Costs ~0.1 µs.
+    """
+    pal = im.palette
+    raw = pal.palette if pal is not None and pal.mode == "RGB" and isinstance(pal.palette, bytes) \
+        else bytes(im.getpalette("RGB") or b"")
+    head, tail = raw[:3 * NUM_CLASSES], raw[3 * VOID:3 * VOID + 3]
+    for ref in (_VOC_PALETTE, _GRAY_PALETTE):
+        if head == ref[:len(head)] and tail == ref[3 * VOID:3 * VOID + len(tail)]:
+            return None
+    for i in _CHECKED_ENTRIES:
+        got = tuple(raw[3 * i:3 * i + 3])
+        if len(got) == 3 and got != tuple(_VOC_PALETTE[3 * i:3 * i + 3]):
+            return f"index {i} is {got}, VOC's is {tuple(_VOC_PALETTE[3 * i:3 * i + 3])}"
+    return "its last entry is cut short"
+
+
 def decode_label_map(data: bytes, label: str) -> Image.Image:
     """Palette/grayscale PNG → loaded PIL image of class ids; anything else is a BadSample.
 
     Values are checked with one wrap-around pass: ``(v - 21) mod 256`` maps the valid ids 0..20
     and 255 to 234..255 and every invalid value to 0..233, so one ``min`` decides (~20 µs).
+    A palette PNG must carry the VOC palette (see ``_palette_mismatch``).
     """
     try:
         im = Image.open(io.BytesIO(data))
@@ -114,6 +142,9 @@ def decode_label_map(data: bytes, label: str) -> Image.Image:
         raise BadSample(f"{label}: cannot decode label map (corrupt or truncated)") from None
     if im.mode not in ("P", "L"):
         raise BadSample(f"{label}: label map must be a palette or grayscale PNG, got mode {im.mode}")
+    if im.mode == "P" and (why := _palette_mismatch(im)):
+        raise BadSample(f"{label}: label map's palette is not the VOC colour map ({why}); its indices "
+                        "would not be class ids — save class ids with the VOC palette or as grayscale")
     arr = np.asarray(im)
     if arr.size and (arr - np.uint8(NUM_CLASSES)).min() < VOID - NUM_CLASSES:
         bad = [int(v) for v in np.unique(arr) if NUM_CLASSES <= v < VOID]

@@ -17,24 +17,10 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from keyshard.errors import KeyshardError
+from keyshard.shardformat import voc_palette
 
 VOC_TRAIN, VOC_VAL = 1464, 1449
 TAR_NAME = "VOCtrainval_11-May-2012.tar"
-
-
-def voc_palette() -> list[int]:
-    """The standard PASCAL VOC colour map (256 entries, flattened RGB)."""
-    pal = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal += [r, g, b]
-    return pal
 
 
 def class_colour(c: int) -> np.ndarray:

@@ -192,3 +192,48 @@ def test_manifests_without_source_root_stay_valid():
     doc = json.loads((Path(__file__).parent.parent / "manifests" / "example-manifest.json").read_text())
     del doc["source"]["root"]
     validate(doc, "old manifest")
+
+
+# -- label maps -------------------------------------------------------------------------------
+
+def test_requantised_palette_mask_is_refused_and_skippable(voc, tmp_path):
+    """A VOC colour mask re-quantised (indices 0, 1, 2 instead of 0, 15, 255) would be silently
+    relabelled; its palette gives it away."""
+    import numpy as np
+    from PIL import Image
+
+    from keyshard.pipeline.manifest import load as load_manifest
+
+    victim = ids(voc)[0]
+    path = voc / "SegmentationClass" / f"{victim}.png"
+    with Image.open(path) as im:
+        requantised = im.convert("RGB").quantize(colors=8, method=Image.Quantize.MEDIANCUT)
+    assert set(np.unique(np.asarray(requantised))) <= set(range(8))  # valid-looking class ids
+    requantised.save(path)
+    out = tmp_path / "out"
+    assert_user_error(encrypt_plain(voc, out), str(path), "palette is not the VOC colour map")
+    assert_nothing_final(out)
+    res = encrypt_plain(voc, tmp_path / "skip", "--skip-bad")
+    assert res.exit_code == 0, res.output
+    [failed] = load_manifest(tmp_path / "skip")["failed"]
+    assert failed["id"] == victim and "palette" in failed["reason"]
+
+
+def test_index_maps_without_the_voc_palette_are_accepted(voc, tmp_path):
+    """Grayscale (mode L) masks, and palette masks whose palette is gray (index i = (i, i, i)),
+    are plain index maps: accepted, with the same labels as the VOC palette mask."""
+    import numpy as np
+    from PIL import Image
+
+    from keyshard.pipeline.samples import decode_label_map
+
+    a, b = ids(voc)[:2]
+    with Image.open(voc / "SegmentationClass" / f"{a}.png") as im:
+        want_a = np.asarray(im).copy()
+        Image.fromarray(want_a, "L").save(voc / "SegmentationClass" / f"{a}.png")
+    with Image.open(voc / "SegmentationClass" / f"{b}.png") as im:
+        want_b = np.asarray(im).copy()
+        Image.fromarray(want_b, "L").convert("P").save(voc / "SegmentationClass" / f"{b}.png")
+    for voc_id, want in ((a, want_a), (b, want_b)):
+        data = (voc / "SegmentationClass" / f"{voc_id}.png").read_bytes()
+        np.testing.assert_array_equal(np.asarray(decode_label_map(data, voc_id)), want)
