@@ -88,7 +88,7 @@ def decode_rgb(data: bytes, label: str):
     """Image bytes → uint8 CHW RGB tensor; a corrupt or truncated file is a BadSample.
 
     JPEGs go through torchvision's libjpeg-turbo decoder (it raises on truncated data).  Other
-    formats fall back to PIL.
+    formats fall back to PIL (``_pil_rgb``).
     """
     torch = load_torch()
     try:
@@ -96,9 +96,27 @@ def decode_rgb(data: bytes, label: str):
             return torch.ops.image.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
                                                RGB_MODE, False)
         with Image.open(io.BytesIO(data)) as im:
-            return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+            return torch.from_numpy(_pil_rgb(im, label)).permute(2, 0, 1)
     except (RuntimeError, ValueError, OSError, SyntaxError):
         raise BadSample(f"{label}: cannot decode image (corrupt or truncated)") from None
+
+
+def _pil_rgb(im: Image.Image, label: str) -> np.ndarray:
+    """A PIL image as H×W×3 uint8 RGB.
+
+    16-bit grayscale (``I;16*``, or ``I`` from a PNG) keeps its top 8 bits — 65535 → 255 and
+    257·k → k, what Pillow itself does for 16-bit RGB PNGs — where ``convert("RGB")`` would
+    clip every value above 255 to white.  32-bit integer and float images have no agreed range
+    and are refused.
+    """
+    mode = im.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N") or (mode == "I" and im.format == "PNG"):
+        gray = (np.asarray(im) >> 8).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode in ("I", "F") or mode.startswith("I;"):
+        raise BadSample(f"{label}: {mode} image (32-bit integer or float) has no 8-bit range; "
+                        "convert it to 8- or 16-bit RGB or grayscale")
+    return np.array(im.convert("RGB"))
 
 
 _VOC_PALETTE = bytes(voc_palette())

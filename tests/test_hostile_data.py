@@ -237,3 +237,63 @@ def test_index_maps_without_the_voc_palette_are_accepted(voc, tmp_path):
     for voc_id, want in ((a, want_a), (b, want_b)):
         data = (voc / "SegmentationClass" / f"{voc_id}.png").read_bytes()
         np.testing.assert_array_equal(np.asarray(decode_label_map(data, voc_id)), want)
+
+
+# -- images -----------------------------------------------------------------------------------
+
+def png_bytes(arr, color_type, depth=8, width=None, height=None):
+    """A minimal PNG (one IDAT); ``width``/``height`` patch what the IHDR claims (CRC fixed)."""
+    import struct
+    import zlib
+
+    h, w = arr.shape[:2]
+    dtype = ">u2" if depth == 16 else "u1"
+    raw = b"".join(b"\x00" + arr[y].astype(dtype).tobytes() for y in range(h))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width or w, height or h, depth, color_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
+            + chunk(b"IEND", b""))
+
+
+def test_16_bit_grayscale_image_is_scaled_not_clipped(voc, tmp_path):
+    import numpy as np
+
+    from keyshard.pipeline.manifest import load as load_manifest
+    from keyshard.pipeline.samples import decode_rgb
+    from keyshard.shardformat import decode_npy, iter_tar_samples
+
+    ramp = np.tile(np.linspace(0, 65535, 64).round().astype(np.uint16), (48, 1))
+    got = decode_rgb(png_bytes(ramp, 0, 16), "ramp.png").numpy()
+    np.testing.assert_array_equal(got, np.stack([(ramp >> 8).astype(np.uint8)] * 3))  # 65535 → 255, 257k → k
+    rgb16 = np.stack([ramp, ramp // 2, ramp // 4], -1)  # 16-bit RGB (Pillow's own path): same rule
+    np.testing.assert_array_equal(decode_rgb(png_bytes(rgb16, 2, 16), "rgb.png").numpy(),
+                                  np.moveaxis((rgb16 >> 8).astype(np.uint8), -1, 0))
+
+    victim = ids(voc, "val")[0]  # end to end: a 16-bit PNG where the JPEG was (same size as its mask)
+    from PIL import Image
+    with Image.open(voc / "SegmentationClass" / f"{victim}.png") as m:
+        w, h = m.size
+    ramp = np.tile(np.linspace(0, 65535, w).round().astype(np.uint16), (h, 1))
+    (voc / "JPEGImages" / f"{victim}.jpg").write_bytes(png_bytes(ramp, 0, 16))
+    out = tmp_path / "out"
+    assert encrypt_plain(voc, out, "--splits", "test").exit_code == 0
+    shard = out / load_manifest(out)["shards"][0]["file"]
+    img = next(decode_npy(f["img.npy"]) for k, f in iter_tar_samples(shard) if k == victim)
+    assert 100 < img.mean() < 155 and (img == 255).mean() < 0.05  # was 99.5 % white
+
+
+def test_float_image_is_refused():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from keyshard.pipeline.samples import BadSample, decode_rgb
+
+    buf = io.BytesIO()
+    Image.fromarray(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)).save(buf, "TIFF")
+    with pytest.raises(BadSample, match="x.tif: F image .* no 8-bit range"):
+        decode_rgb(buf.getvalue(), "x.tif")
