@@ -10,6 +10,7 @@ import click
 
 from keyshard import keys, signing, sources
 from keyshard.errors import KeyshardError
+from keyshard.pipeline import MAX_PIXELS
 from keyshard.pipeline.splits import SPLITS
 
 
@@ -77,13 +78,17 @@ def toy_voc(out, images, voc_sizes, make_tar, seed, min_side, max_side):
               help="Holdout size (default: round(n x 146/1464), at least 1).")
 @click.option("--skip-bad", is_flag=True,
               help="Skip unreadable samples and list them in the manifest instead of stopping.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=MAX_PIXELS, show_default=True,
+              help="Largest image or label map (width x height, read from its header before decoding) "
+                   "accepted; larger ones are bad samples. Default: Pillow's limit.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in OUTPUT (same settings required).")
 @click.option("--sign-with", "sign_with", type=click.Path(dir_okay=False), default=None, metavar="NAME",
               help="Ed25519 signing key from `keyshard signing-key -o NAME`: also write manifest.json.sig, "
                    "a detached signature over the exact bytes of manifest.json (checked before any work).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def encrypt(voc, key_file, plain, output, splits, size, shard_size, jobs, backend, dask_scheduler,
-            augment_copies, augment_seed, crop_scale, split_seed, holdout, skip_bad, resume, sign_with, quiet):
+            augment_copies, augment_seed, crop_scale, split_seed, holdout, skip_bad, max_pixels, resume, sign_with,
+            quiet):
     """Encrypt VOC into keyed WebDataset shards (or --plain shards) with a manifest.
 
     Output: OUTPUT/<split>-NNNNNN.tar and OUTPUT/manifest.json (written last).  The same input,
@@ -106,7 +111,7 @@ def encrypt(voc, key_file, plain, output, splits, size, shard_size, jobs, backen
     options = encrypt_job.EncryptOptions(size=size, splits=splits, shard_size=shard_size,
                                          augment_copies=augment_copies, augment_seed=augment_seed,
                                          crop_scale=crop_scale, split_seed=split_seed, holdout=holdout,
-                                         skip_bad=skip_bad)
+                                         skip_bad=skip_bad, max_pixels=max_pixels)
     client = _dask_client(dask_scheduler, jobs) if backend == "dask" else None
     try:
         doc = encrypt_job.run(voc, output, key, options, jobs=jobs, backend=backend, resume=resume,

@@ -28,6 +28,7 @@ from keyshard.errors import KeyshardError
 from keyshard.fsutil import fsync_path, sha256_file, write_json_atomic
 from keyshard.keys import Key, KeyMaterial
 from keyshard.transforms import compile_plan
+from keyshard.pipeline import MAX_PIXELS
 from keyshard.pipeline import manifest as manifest_mod
 from keyshard.pipeline.samples import BadSample, load_torch, prepare, replica_seed
 from keyshard.pipeline.splits import SPLITS, split_ids
@@ -49,6 +50,7 @@ class EncryptOptions:
     split_seed: int = 0
     holdout: int | None = None
     skip_bad: bool = False
+    max_pixels: int = MAX_PIXELS  # larger images / label maps (from their headers) are bad samples
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,7 @@ def process_shard(task: ShardTask, material: KeyMaterial | None, options: Encryp
                 image_bytes, mask_bytes = ref.image.read(), ref.mask.read()
                 seed = replica_seed(options.augment_seed, ref.voc_id, task.replica) if task.replica else None
                 img, mask, orig = prepare(image_bytes, mask_bytes, options.size, ref.image.label,
-                                          ref.mask.label, seed, options.crop_scale)
+                                          ref.mask.label, seed, options.crop_scale, options.max_pixels)
             except BadSample as exc:
                 if not options.skip_bad:
                     raise

@@ -75,7 +75,7 @@ def build(identity: dict, key, options, records: list[dict], counts: dict, comma
         },
         "image": {"height": options.size, "width": options.size, "channels": 3,
                   "resize": "bilinear, antialiased (torchvision uint8 kernel)",
-                  "mask_resize": "nearest (PIL convention)"},
+                  "mask_resize": "nearest (PIL convention)", "max_pixels": options.max_pixels},
         "augmentation": {
             "copies": options.augment_copies, "seed": options.augment_seed,
             "crop_scale": list(options.crop_scale), "crop_ratio": [3 / 4, 4 / 3], "hflip_p": 0.5,

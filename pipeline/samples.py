@@ -22,16 +22,19 @@ without importing torchvision) and calls the same operators torchvision's Python
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.machinery
 import importlib.util
 import io
 import math
 import platform
+import warnings
 
 import numpy as np
 from PIL import Image
 
+from keyshard.pipeline import MAX_PIXELS
 from keyshard.shardformat import NUM_CLASSES, VOID, voc_palette
 RGB_MODE = 3  # torchvision.io.ImageReadMode.RGB.value (checked by the tests)
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -84,18 +87,113 @@ def load_torch():
     return _torch
 
 
-def decode_rgb(data: bytes, label: str):
-    """Image bytes → uint8 CHW RGB tensor; a corrupt or truncated file is a BadSample.
+# -- pixel cap: the size comes from the file's header and is checked before anything decodes ----
+
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers (not DHT, JPG, DAC)
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header, or None if none comes before the scan.
+
+    Walks the markers as libjpeg's ``next_marker`` does — junk between segments and ``FF``
+    fill bytes skipped, ``FF 00`` is not a marker — so it finds the frame header libjpeg would
+    use: a header hidden behind junk cannot slip past the cap.  ~2 µs for a camera JPEG.
+    """
+    n, pos = len(data), 2
+    while True:
+        pos = data.find(b"\xff", pos)
+        if pos < 0:
+            return None
+        while pos < n and data[pos] == 0xFF:
+            pos += 1
+        if pos + 2 >= n:
+            return None
+        marker = data[pos]
+        pos += 1
+        if marker == 0x00 or marker == 0x01 or 0xD0 <= marker <= 0xD8:  # stuffed byte, TEM, RSTn, SOI
+            continue
+        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
+            return None
+        if marker in _JPEG_SOF:
+            if pos + 7 > n:
+                return None
+            return (data[pos + 5] << 8) | data[pos + 6], (data[pos + 3] << 8) | data[pos + 4]
+        pos += max(2, (data[pos] << 8) | data[pos + 1])  # libjpeg skips length - 2 bytes (none if < 2)
+
+
+def png_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR chunk (always its first), or None if it is no PNG."""
+    if len(data) < 24 or data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def check_pixels(size: tuple[int, int], label: str, what: str, max_pixels: int) -> None:
+    w, h = size
+    if w * h > max_pixels:
+        raise BadSample(f"{label}: {what} is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} "
+                        "(--max-pixels; read from its header, nothing decoded)")
+
+
+@contextlib.contextmanager
+def _pillow_capped(label: str, what: str, max_pixels: int):
+    """Pillow's own decompression-bomb check, made ours: its limit follows ``max_pixels`` and its
+    ``DecompressionBombWarning`` / ``Error`` become a BadSample naming the file.
+
+    Needed only where the size could not be read and checked first (formats other than PNG),
+    or where ``max_pixels`` is above Pillow's limit.  The warning filter and limit are process
+    state: under the threading backend two threads may interleave here, which can at worst
+    leave the filter or a raised limit behind in that process.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        saved = Image.MAX_IMAGE_PIXELS
+        if saved is not None and max_pixels > saved:
+            Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            yield
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise BadSample(f"{label}: {what} has more than {max_pixels:,} pixels (--max-pixels; "
+                            "read from its header, nothing decoded)") from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _open_pil(data: bytes, label: str, what: str, max_pixels: int):
+    """``(context, image)``: the PIL image opened lazily (header only) with its size checked, and
+    the context its decoding must run in (``_pillow_capped``, or nothing when the PNG header
+    was checked here already and Pillow's limit is not lower than ours)."""
+    size = png_size(data)
+    if size is not None:
+        check_pixels(size, label, what, max_pixels)
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is None or max_pixels <= limit:
+            im = Image.open(io.BytesIO(data))
+            return contextlib.nullcontext(), im
+    with _pillow_capped(label, what, max_pixels):
+        im = Image.open(io.BytesIO(data))
+        check_pixels(im.size, label, what, max_pixels)
+    return _pillow_capped(label, what, max_pixels), im
+
+
+def decode_rgb(data: bytes, label: str, max_pixels: int = MAX_PIXELS):
+    """Image bytes → uint8 CHW RGB tensor; a corrupt, truncated or too large file is a BadSample.
 
     JPEGs go through torchvision's libjpeg-turbo decoder (it raises on truncated data).  Other
-    formats fall back to PIL (``_pil_rgb``).
+    formats fall back to PIL (``_pil_rgb``).  Width × height is read from the header and checked
+    against ``max_pixels`` before anything is decoded (a 5 KB JPEG can claim 50000 × 50000).
     """
     torch = load_torch()
     try:
         if data[:2] == b"\xff\xd8":
+            size = jpeg_size(data)
+            if size is None:
+                raise BadSample(f"{label}: cannot decode image (no JPEG frame header before its data)")
+            check_pixels(size, label, "image", max_pixels)
             return torch.ops.image.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
                                                RGB_MODE, False)
-        with Image.open(io.BytesIO(data)) as im:
+        ctx, im = _open_pil(data, label, "image", max_pixels)
+        with ctx, im:
             return torch.from_numpy(_pil_rgb(im, label)).permute(2, 0, 1)
     except (RuntimeError, ValueError, OSError, SyntaxError):
         raise BadSample(f"{label}: cannot decode image (corrupt or truncated)") from None
@@ -146,16 +244,18 @@ def _palette_mismatch(im: Image.Image) -> str | None:
     return "its last entry is cut short"
 
 
-def decode_label_map(data: bytes, label: str) -> Image.Image:
+def decode_label_map(data: bytes, label: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Palette/grayscale PNG → loaded PIL image of class ids; anything else is a BadSample.
 
     Values are checked with one wrap-around pass: ``(v - 21) mod 256`` maps the valid ids 0..20
     and 255 to 234..255 and every invalid value to 0..233, so one ``min`` decides (~20 µs).
-    A palette PNG must carry the VOC palette (see ``_palette_mismatch``).
+    A palette PNG must carry the VOC palette (see ``_palette_mismatch``).  Its size is checked
+    against ``max_pixels`` from the header, as images are.
     """
     try:
-        im = Image.open(io.BytesIO(data))
-        im.load()
+        ctx, im = _open_pil(data, label, "label map", max_pixels)
+        with ctx:
+            im.load()
     except (OSError, ValueError, SyntaxError):
         raise BadSample(f"{label}: cannot decode label map (corrupt or truncated)") from None
     if im.mode not in ("P", "L"):
@@ -264,14 +364,15 @@ def fit(img, mask: Image.Image, size: int, augment_seed: int | None = None, crop
 
 
 def prepare(image_bytes: bytes, mask_bytes: bytes, size: int, image_label: str, mask_label: str,
-            augment_seed: int | None = None, crop_scale=(0.08, 1.0)):
+            augment_seed: int | None = None, crop_scale=(0.08, 1.0), max_pixels: int = MAX_PIXELS):
     """Decode, check and resize one sample to ``size``×``size``.
 
     With ``augment_seed`` the sample is a random resized crop (+ flip) instead of a plain resize.
+    Image and label map larger than ``max_pixels`` (from their headers) are BadSamples.
     Returns (image HxWx3 uint8, mask HxW uint8, original (height, width)).
     """
-    img = decode_rgb(image_bytes, image_label)
-    mask = decode_label_map(mask_bytes, mask_label)
+    img = decode_rgb(image_bytes, image_label, max_pixels)
+    mask = decode_label_map(mask_bytes, mask_label, max_pixels)
     h, w = img.shape[-2:]
     if mask.size != (w, h):
         raise BadSample(f"{mask_label}: label map is {mask.size[0]}x{mask.size[1]} but its image is {w}x{h}")

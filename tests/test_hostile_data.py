@@ -297,3 +297,96 @@ def test_float_image_is_refused():
     Image.fromarray(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)).save(buf, "TIFF")
     with pytest.raises(BadSample, match="x.tif: F image .* no 8-bit range"):
         decode_rgb(buf.getvalue(), "x.tif")
+
+
+# -- decompression bombs: the pixel cap, checked from the header ------------------------------
+
+BOMB = (50000, 50000)
+
+
+def jpeg_claiming(data, width, height):
+    """A JPEG whose SOF0 frame header claims ``width`` × ``height`` (the data stays small)."""
+    sof = data.index(b"\xff\xc0")
+    return data[:sof + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + data[sof + 9:]
+
+
+def png_claiming(data, width, height):
+    """A PNG whose IHDR claims ``width`` × ``height``, with a valid CRC."""
+    import zlib
+
+    assert data[12:16] == b"IHDR"
+    body = b"IHDR" + width.to_bytes(4, "big") + height.to_bytes(4, "big") + data[24:29]
+    return data[:12] + body + zlib.crc32(body).to_bytes(4, "big") + data[33:]
+
+
+def _bomb(voc, kind):
+    victim = ids(voc)[1]
+    if kind == "jpeg":
+        path = voc / "JPEGImages" / f"{victim}.jpg"
+        path.write_bytes(jpeg_claiming(path.read_bytes(), *BOMB))
+    elif kind == "png-image":  # a PNG where the JPEG was (decoded by content, through Pillow)
+        import io
+
+        from PIL import Image
+
+        path = voc / "JPEGImages" / f"{victim}.jpg"
+        buf = io.BytesIO()
+        Image.open(path).save(buf, "PNG")
+        path.write_bytes(png_claiming(buf.getvalue(), *BOMB))
+    else:
+        path = voc / "SegmentationClass" / f"{victim}.png"
+        path.write_bytes(png_claiming(path.read_bytes(), *BOMB))
+    assert path.stat().st_size < 20_000
+    return victim, path
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "png-image", "png-mask"])
+def test_header_bomb_is_refused_before_decoding_and_skippable(voc, tmp_path, kind):
+    import time
+
+    from keyshard.pipeline.manifest import load as load_manifest
+
+    victim, path = _bomb(voc, kind)
+    out = tmp_path / "out"
+    start = time.perf_counter()
+    res = encrypt_plain(voc, out, "--splits", "train")
+    assert time.perf_counter() - start < 10  # was 27 s and 8 GB for the JPEG
+    assert_user_error(res, str(path), "50000x50000 = 2,500,000,000 pixels", "89,478,485", "--max-pixels")
+    assert_nothing_final(out)
+    res = encrypt_plain(voc, tmp_path / "skip", "--splits", "train", "--skip-bad")
+    assert res.exit_code == 0, res.output
+    [failed] = load_manifest(tmp_path / "skip")["failed"]
+    assert failed["id"] == victim and "50000x50000" in failed["reason"] and str(path) in failed["reason"]
+
+
+def test_max_pixels_option(voc, tmp_path):
+    from keyshard.pipeline.manifest import load as load_manifest
+
+    out = tmp_path / "out"
+    first = voc / "JPEGImages" / f"{sorted(ids(voc, 'val'))[0]}.jpg"
+    assert_user_error(encrypt_plain(voc, out, "--splits", "test", "--max-pixels", 100),
+                      str(first), "over the limit of 100 (--max-pixels")
+    res = encrypt_plain(voc, tmp_path / "ok", "--splits", "test", "--max-pixels", 64 * 64)
+    assert res.exit_code == 0, res.output
+    assert load_manifest(tmp_path / "ok")["image"]["max_pixels"] == 64 * 64
+    res = invoke("encrypt", "--voc", voc, "--plain", "-o", tmp_path / "x", "--max-pixels", 0)
+    assert res.exit_code == 2 and "Traceback" not in res.output
+
+
+def test_pillow_bomb_warning_becomes_our_error(voc, tmp_path):
+    """A format whose size only Pillow reads (BMP): between Pillow's limit and twice it, Pillow
+    warns (DecompressionBombWarning); above, it raises.  Both are one keyshard line."""
+    import io
+
+    from PIL import Image
+
+    victim = ids(voc)[0]
+    path = voc / "JPEGImages" / f"{victim}.jpg"
+    buf = io.BytesIO()
+    Image.open(path).save(buf, "BMP")
+    bmp = buf.getvalue()
+    for w, h in ((10000, 10000), BOMB):  # 100 M pixels (Pillow warns), 2.5 G (Pillow raises)
+        path.write_bytes(bmp[:18] + w.to_bytes(4, "little") + h.to_bytes(4, "little") + bmp[26:])
+        res = encrypt_plain(voc, tmp_path / f"out{w}", "--splits", "train")
+        assert_user_error(res, str(path), "more than 89,478,485 pixels", "--max-pixels")
+        assert "DecompressionBomb" not in res.output
