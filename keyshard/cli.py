@@ -1,7 +1,8 @@
 """The ``keyshard`` command: a click group; each stage's package contributes its commands.
 
 User mistakes surface as ``KeyshardError`` and are printed as one ``keyshard: error: ...`` line
-with exit status 1 — never a traceback.
+with exit status 1 — never a traceback.  An ``OSError`` that reaches the root (a read-only file
+system, a full disk, a path the commands did not check) is printed the same way, naming the path.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except KeyshardError as exc:
             click.echo(f"keyshard: error: {exc}", err=True)
+            ctx.exit(1)
+        except OSError as exc:  # the file system refused something no command anticipated
+            from keyshard.fsutil import os_error_line
+
+            click.echo(f"keyshard: error: {os_error_line(exc)}", err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("keyshard: interrupted (an unfinished job can be continued with --resume)", err=True)
