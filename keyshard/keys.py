@@ -14,7 +14,8 @@ every machine.  Derivation ``keyshard-shake256/1``:
 * FFX password (when the file gives none) = hex of the first 16 bytes of ``stream(b"ffx-password")``.
 
 ``reference_seed`` keys follow the authors' public code instead (``torch.manual_seed(seed);
-perm = torch.randperm(3M²)``; masks are ``perm > 3M²/2``, one position fewer than half).  Explicit
+perm = torch.randperm(3M²)``, computed without torch, see ``reference_permutation``; masks are
+``perm > 3M²/2``, one position fewer than half).  Explicit
 keys carry the material itself, so their mask selects however many positions it holds
 (``mask_size``; ``rule_mask_size`` says what each derivation selects).
 
@@ -56,36 +57,57 @@ def _stream_words(secret: bytes, label: bytes, count: int) -> np.ndarray:
 
 
 def fisher_yates(secret: bytes, label: bytes, n: int) -> np.ndarray:
-    """Unbiased Fisher–Yates permutation of ``range(n)`` driven by the keyed stream."""
+    """Unbiased Fisher–Yates permutation of ``range(n)`` driven by the keyed stream.
+
+    Exactly the algorithm of the module doc; the draws (with rejection) are computed with numpy
+    a run of accepted words at a time, then the swaps are applied in order.
+    """
+    if n < 2:
+        return np.arange(n, dtype=np.int64)
+    bounds = np.arange(n, 1, -1, dtype=np.uint64)  # i + 1 for i = n-1 .. 1
+    # w is accepted iff w < floor(2^64 / b) * b, i.e. w <= 2^64 - 1 - (2^64 mod b);
+    # (0 - b) wraps to 2^64 - b, which is 2^64 mod b modulo b.
+    highest = np.iinfo(np.uint64).max - (np.uint64(0) - bounds) % bounds
+    draws = np.empty(n - 1, dtype=np.uint64)
+    budget, done, pos = n + 64, 0, 0
+    words = _stream_words(secret, label, budget)
+    while done < n - 1:
+        if pos + (n - 1 - done) > len(words):  # astronomically rare: extend the (prefix-stable) stream
+            budget = max(2 * budget, pos + (n - 1 - done) + 64)
+            words = _stream_words(secret, label, budget)
+        run = words[pos:pos + (n - 1 - done)]
+        rejected = np.flatnonzero(run > highest[done:done + len(run)])
+        take = int(rejected[0]) if len(rejected) else len(run)
+        draws[done:done + take] = run[:take] % bounds[done:done + take]
+        done, pos = done + take, pos + take + (1 if len(rejected) else 0)  # a rejected word is skipped
+    return _swapped(n, range(n - 1, 0, -1), draws.tolist())
+
+
+def _swapped(n: int, positions, partners) -> np.ndarray:
+    """``range(n)`` after swapping ``perm[i]`` and ``perm[j]`` for each (i, j), in order."""
     perm = list(range(n))
-    budget = n + 64
-    words = _stream_words(secret, label, budget).tolist()
-    pos = 0
-    for i in range(n - 1, 0, -1):
-        bound = i + 1
-        limit = (1 << 64) - ((1 << 64) % bound)
-        while True:
-            if pos == len(words):  # astronomically rare: extend the (prefix-stable) stream
-                budget *= 2
-                words = _stream_words(secret, label, budget).tolist()
-            w = words[pos]
-            pos += 1
-            if w < limit:
-                break
-        j = w % bound
+    for i, j in zip(positions, partners):
         perm[i], perm[j] = perm[j], perm[i]
     return np.asarray(perm, dtype=np.int64)
 
 
 def reference_permutation(seed: int, n: int) -> np.ndarray:
-    """The authors' derivation: ``torch.manual_seed(seed); torch.randperm(n)``.
+    """The authors' derivation: ``torch.manual_seed(seed); torch.randperm(n)``, without torch.
 
-    Runs on a private generator so the caller's global torch RNG state is left alone.
+    torch (CPU) seeds a 32-bit Mersenne Twister with the low 32 bits of the seed (the standard
+    ``init_genrand``) and shuffles forwards: for i = 0 .. n-2, swap positions i and
+    ``i + random() % (n - i)``.  numpy's MT19937 seeded the legacy way is the same generator, so
+    the permutation is computed here without importing torch (~3 s and ~0.9 GB on a small
+    machine); a test compares it with torch itself.  (torch's CPU randperm switches algorithm
+    only for n in the hundreds of millions, far beyond any valid key: n = 3M² <= 786432.)
     """
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randperm(n, generator=gen).numpy().astype(np.int64)
+    if n < 2:
+        return np.arange(n, dtype=np.int64)
+    _, state, pos, *_ = np.random.RandomState(seed & 0xFFFFFFFF).get_state(legacy=True)
+    mt = np.random.MT19937()
+    mt.state = {"bit_generator": "MT19937", "state": {"key": state, "pos": pos}}
+    offsets = mt.random_raw(n - 1).astype(np.int64) % np.arange(n, 1, -1, dtype=np.int64)
+    return _swapped(n, range(n - 1), (offsets + np.arange(n - 1, dtype=np.int64)).tolist())
 
 
 def ffx_table(password: bytes) -> np.ndarray:
@@ -232,8 +254,9 @@ class Key:
             )
         if self.reference_seed is not None:
             out.append(
-                "reference-seed key: it is only as strong as the seed; a small integer seed can "
-                "be enumerated with torch.randperm. Use it only to interoperate with the authors' code."
+                "reference-seed key: it is only as strong as the seed (torch uses its low 32 bits); a "
+                "small integer seed can be enumerated with torch.randperm. Use it only to interoperate "
+                "with the authors' code."
             )
         return out
 

@@ -5,6 +5,8 @@ import json
 import math
 import os
 import stat
+import subprocess
+import sys
 
 import numpy as np
 import pyffx
@@ -178,3 +180,44 @@ def test_explicit_key_roundtrip(tmp_path):
 def test_generate_rejects_password_for_other_methods():
     with pytest.raises(KeyshardError, match="ffx"):
         keys.generate("np", 2, ffx_password=b"x")
+
+
+# -- derivations computed without torch, checked against torch ----------------------------------
+
+@pytest.mark.parametrize("seed", [0, 1, 7, 1234, 2**31 + 5, 2**32 + 5, 2**63 - 1])
+def test_reference_permutation_is_torch_randperm(seed):
+    """The reference derivation runs without importing torch and gives torch's randperm exactly."""
+    for n in (1, 2, 3, 12, 48, 768, 3 * 64 * 64):
+        expected = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+        np.testing.assert_array_equal(keys.reference_permutation(seed, n), expected)
+
+
+def test_loading_a_reference_key_does_not_import_torch(tmp_path):
+    keys.save(keys.Key("np", 8, FIXED_SECRET, reference_seed=3), tmp_path / "r.json")
+    code = ("import sys; from keyshard import keys; k = keys.load(sys.argv[1]); k.fingerprint; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "r.json")], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_fisher_yates_with_rejections_and_a_longer_stream(monkeypatch):
+    """Rejected draws and a stream extended past n + 64 words follow the documented algorithm."""
+    def words(secret, label, count):  # prefix-stable; every third word is 2^64 - 1, rejected by most bounds
+        return np.array([2**64 - 1 if k % 3 == 0 else (k * 0x9E3779B97F4A7C15) % 2**64 for k in range(count)],
+                        dtype=np.uint64)
+
+    monkeypatch.setattr(keys, "_stream_words", words)
+    n = 200
+    stream = words(None, None, 4 * n).tolist()
+    perm, pos = list(range(n)), 0
+    for i in range(n - 1, 0, -1):
+        while True:
+            w = stream[pos]
+            pos += 1
+            if w < (2**64 // (i + 1)) * (i + 1):
+                break
+        j = w % (i + 1)
+        perm[i], perm[j] = perm[j], perm[i]
+    assert pos > n + 64  # the extension path ran
+    assert keys.fisher_yates(FIXED_SECRET, b"x", n).tolist() == perm
