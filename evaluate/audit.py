@@ -1,11 +1,22 @@
 """The key audit: a checkpoint on plain test shards, encrypted on the device with the correct
-key, no key, and N random wrong keys — each test batch is read and decoded once, then every key
-is applied to it on the GPU (or CPU) with the same compiled plans as the offline encryption.
+key, no key, and N random wrong keys — each test batch is read and decoded once per pass, then
+every key of the pass is applied to it on the GPU (or CPU) with the same compiled plans as the
+offline encryption.
+
+Keys are scored a chunk at a time: a pass over the test split compiles the plans of at most
+``keys_per_pass`` keys (as many as fit in ``PLAN_BUDGET_BYTES``, at most ``MAX_KEYS_PER_PASS``),
+scores them, and drops them before the next chunk's keys are even drawn.  Memory therefore stays
+flat whatever ``--wrong-keys`` is (an SHF M=8 plan at 256² is ~3 MB: 100,000 of them at once
+were 300 GB), and the first batch is scored right away.  Every key's confusion matrix is a
+function of the model, its plan and the (fixed-order) batches only, so the scores are identical
+however the keys are chunked (tested).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
+import math
 import sys
 from pathlib import Path
 
@@ -17,7 +28,7 @@ from keyshard.errors import KeyshardError
 from keyshard.fsutil import sha256_file
 from keyshard.evaluate import wrong_keys
 from keyshard.evaluate.metrics import Confusion
-from keyshard.evaluate.near_miss import near_miss_keys
+from keyshard.evaluate.near_miss import MAX_KEYS_PER_DISTANCE, near_miss_keys
 from keyshard.pipeline.manifest import library_versions
 from keyshard.pipeline.manifest import load_trusted
 from keyshard.train.checkpoint import load_model
@@ -58,17 +69,20 @@ def test_batches(source, manifest: dict, batch_size: int = 32, workers: int = 0,
 
 
 def score_on_split(model, configs: list, source, manifest: dict, device, batch_size: int = 32, workers: int = 0,
-                   progress: bool = True, desc: str = "score", split: str = "test") -> list[dict]:
+                   progress: bool = True, desc: str = "score", split: str = "test", bar=None) -> list[dict]:
     """Scores of (torch plan or None for plain images, pixel divisor) configs on one split.
 
-    Each batch is read and decoded once; every config is applied to it on the device.
+    Each batch is read and decoded once; every config is applied to it on the device.  ``bar``:
+    a tqdm bar to advance (the caller's, spanning several passes) instead of a new one.
     """
     from tqdm import tqdm
 
     confusions = [Confusion(device) for _ in configs]
     batches = test_batches(source, manifest, batch_size, workers, split)
-    bar = tqdm(total=batches.plan.samples * len(configs), unit="img", desc=desc, disable=not progress,
-               file=sys.stderr, dynamic_ncols=True)
+    own_bar = bar is None
+    if own_bar:
+        bar = tqdm(total=batches.plan.samples * len(configs), unit="img", desc=desc, disable=not progress,
+                   file=sys.stderr, dynamic_ncols=True)
     with torch.no_grad():
         for pixels, masks, _, _ in batches:
             pixels, masks = pixels.to(device), masks.to(device)
@@ -76,8 +90,30 @@ def score_on_split(model, configs: list, source, manifest: dict, device, batch_s
                 x = tplan.encrypt(pixels) if tplan is not None else pixels
                 conf.update(model(normalize_pixels(x, divisor))["out"].argmax(1), masks)
             bar.update(len(pixels) * len(configs))
-    bar.close()
+    if own_bar:
+        bar.close()
     return [c.scores() for c in confusions]
+
+
+# Keys scored per pass over the test split: as many compiled plans as fit in PLAN_BUDGET_BYTES
+# (at least one), and never more than MAX_KEYS_PER_PASS.
+PLAN_BUDGET_BYTES = 256 << 20
+MAX_KEYS_PER_PASS = 128
+
+
+def plan_nbytes(tplan) -> int:
+    """Bytes held by one compiled torch plan."""
+    return sum(t.element_size() * t.numel() for t in tplan.t.values())
+
+
+def keys_per_pass_for(plan_bytes: int, budget: int = PLAN_BUDGET_BYTES, cap: int = MAX_KEYS_PER_PASS) -> int:
+    return max(1, min(cap, budget // max(1, plan_bytes)))
+
+
+def _chunks(iterable, n: int):
+    it = iter(iterable)
+    while chunk := list(itertools.islice(it, n)):
+        yield chunk
 
 
 def run_baseline(ckpt_path: str, test_dir: str, batch_size: int = 32, workers: int = 0,
@@ -107,31 +143,66 @@ def run_baseline(ckpt_path: str, test_dir: str, batch_size: int = 32, workers: i
 def run_audit(ckpt_path: str, key_path: str, test_dir: str, n_wrong: int = 100, seed: int = 0,
               batch_size: int = 32, ignore_fingerprint: bool = False, randomize_password: bool = False,
               workers: int = 0, progress: bool = True, near_miss: tuple[int, ...] = (),
-              near_miss_count: int = 5, trust: str | None = None) -> dict:
+              near_miss_count: int = 5, trust: str | None = None, keys_per_pass: int | None = None) -> dict:
+    """The key audit.  ``keys_per_pass``: keys scored per pass over the test split (default: as
+    many plans as fit in ``PLAN_BUDGET_BYTES``, at most ``MAX_KEYS_PER_PASS``); the scores do not
+    depend on it."""
+    from tqdm import tqdm
+
     device = pick_device()
     model, state = load_model(ckpt_path, device)
     key = keys.load(key_path)
     manifest, test_provenance = load_trusted(test_dir, trust)
     status = check_inputs(state, key, manifest, ckpt_path, key_path, test_dir, ignore_fingerprint)
     size = state["data"]["image_size"]
-    wrong = wrong_keys.draw(key, n_wrong, seed, randomize_password)
-    # (label, fingerprint, torch plan or None for plain images, pixel divisor)
-    configs = [("correct", key.fingerprint, compile_plan(key.material, size, size).to_torch(device),
-                key.material.divisor), ("plain", None, None, 255)]
-    near = [(d, k) for d in near_miss for k in near_miss_keys(key, d, near_miss_count, seed)]
-    for i, w in enumerate(wrong):
-        configs.append((f"wrong-{i:03d}", w.fingerprint, compile_plan(w.material, size, size).to_torch(device),
-                        w.material.divisor))
-    for d, k in near:
-        configs.append((f"near-{d}", k.fingerprint, compile_plan(k.material, size, size).to_torch(device),
-                        k.material.divisor))
-    scores = score_on_split(model, [(tp, div) for _, _, tp, div in configs], test_dir, manifest, device,
-                            batch_size, workers, progress, desc=f"audit ({len(configs)} keys)")
-    wrong_scores = [{"fingerprint": fp, "miou": s["miou"], "pixel_acc": s["pixel_acc"]}
-                    for (_, fp, _, _), s in zip(configs[2:2 + len(wrong)], scores[2:2 + len(wrong)])]
-    near_scores = {}
-    for (d, _), (_, fp, _, _), s in zip(near, configs[2 + len(wrong):], scores[2 + len(wrong):]):
-        near_scores.setdefault(d, []).append({"fingerprint": fp, "miou": s["miou"], "pixel_acc": s["pixel_acc"]})
+    near_miss = tuple(dict.fromkeys(near_miss))  # distinct, in the order given
+    if near_miss_count > MAX_KEYS_PER_DISTANCE:
+        raise KeyshardError(f"--near-miss-keys {near_miss_count}: at most {MAX_KEYS_PER_DISTANCE} keys per distance")
+    if len(near_miss) * near_miss_count > wrong_keys.MAX_COUNT:
+        raise KeyshardError(f"--near-miss: {len(near_miss)} distances x {near_miss_count} keys is more than "
+                            f"{wrong_keys.MAX_COUNT} near-miss keys")
+    for d in near_miss:  # bad distances and counts are refused now, not after hours of scoring
+        near_miss_keys(key, d, near_miss_count, seed)
+    wrong = wrong_keys.iter_draw(key, n_wrong, seed, randomize_password)  # too many keys: refused here
+
+    def keyed():  # (distance or None for a wrong key, key), drawn lazily, one chunk at a time
+        for d in near_miss:
+            for k in near_miss_keys(key, d, near_miss_count, seed):
+                yield d, k
+        for k in wrong:
+            yield None, k
+
+    def compiled(chunk):
+        return [(compile_plan(k.material, size, size).to_torch(device), k.material.divisor) for _, k in chunk]
+
+    correct_plan = compile_plan(key.material, size, size).to_torch(device)
+    per_pass = keys_per_pass or keys_per_pass_for(plan_nbytes(correct_plan))
+    n_keyed = len(near_miss) * near_miss_count + n_wrong
+    passes = 1 + math.ceil(max(0, n_keyed - (per_pass - 1)) / per_pass)
+    images = epoch_plan(test_dir, manifest, "test", 0, 0, shuffle=False).samples
+    bar = tqdm(total=images * (2 + n_keyed), unit="img", desc=f"audit ({2 + n_keyed} keys, {passes} pass(es))",
+               disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    wrong_scores, near_scores = [], {d: [] for d in near_miss}
+
+    def record(chunk, scores):
+        for (d, k), sc in zip(chunk, scores):
+            row = {"fingerprint": k.fingerprint, "miou": sc["miou"], "pixel_acc": sc["pixel_acc"]}
+            (wrong_scores if d is None else near_scores[d]).append(row)
+
+    stream = keyed()
+    # pass 1: the correct key, plain images and the first keys, at most per_pass plans in all
+    chunk = list(itertools.islice(stream, per_pass - 1))
+    configs = [(correct_plan, key.material.divisor), (None, 255)] + compiled(chunk)
+    del correct_plan
+    scores = score_on_split(model, configs, test_dir, manifest, device, batch_size, workers, bar=bar)
+    del configs
+    correct_scores, plain_scores = scores[0], scores[1]
+    record(chunk, scores[2:])
+    for chunk in _chunks(stream, per_pass):  # later passes: per_pass keys each, drawn just in time
+        configs = compiled(chunk)
+        record(chunk, score_on_split(model, configs, test_dir, manifest, device, batch_size, workers, bar=bar))
+        del configs  # before the next chunk's plans are compiled
+    bar.close()
     mious = np.array([w["miou"] for w in wrong_scores]) if wrong_scores else np.array([np.nan])
     return {
         "format": "keyshard-audit/1", "kind": "key",
@@ -141,13 +212,13 @@ def run_audit(ckpt_path: str, key_path: str, test_dir: str, n_wrong: int = 100, 
                        "model": state["model_name"], "data": state["data"], "manifest": state.get("manifest")},
         "key": {"fingerprint": key.fingerprint, "method": key.method, "block_size": key.block_size,
                 "derivation": key.derivation, "fingerprint_check": status},
-        "test": {"path": str(test_dir), "images": epoch_plan(test_dir, manifest, "test", 0, 0, shuffle=False).samples,
+        "test": {"path": str(test_dir), "images": images,
                  "source_content_sha256": manifest["source"]["content_sha256"], **test_provenance},
-        "device": str(device),
-        "wrong_keys": {"count": len(wrong), "seed": seed, "randomize_password": randomize_password,
+        "device": str(device), "scoring": {"keys_per_pass": per_pass, "passes": passes},
+        "wrong_keys": {"count": len(wrong_scores), "seed": seed, "randomize_password": randomize_password,
                        "rule": wrong_keys.rule(key, randomize_password)},
         "results": {
-            "correct": scores[0], "plain": scores[1],
+            "correct": correct_scores, "plain": plain_scores,
             "wrong": {"summary": {"mean": float(np.mean(mious)), "std": float(np.std(mious)),
                                   "min": float(np.min(mious)), "max": float(np.max(mious))},
                       "keys": wrong_scores},

@@ -18,6 +18,10 @@ from keyshard import keys
 from keyshard.errors import KeyshardError
 from keyshard.keys import KeyMaterial
 
+# The most near-miss keys per distance (``evaluate --near-miss-keys``): "several keys per
+# distance", each built at once (at M=256 an SHF key is a 196,608-entry permutation).
+MAX_KEYS_PER_DISTANCE = 100
+
 
 def max_distance(material: KeyMaterial) -> int:
     if material.method == "shf":

@@ -51,22 +51,48 @@ def rule(correct: keys.Key, randomize_password: bool = False) -> str:
     return text
 
 
+# The most wrong keys one audit may ask for (``evaluate --wrong-keys``, ``demo --wrong-keys``).
+# Above it an audit is hours of model time per thousand test images on any machine; the keys
+# themselves are drawn and scored a chunk at a time (``iter_draw``), so memory does not grow.
+MAX_COUNT = 10_000
+
+
 def draw(correct: keys.Key, count: int, seed: int, randomize_password: bool = False,
          max_tries_factor: int = 50) -> list[keys.Key]:
     """``count`` keys ≠ ``correct`` and ≠ each other, following its material, drawn from ``seed``."""
+    return list(iter_draw(correct, count, seed, randomize_password, max_tries_factor))
+
+
+def iter_draw(correct: keys.Key, count: int, seed: int, randomize_password: bool = False,
+              max_tries_factor: int = 50):
+    """``draw`` one key at a time: the same keys in the same order, and only a 32-byte digest of
+    each kept to check distinctness, so memory stays flat whatever ``count`` (at M=256 one SHF
+    key is a 196,608-entry permutation).  Refusals (too many keys) happen here, before the first
+    key is made."""
     base = correct.material
-    n = base.block_len
+    if count > MAX_COUNT:
+        raise KeyshardError(f"--wrong-keys {count}: at most {MAX_COUNT} wrong keys per audit")
     vary_table = base.method == "ffx" and randomize_password
     if not vary_table:  # otherwise the table varies too and the space is far larger
         space = correct.keyspace_count()
         if space is not None and count > space - 1:
             raise KeyshardError(f"--wrong-keys {count} exceeds the {space - 1} other keys of "
                                 f"{correct.method} M={correct.block_size}")
+    return _draw(correct, count, seed, vary_table, max_tries_factor)
+
+
+def _digest(material: KeyMaterial) -> bytes:
+    return hashlib.sha256(material.canonical_bytes()).digest()
+
+
+def _draw(correct: keys.Key, count: int, seed: int, vary_table: bool, max_tries_factor: int):
+    base = correct.material
+    n = base.block_len
     selected = keys.mask_size(base) if base.method != "shf" else None
-    taken = {base.canonical_bytes()}
-    out: list[keys.Key] = []
+    taken = {_digest(base)}
+    made = 0
     index = 0
-    while len(out) < count:
+    while made < count:
         if index > count * max_tries_factor:
             raise KeyshardError(f"could not draw {count} distinct wrong keys")
         secret = _secret(seed, index)
@@ -80,9 +106,9 @@ def draw(correct: keys.Key, count: int, seed: int, randomize_password: bool = Fa
             if vary_table:
                 table = keys.ffx_table(keys.Key(base.method, base.block_size, secret).password)
             material = KeyMaterial(base.method, base.block_size, mask=mask, table=table)
-        ident = material.canonical_bytes()
+        ident = _digest(material)
         if ident in taken:
             continue
         taken.add(ident)
-        out.append(keys.Key(method=base.method, block_size=base.block_size, secret=secret, explicit=material))
-    return out
+        made += 1
+        yield keys.Key(method=base.method, block_size=base.block_size, secret=secret, explicit=material)
