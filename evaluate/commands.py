@@ -6,7 +6,10 @@ from pathlib import Path
 
 import click
 
+from keyshard import options
 from keyshard.errors import KeyshardError
+from keyshard.evaluate.near_miss import MAX_KEYS_PER_DISTANCE
+from keyshard.evaluate.wrong_keys import MAX_COUNT as MAX_WRONG_KEYS
 
 
 @click.command("evaluate")
@@ -14,19 +17,21 @@ from keyshard.errors import KeyshardError
 @click.option("--key", "key_file", default=None, type=click.Path(dir_okay=False),
               help="The key the model was trained with (omit for a model trained on plain images: the baseline).")
 @click.option("--test", "test_dir", required=True, type=click.Path(), help="PLAIN shards with a test split (directory or http(s)/s3 URL base).")
-@click.option("--wrong-keys", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the wrong keys (independent of the key).")
+@click.option("--wrong-keys", type=click.IntRange(1, MAX_WRONG_KEYS), default=100, show_default=True,
+              help="Random wrong keys to score; they are drawn and scored a chunk at a time, so memory "
+                   "stays flat whatever the count.")
+@click.option("--seed", type=options.SEED, default=0, show_default=True, help="Seed of the wrong keys (independent of the key).")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Directory for audit.json/.md/.png (default: <checkpoint dir>/audit).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--batch-size", type=options.BATCH, default=32, show_default=True)
+@click.option("--workers", type=options.WORKERS, default=2, show_default=True)
 @click.option("--ignore-fingerprint", is_flag=True, help="Audit even if the key's fingerprint differs (reported).")
 @click.option("--randomize-ffx-password", is_flag=True,
               help="FFX: wrong keys also get random passwords (default: keep the password, vary the mask).")
 @click.option("--near-miss", default="", metavar="D1,D2,...",
               help="Also evaluate keys at these distances from the correct key (e.g. 1,2,4,8,16): "
                    "SHF transpositions, NP/FFX swaps of a selected and an unselected position.")
-@click.option("--near-miss-keys", type=click.IntRange(min=1), default=5, show_default=True,
+@click.option("--near-miss-keys", type=click.IntRange(1, MAX_KEYS_PER_DISTANCE), default=5, show_default=True,
               help="Keys per near-miss distance.")
 @click.option("--trust", type=click.Path(dir_okay=False), default=None, metavar="NAME.pub",
               help="Public signing key of the test data's publisher: refuse the test shards unless their "
@@ -36,16 +41,21 @@ def evaluate(ckpt, key_file, test_dir, wrong_keys, seed, out, batch_size, worker
              randomize_ffx_password, near_miss, near_miss_keys, trust, quiet):
     """Audit a protected model: mIoU with the correct key, plain images and N random wrong keys.
 
-    Every test batch is decoded once; the keys are applied to it on the device (GPU when there
-    is one).  Writes audit.json, audit.md (a readable table) and audit.png (Fig. 6 style).
+    Keys are scored in chunks (as many compiled keys as fit in 256 MB, at most 128): each pass
+    over the test split decodes every batch once and applies that chunk's keys to it on the
+    device (GPU when there is one), so memory stays flat whatever --wrong-keys.  Writes
+    audit.json, audit.md (a readable table) and audit.png (Fig. 6 style).
     """
     from keyshard.evaluate.audit import run_audit, run_baseline
     from keyshard.evaluate.report import markdown, write_audit
     from keyshard.train.checkpoint import load as load_checkpoint
 
+    from keyshard.fsutil import check_output
+
     out = Path(out) if out else Path(ckpt).parent / "audit"
     if (out / "audit.json").exists():
         raise KeyshardError(f"{out}: already holds an audit; choose another --out")
+    check_output(out, directory=True)  # an unwritable --out is refused before the audit, not after it
     plain_model = load_checkpoint(ckpt)["data"]["plain"]
     if plain_model and key_file is None:
         audit = run_baseline(ckpt, test_dir, batch_size, workers, progress=not quiet, trust=trust)
@@ -68,15 +78,27 @@ def evaluate(ckpt, key_file, test_dir, wrong_keys, seed, out, batch_size, worker
 
 @click.command("report")
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None, help="Also write the table as CSV.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the table as CSV (missing directories are created; an existing file is not replaced).")
 def report(runs, csv_path):
-    """Collect audits (audit.json files, audit dirs or run dirs) into a Table-1-style table."""
-    from keyshard.evaluate.report import load_audit, table
+    """Collect audits into a Table-1-style table.
 
-    md, csv_text = table([load_audit(Path(r)) for r in runs])
+    Each argument is an audit.json file or a directory: every audit.json in it or under it is
+    included (a run with several audit folders, a folder of runs).
+    """
+    from keyshard.evaluate.report import find_audits, load_audit, table
+    from keyshard.fsutil import check_output, write_output
+
+    if csv_path:
+        check_output(csv_path)
+    files = {}  # the same file named twice (a run and its audit folder) counts once
+    for r in runs:
+        for p in find_audits(Path(r)):
+            files.setdefault(p.resolve(), p)
+    files = list(files.values())
+    md, csv_text = table([load_audit(p) for p in files], sources=[str(p) for p in files])
     click.echo(md)
     if csv_path:
-        if Path(csv_path).exists():
-            raise KeyshardError(f"{csv_path}: already exists; refusing to overwrite")
-        Path(csv_path).write_text(csv_text)
+        write_output(csv_path, csv_text.encode())
         click.echo(f"wrote {csv_path}")
+

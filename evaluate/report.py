@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from keyshard.errors import KeyshardError
-from keyshard.fsutil import write_atomic, write_json_atomic
+from keyshard.fsutil import check_output, write_atomic, write_json_atomic
 
 # Table 1 of the paper: mIoU of FCN-ResNet50 with the correct key on VOC2012 val (1449 images).
 PAPER_TABLE1 = {
@@ -169,43 +169,109 @@ def write_audit(audit: dict, out: Path) -> list[Path]:
     out = Path(out)
     if (out / "audit.json").exists():
         raise KeyshardError(f"{out}: already holds an audit; choose another --out")
+    check_output(out, directory=True)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise KeyshardError(f"{out}: cannot create directory ({exc.strerror})") from None
     paths = [out / "audit.json", out / "audit.md"]
-    if audit.get("kind") != "baseline":
-        plot(audit, out / "audit.png")
-        paths.append(out / "audit.png")
-    if audit["results"].get("near_miss"):
-        plot_near_miss(audit, out / "near_miss.png")
-        paths.append(out / "near_miss.png")
-    write_atomic(out / "audit.md", markdown(audit).encode(), durable=False)
-    write_json_atomic(out / "audit.json", audit)  # last: its presence marks a complete audit
+    try:
+        if audit.get("kind") != "baseline":
+            plot(audit, out / "audit.png")
+            paths.append(out / "audit.png")
+        if audit["results"].get("near_miss"):
+            plot_near_miss(audit, out / "near_miss.png")
+            paths.append(out / "near_miss.png")
+        write_atomic(out / "audit.md", markdown(audit).encode(), durable=False)
+        write_json_atomic(out / "audit.json", audit)  # last: its presence marks a complete audit
+    except OSError as exc:
+        raise KeyshardError(f"{out}: cannot write the audit ({exc.strerror or type(exc).__name__})") from None
     return paths
 
 
-def load_audit(path: Path) -> dict:
+def find_audits(path) -> list[Path]:
+    """The audit.json files a ``report`` argument names: the file itself, or every audit.json in
+    or under a directory (a run with several audit folders, a folder of runs), in path order."""
     p = Path(path)
-    if p.is_dir():
-        candidates = [p / "audit.json", *sorted(p.glob("*/audit.json"))]
-        p = next((c for c in candidates if c.exists()), p / "audit.json")
-    try:
-        doc = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
-        raise KeyshardError(f"{p}: no readable audit.json (run keyshard evaluate first)") from None
+    if p.is_file():
+        return [p]
+    if not p.is_dir():
+        raise KeyshardError(f"{p}: not found (give audit.json files, audit folders or run folders)")
+    found = sorted(c for c in p.rglob("audit.json") if c.is_file())
+    if not found:
+        raise KeyshardError(f"{p}: no audit.json in it or under it (run keyshard evaluate first)")
+    return found
+
+
+# What the report reads from an audit, by kind: dotted field → expected JSON type.
+_NUMBER, _INT, _TEXT = "a number", "an integer", "a string"
+_BASELINE_FIELDS = {"checkpoint.model": _TEXT, "results.plain.miou": _NUMBER}
+_KEYED_FIELDS = {
+    "checkpoint.model": _TEXT, "checkpoint.data.image_size": _INT, "key.method": _TEXT, "key.block_size": _INT,
+    "test.images": _INT, "wrong_keys.count": _INT, "results.correct.miou": _NUMBER, "results.plain.miou": _NUMBER,
+    "results.wrong.summary.mean": _NUMBER, "results.wrong.summary.max": _NUMBER,
+}
+
+
+def _field_ok(value, kind: str) -> bool:
+    if isinstance(value, bool):
+        return False
+    if kind == _NUMBER:
+        return isinstance(value, (int, float))
+    if kind == _INT:
+        return isinstance(value, int)
+    return isinstance(value, str)
+
+
+def check_audit(doc, path) -> dict:
+    """One line naming the file for an audit the report cannot use: not a JSON object, another
+    format, or a field it reads missing or of the wrong type."""
+    if not isinstance(doc, dict):
+        raise KeyshardError(f"{path}: not a keyshard audit (a JSON object expected, got {type(doc).__name__})")
     if doc.get("format") != "keyshard-audit/1":
-        raise KeyshardError(f"{p}: not a keyshard audit")
+        raise KeyshardError(f"{path}: not a keyshard audit (format keyshard-audit/1 expected)")
+    if doc.get("kind", "key") not in ("key", "baseline"):
+        raise KeyshardError(f"{path}: unknown audit kind {str(doc.get('kind'))[:40]!r}")
+    fields = _BASELINE_FIELDS if doc.get("kind") == "baseline" else _KEYED_FIELDS
+    for dotted, kind in fields.items():
+        value = doc
+        for part in dotted.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is None or not _field_ok(value, kind):
+            raise KeyshardError(f"{path}: audit field {dotted} is missing or not {kind}")
     return doc
 
 
-def table(audits: list[dict]) -> tuple[str, str]:
+def load_audit(path) -> dict:
+    """One audit.json, checked: not UTF-8, not JSON, not an object or lacking what the report
+    reads is one line naming the file."""
+    p = Path(path)
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise KeyshardError(f"{p}: not an audit (not UTF-8 text)") from None
+    except OSError as exc:
+        raise KeyshardError(f"{p}: cannot read ({exc.strerror or type(exc).__name__})") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise KeyshardError(f"{p}: not an audit (invalid JSON at line {exc.lineno}: {exc.msg})") from None
+    except (ValueError, RecursionError) as exc:  # absurd nesting or numbers
+        raise KeyshardError(f"{p}: not an audit (unreadable JSON: {type(exc).__name__})") from None
+    return check_audit(doc, p)
+
+
+def table(audits: list[dict], sources: list | None = None) -> tuple[str, str]:
     """Table-1 style rows (markdown, CSV): method × block size → per model: correct key, plain
-    images, wrong keys; plain-trained baselines alongside; the paper's number when full scale."""
+    images, wrong keys; plain-trained baselines alongside; the paper's number when full scale.
+    ``sources``: each audit's file, shown in an ``audit`` column (several audits of one run)."""
+    if sources is not None:
+        audits = [{**a, "_source": str(src)} for a, src in zip(audits, sources)]
     baselines = {a["checkpoint"]["model"]: a["results"]["plain"]["miou"] for a in audits if a.get("kind") == "baseline"}
     keyed = [a for a in audits if a.get("kind") != "baseline"]
     rows = []
-    for a in sorted(keyed, key=lambda a: (a["key"]["method"], a["key"]["block_size"], a["checkpoint"]["model"])):
+    for a in sorted(keyed, key=lambda a: (a["key"]["method"], a["key"]["block_size"], a["checkpoint"]["model"],
+                                          a.get("_source", ""))):
         k, r = a["key"], a["results"]
         full_scale = (a["test"]["images"] == VOC_VAL_IMAGES and a["checkpoint"]["model"] == "fcn_resnet50"
                       and a["checkpoint"]["data"]["image_size"] == 256)
@@ -216,18 +282,19 @@ def table(audits: list[dict]) -> tuple[str, str]:
                      "correct_miou": round(r["correct"]["miou"], 4), "plain_miou": round(r["plain"]["miou"], 4),
                      "wrong_mean_miou": round(r["wrong"]["summary"]["mean"], 4),
                      "wrong_max_miou": round(r["wrong"]["summary"]["max"], 4),
-                     "wrong_keys": a["wrong_keys"]["count"], "paper_correct_miou": paper})
-    md = ["| method | M | model | test images | baseline (no key) | correct key | plain images | wrong keys (mean) | wrong keys (max) | paper (correct) |",
-          "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+                     "wrong_keys": a["wrong_keys"]["count"], "paper_correct_miou": paper,
+                     "audit": a.get("_source", "")})
+    md = ["| method | M | model | test images | baseline (no key) | correct key | plain images | wrong keys (mean) | wrong keys (max) | paper (correct) | audit |",
+          "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for x in rows:
         paper = f"{x['paper_correct_miou']:.4f}" if x["paper_correct_miou"] is not None else "— (not full-scale)"
         base = f"{x['plain_trained_baseline_miou']:.4f}" if x["plain_trained_baseline_miou"] is not None else "—"
         md.append(f"| {x['method'].upper()} | {x['block_size']} | {x['model']} | {x['test_images']} | {base} | "
                   f"{x['correct_miou']:.4f} | {x['plain_miou']:.4f} | {x['wrong_mean_miou']:.4f} | "
-                  f"{x['wrong_max_miou']:.4f} | {paper} |")
+                  f"{x['wrong_max_miou']:.4f} | {paper} | {x['audit'] or '—'} |")
     for model, miou in sorted(baselines.items()):
         if not any(x["model"] == model for x in rows):
-            md.append(f"| — | — | {model} | — | {miou:.4f} | — | — | — | — | — |")
+            md.append(f"| — | — | {model} | — | {miou:.4f} | — | — | — | — | — | — |")
     md.append("")
     md.append(f"Paper baseline (no key, FCN-ResNet50, VOC2012 val): {PAPER_BASELINE:.4f}.")
     buf = io.StringIO()
