@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 import numpy as np
 
-from keyshard.errors import KeyshardError
+from keyshard import options
+from keyshard.fsutil import check_output, make_parent, write_output
 
 
 @click.group("attack")
@@ -32,7 +32,9 @@ def known_plaintext(plain_dir, enc_dir, output, true_key):
     from keyshard import keys
     from keyshard.evaluate.known_plaintext import attack as run_attack
 
+    check_output(output)  # before the attack: an existing file, a directory, a read-only place
     key, report, determined = run_attack(plain_dir, enc_dir)
+    make_parent(output)
     keys.save(key, output)
     if true_key:
         truth = keys.load(true_key).material
@@ -54,18 +56,18 @@ def known_plaintext(plain_dir, enc_dir, output, true_key):
               help="The attacker's PLAIN labelled shards (directory or URL base).")
 @click.option("--labelled-split", type=click.Choice(["holdout", "train"]), default="holdout", show_default=True,
               help="Split the labelled images come from (never the test split).")
-@click.option("--labelled", "n_labelled", type=click.IntRange(min=1), default=16, show_default=True,
+@click.option("--labelled", "n_labelled", type=click.IntRange(1, options.MAX_IMAGES), default=16, show_default=True,
               help="How many labelled images the attacker uses.")
 @click.option("--test", "test_dir", required=True, type=click.Path(), help="PLAIN shards with a test split (directory or http(s)/s3 URL base).")
 @click.option("--key", "true_key", type=click.Path(dir_okay=False), default=None,
               help="The true key (auditors): report distances to it and its rank.")
 @click.option("--ffx-password", default=None, help="FFX: the password the attacker knows (default: the --key's).")
-@click.option("--budget", type=click.IntRange(min=2), default=2000, show_default=True,
+@click.option("--budget", type=click.IntRange(2, options.MAX_EVALUATIONS), default=2000, show_default=True,
               help="Model evaluations for hill-climbing.")
-@click.option("--exhaustive-limit", type=click.IntRange(min=1), default=5000, show_default=True,
+@click.option("--exhaustive-limit", type=click.IntRange(1, options.MAX_EVALUATIONS), default=5000, show_default=True,
               help="Try every key when there are at most this many.")
-@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--top", type=click.IntRange(1, 1000), default=5, show_default=True)
+@click.option("--seed", type=options.SEED, default=0, show_default=True)
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
 def search_command(ckpt, labelled_dir, labelled_split, n_labelled, test_dir, true_key, ffx_password, budget,
                    exhaustive_limit, top, seed, out_path):
@@ -77,13 +79,13 @@ def search_command(ckpt, labelled_dir, labelled_split, n_labelled, test_dir, tru
     """
     from keyshard.evaluate.key_search import run_search
 
-    if out_path and Path(out_path).exists():  # before the search, not after minutes of it
-        raise KeyshardError(f"{out_path}: already exists; refusing to overwrite")
+    if out_path:
+        check_output(out_path)  # before the search, not after minutes of it
     report = run_search(ckpt, labelled_dir, labelled_split, n_labelled, test_dir, true_key, ffx_password, budget,
                         exhaustive_limit, top, seed)
     text = json.dumps(report, indent=2)
     if out_path:
-        Path(out_path).write_text(text + "\n")
+        write_output(out_path, (text + "\n").encode())
     click.echo(text)
 
 
@@ -92,10 +94,10 @@ def search_command(ckpt, labelled_dir, labelled_split, n_labelled, test_dir, tru
 @click.option("--plain-train", "train_dir", required=True, type=click.Path(), help="PLAIN shards with a train split (directory or URL base).")
 @click.option("--test", "test_dir", required=True, type=click.Path(), help="PLAIN shards with a test split (directory or http(s)/s3 URL base).")
 @click.option("--fraction", default="0.01,0.05,0.1", show_default=True, help="Fractions of the train ids to use.")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--lr", type=float, default=0.02, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--epochs", type=options.EPOCHS, default=10, show_default=True)
+@click.option("--lr", type=options.POSITIVE, default=0.02, show_default=True)
+@click.option("--batch-size", type=options.BATCH, default=8, show_default=True)
+@click.option("--seed", type=options.SEED, default=0, show_default=True)
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
 def finetune_command(ckpt, train_dir, test_dir, fraction, epochs, lr, batch_size, seed, out_path):
     """Fine-tune the protected model on a little plain data vs. training from scratch on it.
@@ -105,8 +107,8 @@ def finetune_command(ckpt, train_dir, test_dir, fraction, epochs, lr, batch_size
     """
     from keyshard.evaluate.finetune_attack import parse_fractions, run
 
-    if out_path and Path(out_path).exists():
-        raise KeyshardError(f"{out_path}: already exists; refusing to overwrite")
+    if out_path:
+        check_output(out_path)
     report = run(ckpt, train_dir, test_dir, parse_fractions(fraction), epochs, lr, batch_size, seed)
     click.echo(f"\nprotected model on plain test images, before any fine-tuning: {report['plain_miou_before']:.4f} mIoU\n")
     click.echo("| fraction | images | fine-tuned stolen model | from scratch | head start |")
@@ -118,4 +120,4 @@ def finetune_command(ckpt, train_dir, test_dir, fraction, epochs, lr, batch_size
         click.echo("\nWEAK: with a little plain data the stolen model beats training from scratch by more than "
                    "0.1 mIoU — its weights carry usable knowledge without the key.")
     if out_path:
-        Path(out_path).write_text(json.dumps(report, indent=2) + "\n")
+        write_output(out_path, (json.dumps(report, indent=2) + "\n").encode())

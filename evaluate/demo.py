@@ -14,7 +14,9 @@ from pathlib import Path
 import click
 import numpy as np
 
+from keyshard import options
 from keyshard.errors import KeyshardError
+from keyshard.evaluate.wrong_keys import MAX_COUNT as MAX_WRONG_KEYS
 
 # NP with M=8: the paper notes that SHF and NP at *small* block sizes still work fairly well
 # without the key; at M=8 the small demo network learns the toy data with the key (mIoU ~0.6)
@@ -30,14 +32,14 @@ def demo_secret(key_seed: int) -> bytes:
 @click.command("demo")
 @click.option("--workdir", default="keyshard-demo", show_default=True, type=click.Path(file_okay=False),
               help="New directory for every artifact of the demo.")
-@click.option("--images", type=click.IntRange(min=16), default=240, show_default=True)
-@click.option("--size", type=int, default=64, show_default=True, help="Image size (reduced for the CPU).")
+@click.option("--images", type=click.IntRange(16, options.MAX_IMAGES), default=240, show_default=True)
+@click.option("--size", type=options.IMAGE_SIZE, default=64, show_default=True, help="Image size (reduced for the CPU).")
 @click.option("--method", type=click.Choice(["shf", "np", "ffx"]), default=DEFAULT_METHOD, show_default=True)
-@click.option("--block-size", "-M", type=int, default=DEFAULT_BLOCK, show_default=True)
-@click.option("--epochs", type=click.IntRange(min=1), default=15, show_default=True)
-@click.option("--wrong-keys", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--jobs", "-j", type=int, default=-1, show_default=True)
-@click.option("--key-seed", type=click.IntRange(min=0), default=None,
+@click.option("--block-size", "-M", type=options.BLOCK_SIZE, default=DEFAULT_BLOCK, show_default=True)
+@click.option("--epochs", type=options.EPOCHS, default=15, show_default=True)
+@click.option("--wrong-keys", type=click.IntRange(1, MAX_WRONG_KEYS), default=100, show_default=True)
+@click.option("--jobs", "-j", type=options.JOBS, default=-1, show_default=True, help="-1 = all cores.")
+@click.option("--key-seed", type=options.SEED, default=None,
               help="Derive the demo key from this number instead of a fresh random secret, so the whole "
                    "run is reproducible (the toy data and training are seeded already). Such a key is "
                    "public: never protect real data with it.")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from keyshard import keys, signing, sources
+from keyshard import keys, options, signing, sources
 from keyshard.errors import KeyshardError
 from keyshard.pipeline import MAX_PIXELS
 from keyshard.pipeline.splits import SPLITS
@@ -34,13 +34,15 @@ def _parse_scale(ctx, param, value):
 
 @click.command("toy-voc")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--images", type=int, default=60, show_default=True,
+@click.option("--images", type=click.IntRange(3, options.MAX_IMAGES), default=60, show_default=True,
               help="Number of images, split about evenly into train.txt and val.txt.")
 @click.option("--voc-sizes", is_flag=True, help="Exactly VOC2012's 1464 train / 1449 val ids instead of --images.")
 @click.option("--tar", "make_tar", is_flag=True, help="Also pack it as OUT/VOCtrainval_11-May-2012.tar (official layout).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--min-side", type=int, default=48, show_default=True, help="Smallest image side in pixels.")
-@click.option("--max-side", type=int, default=96, show_default=True, help="Largest image side in pixels.")
+@click.option("--seed", type=options.SEED, default=0, show_default=True)
+@click.option("--min-side", type=click.IntRange(8, options.MAX_IMAGE_SIZE), default=48, show_default=True,
+              help="Smallest image side in pixels.")
+@click.option("--max-side", type=click.IntRange(8, options.MAX_IMAGE_SIZE), default=96, show_default=True,
+              help="Largest image side in pixels.")
 def toy_voc(out, images, voc_sizes, make_tar, seed, min_side, max_side):
     """Write a small synthetic dataset in the exact VOC2012 layout (OUT/VOCdevkit/VOC2012)."""
     from keyshard.pipeline.toy_voc import TAR_NAME, make_toy_voc
@@ -59,22 +61,25 @@ def toy_voc(out, images, voc_sizes, make_tar, seed, min_side, max_side):
 @click.option("--output", "-o", required=True, type=click.Path(), help="Output directory (new, or --resume).")
 @click.option("--splits", default="train,holdout,test", show_default=True, callback=_parse_splits,
               help="Which splits to write: train/holdout come from train.txt, test is val.txt.")
-@click.option("--size", type=int, default=256, show_default=True, help="Images and masks are resized to SIZE x SIZE.")
-@click.option("--shard-size", type=click.IntRange(min=1), default=128, show_default=True, help="Samples per shard.")
-@click.option("--jobs", "-j", type=int, default=-1, show_default=True, help="Parallel workers (joblib; -1 = all cores).")
-@click.option("--backend", default="loky", show_default=True,
-              help="joblib backend: loky, multiprocessing, threading, or dask (needs dask[distributed]).")
+@click.option("--size", type=options.IMAGE_SIZE, default=256, show_default=True, help="Images and masks are resized to SIZE x SIZE.")
+@click.option("--shard-size", type=click.IntRange(1, options.MAX_IMAGES), default=128, show_default=True,
+              help="Samples per shard.")
+@click.option("--jobs", "-j", type=options.JOBS, default=-1, show_default=True,
+              help="Parallel workers (joblib): -1 = all cores, else 1 or more.")
+@click.option("--backend", type=click.Choice(["loky", "multiprocessing", "threading", "sequential", "dask"]),
+              default="loky", show_default=True,
+              help="joblib backend; dask needs dask[distributed].")
 @click.option("--dask-scheduler", default=None, metavar="ADDRESS",
               help="With --backend dask: address of a running dask scheduler (tcp://host:8786). "
                    "Without it a local cluster is started.")
-@click.option("--augment-copies", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--augment-copies", type=click.IntRange(0, 1000), default=0, show_default=True,
               help="Extra randomly augmented replicas of each train image (random resized crop + hflip, "
                    "made before encryption). Replica r goes to its own shards.")
-@click.option("--augment-seed", type=int, default=0, show_default=True, help="Seed of the replicas' randomness.")
+@click.option("--augment-seed", type=options.SEED, default=0, show_default=True, help="Seed of the replicas' randomness.")
 @click.option("--crop-scale", default="0.08,1.0", show_default=True, callback=_parse_scale,
               help="Area range of the random resized crop.")
-@click.option("--split-seed", type=int, default=0, show_default=True, help="Seed of the train/holdout draw.")
-@click.option("--holdout", type=click.IntRange(min=0), default=None,
+@click.option("--split-seed", type=options.SEED, default=0, show_default=True, help="Seed of the train/holdout draw.")
+@click.option("--holdout", type=click.IntRange(0, options.MAX_IMAGES), default=None,
               help="Holdout size (default: round(n x 146/1464), at least 1).")
 @click.option("--skip-bad", is_flag=True,
               help="Skip unreadable samples and list them in the manifest instead of stopping.")
@@ -178,11 +183,15 @@ def verify(shards, public_key, quiet):
 @click.argument("shards", type=click.Path())
 @click.option("--key", "key_file", required=True, type=click.Path(dir_okay=False))
 @click.option("--sample", "sample_key", required=True, help="Sample key, e.g. 2007_000032 or 2007_000032_a1.")
-@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False),
+              help="PNG file to write (missing directories are created; an existing file is not replaced).")
 def decrypt(shards, key_file, sample_key, output):
     """Invert one encrypted sample with its key and save the plain image as PNG (for audits)."""
+    import io
+
     from PIL import Image
 
+    from keyshard.fsutil import check_output, write_output
     from keyshard.pipeline.manifest import load
     from keyshard.shardformat import decode_npy, stream_shard
     from keyshard.transforms import compile_plan
@@ -194,14 +203,19 @@ def decrypt(shards, key_file, sample_key, output):
     key = keys.load(key_file)
     if key.fingerprint != enc["key_fingerprint"]:
         raise KeyshardError(f"{key_file}: fingerprint does not match {shards}/manifest.json (another key)")
-    if Path(output).exists():
-        raise KeyshardError(f"{output}: already exists; refusing to overwrite")
+    check_output(output)  # exists, a directory, a read-only place: refused before the shards are read
     for shard in doc["shards"]:
         for name, files in stream_shard(sources.join(shards, shard["file"]), shard):
             if name == sample_key:
                 pixels = decode_npy(files["img.npy"])
                 plan = compile_plan(key.material, pixels.shape[0], pixels.shape[1])
-                Image.fromarray(plan.decrypt(pixels)).save(output)
+                try:
+                    plain = plan.decrypt(pixels)
+                except ValueError as exc:  # codes no key could produce, another shape: damaged data
+                    raise KeyshardError(f"{sources.join(shards, shard['file'])}: sample {sample_key!r}: {exc}") from None
+                buf = io.BytesIO()
+                Image.fromarray(plain).save(buf, format="PNG")
+                write_output(output, buf.getvalue())
                 click.echo(f"wrote {output}")
                 return
     raise KeyshardError(f"{shards}: no sample {sample_key!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from keyshard import options
 from keyshard.errors import KeyshardError
 
 
@@ -16,30 +17,30 @@ from keyshard.errors import KeyshardError
 @click.option("--model", type=click.Choice(["fcn_resnet50", "small", "block_aligned"]), default=None,
               help="Override the preset's model. block_aligned: a stem that sees whole key blocks "
                    "(no accuracy loss from the key; see `keyshard protect`).")
-@click.option("--block-size", type=click.IntRange(min=1), default=None,
+@click.option("--block-size", type=options.BLOCK_SIZE, default=None,
               help="block_aligned on PLAIN shards: the block size of the key it will be used with "
                    "(on keyed shards the manifest's is used).")
-@click.option("--epochs", type=click.IntRange(min=1), default=None)
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Samples per optimiser step (per process).")
-@click.option("--micro-batch", type=click.IntRange(min=1), default=None,
+@click.option("--epochs", type=options.EPOCHS, default=None)
+@click.option("--batch-size", type=options.BATCH, default=None, help="Samples per optimiser step (per process).")
+@click.option("--micro-batch", type=options.BATCH, default=None,
               help="Samples per forward pass; gradients are accumulated up to --batch-size.")
-@click.option("--lr", type=float, default=None)
-@click.option("--momentum", type=float, default=None)
-@click.option("--weight-decay", type=float, default=None)
-@click.option("--restart-epochs", type=click.IntRange(min=1), default=None, help="Cosine warm-restart period.")
-@click.option("--min-lr", type=float, default=None)
-@click.option("--aux-weight", type=float, default=None, help="FCN auxiliary loss weight.")
+@click.option("--lr", type=options.POSITIVE, default=None, help="Peak learning rate.")
+@click.option("--momentum", type=options.FiniteFloat(0, 1, max_open=True), default=None, help="SGD momentum.")
+@click.option("--weight-decay", type=options.NON_NEGATIVE, default=None)
+@click.option("--restart-epochs", type=options.EPOCHS, default=None, help="Cosine warm-restart period.")
+@click.option("--min-lr", type=options.NON_NEGATIVE, default=None, help="Floor of the cosine schedule.")
+@click.option("--aux-weight", type=options.NON_NEGATIVE, default=None, help="FCN auxiliary loss weight.")
 @click.option("--weights", type=click.Path(dir_okay=False), default=None,
               help="Local backbone/model weights (torchvision ResNet-50 state dict or keyshard checkpoint). "
                    "Nothing is downloaded; without it the model trains from scratch.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="DataLoader workers per process.")
-@click.option("--shuffle-buffer", type=click.IntRange(min=0), default=256, show_default=True)
+@click.option("--seed", type=options.SEED, default=0, show_default=True)
+@click.option("--workers", type=options.WORKERS, default=2, show_default=True, help="DataLoader workers per process.")
+@click.option("--shuffle-buffer", type=click.IntRange(0, options.MAX_IMAGES), default=256, show_default=True)
 @click.option("--amp", is_flag=True, help="Mixed precision (CUDA only).")
 @click.option("--channels-last", is_flag=True, help="channels_last memory format (helps on recent GPUs).")
 @click.option("--block-flip", is_flag=True,
               help="Key-safe augmentation: randomly reverse the order of block columns (commutes with any key).")
-@click.option("--block-crop", type=click.IntRange(min=1), default=None, metavar="SIZE",
+@click.option("--block-crop", type=options.IMAGE_SIZE, default=None, metavar="SIZE",
               help="Key-safe augmentation: random SIZExSIZE crop at block-aligned offsets (a multiple of M).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from last.pt (same settings; --epochs may grow).")
 @click.option("--trust", type=click.Path(dir_okay=False), default=None, metavar="NAME.pub",
@@ -97,10 +98,9 @@ def protect(ckpt, key_file, output):
     from keyshard.fsutil import sha256_file
     from keyshard.train import checkpoint as ckpt_mod
     from keyshard.train.protect import protect_model
+    from keyshard.fsutil import check_output, make_parent
 
-    out = Path(output)
-    if out.exists():
-        raise KeyshardError(f"{out}: already exists; refusing to overwrite")
+    out = check_output(output)  # before any work: exists, a directory, read-only, ...
     model, state = load_model(ckpt, "cpu")
     if not state["data"]["plain"]:
         raise KeyshardError(f"{ckpt}: was trained on keyed shards already; protect starts from a plain model")
@@ -114,10 +114,10 @@ def protect(ckpt, key_file, output):
     protected = {k: v for k, v in state.items() if k not in ("format", "optimizer", "scheduler", "rng")}
     protected.update(model=model.state_dict(), data=data,
                      protected_from={"path": str(ckpt), "sha256": sha256_file(Path(ckpt))})
+    make_parent(out)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        ckpt_mod.save(out, protected)
     except OSError as exc:
-        raise KeyshardError(f"{out.parent}: cannot create directory ({exc.strerror})") from None
-    ckpt_mod.save(out, protected)
+        raise KeyshardError(f"{out}: cannot write ({exc.strerror or type(exc).__name__})") from None
     click.echo(f"wrote {out}: {state['model_name']} protected with {key.method} M={key.block_size} "
                f"(fingerprint {key.short_fingerprint}…)")
