@@ -28,7 +28,11 @@ import importlib.machinery
 import importlib.util
 import io
 import math
+import os
 import platform
+import sys
+import tempfile
+import threading
 import warnings
 
 import numpy as np
@@ -190,13 +194,63 @@ def decode_rgb(data: bytes, label: str, max_pixels: int = MAX_PIXELS):
             if size is None:
                 raise BadSample(f"{label}: cannot decode image (no JPEG frame header before its data)")
             check_pixels(size, label, "image", max_pixels)
-            return torch.ops.image.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                               RGB_MODE, False)
+            return _decode_jpeg(torch, data, label)
         ctx, im = _open_pil(data, label, "image", max_pixels)
         with ctx, im:
             return torch.from_numpy(_pil_rgb(im, label)).permute(2, 0, 1)
     except (RuntimeError, ValueError, OSError, SyntaxError):
         raise BadSample(f"{label}: cannot decode image (corrupt or truncated)") from None
+
+
+_c_stderr = (None, None)  # (pid, unnamed file that fd 2 points at while libjpeg runs); never shared by a fork
+
+
+def _decode_jpeg(torch, data: bytes, label: str):
+    """torchvision's ``decode_jpeg``, with libjpeg's warnings turned into keyshard's own lines.
+
+    libjpeg prints recoverable damage ("Corrupt JPEG data: 3 extraneous bytes before marker
+    0xda", "premature end of data segment") straight to fd 2 from C, without the file's name.
+    In a process's main thread (``--jobs 1``, loky and multiprocessing workers) fd 2 points at
+    an unnamed temporary file while libjpeg runs (~3 µs: five system calls); what it printed
+    becomes a ``keyshard: warning: <file>: ...`` line when the image decoded, or part of the
+    BadSample when it did not.  Other threads (threading backend, dask workers) cannot swap a
+    process-wide descriptor safely and let libjpeg print as it does.
+    """
+    global _c_stderr
+    tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    if threading.current_thread() is not threading.main_thread():
+        return torch.ops.image.decode_jpeg(tensor, RGB_MODE, False)
+    try:
+        if _c_stderr[0] != os.getpid():
+            _c_stderr = (os.getpid(), tempfile.TemporaryFile())
+        fd = _c_stderr[1].fileno()
+        saved = os.dup(2)
+    except OSError:  # no fd 2, or no temporary directory: decode without catching
+        return torch.ops.image.decode_jpeg(tensor, RGB_MODE, False)
+    try:
+        os.dup2(fd, 2)
+        try:
+            out, error = torch.ops.image.decode_jpeg(tensor, RGB_MODE, False), None
+        except RuntimeError as exc:
+            out, error = None, exc
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    said = ""
+    printed = os.lseek(fd, 0, os.SEEK_CUR)
+    if printed:
+        os.lseek(fd, 0, os.SEEK_SET)
+        said = "; ".join(line.strip() for line in os.read(fd, min(printed, 2048)).decode("utf-8", "replace")
+                         .splitlines() if line.strip())
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+    if error is not None:
+        if said:
+            raise BadSample(f"{label}: cannot decode image (corrupt or truncated: {said})")
+        raise error
+    if said:
+        print(f"keyshard: warning: {label}: {said} (libjpeg; decoded anyway)", file=sys.stderr, flush=True)
+    return out
 
 
 def _pil_rgb(im: Image.Image, label: str) -> np.ndarray:

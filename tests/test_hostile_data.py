@@ -390,3 +390,61 @@ def test_pillow_bomb_warning_becomes_our_error(voc, tmp_path):
         res = encrypt_plain(voc, tmp_path / f"out{w}", "--splits", "train")
         assert_user_error(res, str(path), "more than 89,478,485 pixels", "--max-pixels")
         assert "DecompressionBomb" not in res.output
+
+
+# -- libjpeg's own messages -------------------------------------------------------------------
+
+def _jpeg_with_extra_bytes(path):
+    """libjpeg recovers (and prints 'Corrupt JPEG data: 3 extraneous bytes before marker 0xda')."""
+    data = path.read_bytes()
+    sos = data.index(b"\xff\xda")
+    path.write_bytes(data[:sos] + b"\x00\x11\x22" + data[sos:])
+
+
+def _jpeg_with_marker_in_scan(path):
+    """libjpeg prints 'Corrupt JPEG data: premature end of data segment', then fails."""
+    data = path.read_bytes()
+    mid = (data.index(b"\xff\xda") + len(data)) // 2
+    path.write_bytes(data[:mid] + b"\xff\xb5" + data[mid:])
+
+
+def test_libjpeg_warning_is_a_keyshard_line_naming_the_file(voc, tmp_path):
+    recovered = voc / "JPEGImages" / f"{ids(voc, 'val')[0]}.jpg"
+    _jpeg_with_extra_bytes(recovered)
+    res = encrypt_plain(voc, tmp_path / "out", "--splits", "test")
+    assert res.exit_code == 0, res.output
+    [line] = [x for x in res.output.splitlines() if "Corrupt JPEG" in x]
+    assert line == (f"keyshard: warning: {recovered}: Corrupt JPEG data: 3 extraneous bytes before marker 0xda "
+                    "(libjpeg; decoded anyway)")
+    broken = voc / "JPEGImages" / f"{ids(voc, 'val')[1]}.jpg"
+    _jpeg_with_marker_in_scan(broken)
+    assert_user_error(encrypt_plain(voc, tmp_path / "out2", "--splits", "test"), str(broken),
+                      "cannot decode image", "premature end of data segment")
+
+
+def test_bad_jpegs_in_worker_processes(voc, tmp_path):
+    """--jobs 2 (loky worker processes): a header bomb, a JPEG libjpeg recovers and one it cannot
+    decode give keyshard lines and manifest entries only — no raw libjpeg or Pillow output."""
+    import time
+
+    from conftest import run_subprocess
+    from keyshard.pipeline.manifest import load as load_manifest
+
+    val = ids(voc, "val")
+    bomb = voc / "JPEGImages" / f"{val[0]}.jpg"
+    bomb.write_bytes(jpeg_claiming(bomb.read_bytes(), *BOMB))
+    recovered, broken = (voc / "JPEGImages" / f"{i}.jpg" for i in val[1:3])
+    _jpeg_with_extra_bytes(recovered)
+    _jpeg_with_marker_in_scan(broken)
+    out = tmp_path / "out"
+    start = time.perf_counter()
+    res = run_subprocess("encrypt", "--voc", voc, "--plain", "-o", out, "--size", 32, "--shard-size", 4,
+                         "--jobs", 2, "-q", "--splits", "test", "--skip-bad")
+    assert time.perf_counter() - start < 60
+    assert res.returncode == 0, res.stderr
+    lines = res.stderr.splitlines()
+    assert all(x.startswith(("keyshard: ", "warning: skipped")) for x in lines), res.stderr
+    assert f"keyshard: warning: {recovered}: Corrupt JPEG data: 3 extraneous bytes" in res.stderr
+    failed = {f["id"]: f["reason"] for f in load_manifest(out)["failed"]}
+    assert set(failed) == {val[0], val[2]}
+    assert "50000x50000" in failed[val[0]] and "premature end of data segment" in failed[val[2]]
