@@ -6,6 +6,7 @@ import click
 
 from keyshard import keys
 from keyshard.errors import KeyshardError
+from keyshard.fsutil import make_parent
 
 
 @click.command("keygen")
@@ -31,6 +32,7 @@ def keygen(method, block_size, output, image_size, reference_seed, ffx_password,
         raise KeyshardError(f"--block-size {block_size} does not divide --image-size {image_size}")
     key = keys.generate(method, block_size, reference_seed,
                         ffx_password.encode() if ffx_password is not None else None)
+    make_parent(output)  # missing directories are created, as for every -o
     keys.save(key, output, force=force)
     click.echo(f"wrote {output} (mode 0600): {method} M={block_size}, fingerprint {key.fingerprint}")
     for warning in key.describe_warnings():
@@ -77,6 +79,7 @@ def signing_key(name):
     """
     from keyshard import signing
 
+    make_parent(name)
     fp = signing.generate(name)
     click.echo(f"wrote {name} (private, mode 0600) and {signing.public_path(name)} (public); "
                f"signer fingerprint {fp}")
