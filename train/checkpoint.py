@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from keyshard.errors import KeyshardError
+from keyshard.options import MAX_IMAGE_SIZE
 
 FORMAT = "keyshard-checkpoint/1"
 
@@ -25,13 +26,19 @@ FORMAT = "keyshard-checkpoint/1"
 def save(path: Path, state: dict) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"format": FORMAT, **state}, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save({"format": FORMAT, **state}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # disk full, read-only, killed: no temporary left behind
+        raise
 
 
 def load_file(path: str | Path, what: str = "checkpoint"):
     """``torch.load(weights_only=True)`` on the CPU; a missing or unreadable file is one clear error."""
     path = Path(path)
+    if path.is_dir():
+        raise KeyshardError(f"{path}: is a directory, not a {what} file")
     if not path.is_file():
         raise KeyshardError(f"{path}: {what} not found")
     try:
@@ -40,11 +47,113 @@ def load_file(path: str | Path, what: str = "checkpoint"):
         raise KeyshardError(f"{path}: not a readable {what} ({type(exc).__name__})") from None
 
 
-def load(path: str | Path) -> dict:
-    state = load_file(path)
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_fields(path, where: str, doc: dict, fields: dict) -> None:
+    for name, (ok, expected) in fields.items():
+        if name not in doc or not ok(doc[name]):
+            raise KeyshardError(f"{path}: malformed checkpoint: {where}{name} is missing or not {expected}")
+
+
+def _text(v) -> bool:
+    return isinstance(v, str)
+
+
+def _text_or_none(v) -> bool:
+    return v is None or isinstance(v, str)
+
+
+def _positive_int(v) -> bool:
+    return _is_int(v) and v >= 1
+
+
+def _state_dict(v) -> bool:
+    return (isinstance(v, dict) and len(v) > 0
+            and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items()))
+
+
+def validate(state, path, resume: bool = False) -> dict:
+    """Check the fields the code reads, with one line naming the file for anything missing or of
+    the wrong type: a checkpoint that loads safely (``weights_only``) can still be hand-made or
+    damaged.  ``resume``: also what ``train --resume`` restores (optimizer, scheduler, RNG, metrics)."""
+    from keyshard.keys import METHODS
+    from keyshard.train.models import MODELS
+
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise KeyshardError(f"{path}: not a keyshard checkpoint (format {FORMAT} expected)")
+    _check_fields(path, "", state, {
+        "model_name": (lambda v: v in MODELS, f"one of {', '.join(MODELS)}"),
+        "model": (_state_dict, "a state dict of tensors"),
+        "epoch": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+        "config": (lambda v: isinstance(v, dict), "a dict"),
+        "data": (lambda v: isinstance(v, dict), "a dict"),
+    })
+    data = state["data"]
+    _check_fields(path, "data.", data, {
+        "plain": (lambda v: isinstance(v, bool), "true or false"),
+        "image_size": (lambda v: _positive_int(v) and v <= MAX_IMAGE_SIZE, f"an integer in 1..{MAX_IMAGE_SIZE}"),
+        "pixel_divisor": (lambda v: _is_number(v) and v > 0, "a positive number"),
+        "key_derivation": (_text_or_none, "a string or null"),
+    })
+    if not data["plain"]:
+        _check_fields(path, "data.", data, {
+            "method": (lambda v: v in METHODS, f"one of {', '.join(METHODS)}"),
+            "block_size": (lambda v: _positive_int(v) and data["image_size"] % v == 0,
+                           "a positive integer dividing the image size"),
+            "key_fingerprint": (_text, "a string"),
+        })
+    mbs = state.get("model_block_size")
+    if state["model_name"] == "block_aligned" or mbs is not None:
+        if not (_positive_int(mbs) and mbs <= data["image_size"]):
+            raise KeyshardError(f"{path}: malformed checkpoint: model_block_size is missing or not a positive "
+                                "integer no larger than the image size")
+    if state.get("manifest") is not None:
+        record = state["manifest"]
+        if not isinstance(record, dict):
+            raise KeyshardError(f"{path}: malformed checkpoint: manifest is not a dict")
+        _check_fields(path, "manifest.", record, {
+            "manifest_sha256": (_text, "a string"),
+            "signature_verified": (lambda v: isinstance(v, bool), "true or false"),
+            "signer_fingerprint": (_text if record.get("signature_verified") is True else _text_or_none,
+                                   "a string" if record.get("signature_verified") is True else "a string or null"),
+        })
+    if resume:
+        _check_fields(path, "", state, {
+            "optimizer": (lambda v: isinstance(v, dict), "a dict (optimizer state)"),
+            "scheduler": (lambda v: isinstance(v, dict), "a dict (scheduler state)"),
+            "rng": (lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8, "a uint8 tensor (RNG state)"),
+            "metrics": (lambda v: isinstance(v, list), "a list"),
+            "best_holdout_loss": (_is_number, "a number"),
+        })
     return state
+
+
+def load(path: str | Path, resume: bool = False) -> dict:
+    """A checkpoint, loaded safely and validated (``validate``)."""
+    return validate(load_file(path), path, resume)
+
+
+def fit_state_dict(module: torch.nn.Module, weights: dict, path, what: str) -> None:
+    """``module.load_state_dict(weights)`` (strict), a mismatch as one line naming the file: how
+    many tensors are missing, unexpected or of another shape, and the first of them."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    reshaped = [k for k in expected if k in weights and tuple(weights[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or reshaped:
+        first = (reshaped or missing or unexpected)[0]
+        raise KeyshardError(f"{path}: {what} does not fit ({len(missing)} tensors missing, {len(unexpected)} "
+                            f"unexpected, {len(reshaped)} of another shape, e.g. {first[:80]!r})")
+    try:
+        module.load_state_dict(weights)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise KeyshardError(f"{path}: {what} does not fit ({type(exc).__name__})") from None
 
 
 def data_identity(manifest: dict) -> dict:
@@ -78,7 +187,17 @@ def load_model(ckpt_path: str | Path, device) -> tuple[torch.nn.Module, dict]:
     from keyshard.train.models import build_model
 
     state = load(ckpt_path)
-    model = build_model(state["model_name"], aux_loss=any(k.startswith("aux_classifier") for k in state["model"]),
-                        block_size=state.get("model_block_size"))
-    model.load_state_dict(state["model"])
+    name, mbs = state["model_name"], state.get("model_block_size")
+    if name == "block_aligned":  # the stem is S×S: check S before building a model of that size
+        from keyshard.train.models import stem_stride
+
+        stem = state["model"].get("stem.weight")
+        if stem is None or stem.dim() != 4 or tuple(stem.shape[-2:]) != (stem_stride(mbs),) * 2:
+            raise KeyshardError(f"{ckpt_path}: model weights do not fit block_aligned M={mbs} (stem.weight)")
+    try:
+        model = build_model(name, aux_loss=any(k.startswith("aux_classifier") for k in state["model"]),
+                            block_size=mbs)
+    except KeyshardError as exc:
+        raise KeyshardError(f"{ckpt_path}: {exc}") from None
+    fit_state_dict(model, state["model"], ckpt_path, f"model weights for {name}")
     return model.to(device).eval(), state

@@ -171,7 +171,7 @@ class Trainer:
     def _prepare_out(self, resume: bool):
         last = self.out / "last.pt"
         if resume:
-            state = checkpoint.load(last)
+            state = checkpoint.load(last, resume=True)
             if state["data"] != self.data:
                 raise KeyshardError(f"{last}: was trained on other shards (key fingerprint/method/block size differ)")
             checkpoint.check_resume_provenance(state, self.provenance, last)
@@ -192,10 +192,15 @@ class Trainer:
         return None
 
     def _restore(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
+        last = self.out / "last.pt"
+        checkpoint.fit_state_dict(self.model, state["model"], last, f"model weights for {self.cfg.model}")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:  # a damaged or hand-made last.pt
+            raise KeyshardError(f"{last}: optimizer, scheduler or RNG state does not fit this run "
+                                f"({type(exc).__name__})") from None
         self.start_epoch = state["epoch"] + 1
         self.history = list(state["metrics"])
         self.best_loss = state["best_holdout_loss"]
