@@ -180,3 +180,120 @@ def test_worker_never_imports_torchvision_or_plotting():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def _png(arr: np.ndarray, mode: str, **save) -> bytes:
+    buf = io.BytesIO()
+    im = Image.fromarray(arr, "L")
+    if mode == "P":
+        from keyshard.shardformat import voc_palette
+
+        im = im.convert("P")
+        im.putpalette(voc_palette())
+    im.save(buf, format="PNG", **save)
+    return buf.getvalue()
+
+
+def _mask_arr(h: int, w: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    arr = np.zeros((h, w), np.uint8)
+    for _ in range(4):
+        y, x = rng.integers(0, h), rng.integers(0, w)
+        arr[y:y + h // 3, x:x + w // 3] = rng.integers(1, 21)
+    arr[0, :] = 255
+    return arr
+
+
+def _chunks(data: bytes):
+    pos, out = 8, []
+    while pos < len(data):
+        n = int.from_bytes(data[pos:pos + 4], "big")
+        out.append([data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]])
+        pos += 12 + n
+    return out
+
+
+def _build(chunks) -> bytes:
+    import zlib
+
+    out = b"\x89PNG\r\n\x1a\n"
+    for kind, body in chunks:
+        out += len(body).to_bytes(4, "big") + kind + body + zlib.crc32(body, zlib.crc32(kind)).to_bytes(4, "big")
+    return out
+
+
+def _outcome(data: bytes, fast: bool, monkeypatch):
+    with monkeypatch.context() as m:
+        if not fast:
+            m.setattr(samples, "unfiltered_png_values", lambda data: None)
+        try:
+            im = samples.decode_label_map(data, "m.png")
+        except samples.BadSample as exc:
+            return ("bad", str(exc))
+        arr = np.asarray(im)
+        small = np.asarray(im.resize((16, 16), Image.NEAREST, box=(0, 0, max(1, im.size[0] // 2), im.size[1])))
+        return ("ok", im.size, arr.tobytes(), small.tobytes())
+
+
+def _variants():
+    """Label maps as toy-voc / VOC write them, other kinds, and damaged copies of each."""
+    import zlib
+
+    rng = np.random.default_rng(7)
+    for i, (h, w) in enumerate([(375, 500), (37, 23), (1, 1), (64, 3)]):
+        arr = _mask_arr(h, w, i)
+        for mode in ("P", "L"):
+            good = _png(arr, mode, compress_level=6 if i % 2 else 1)
+            yield good
+            yield _png(arr, mode, optimize=True)
+            ch = _chunks(good)
+            idat = b"".join(body for kind, body in ch if kind == b"IDAT")
+            head = [c for c in ch if c[0] not in (b"IDAT", b"IEND")]
+            yield _build(head + [[b"IDAT", idat[:k]] for k in (5,)] + [[b"IDAT", idat[5:]], [b"IEND", b""]])
+            yield _build(head + [[b"tEXt", b"a\0b"], [b"IDAT", idat], [b"IEND", b""]])
+            yield _build(head + [[b"IDAT", idat], [b"IEND", b""]]) + b"junk"
+            raw = zlib.decompress(idat)
+            yield _build(head + [[b"IDAT", zlib.compress(raw[:-1])], [b"IEND", b""]])       # one byte short
+            yield _build(head + [[b"IDAT", zlib.compress(raw + b"\0" * 7)], [b"IEND", b""]])  # too long
+            yield _build(head + [[b"IDAT", zlib.compress(raw)[:-4]], [b"IEND", b""]])       # no adler32
+            rows = bytearray(raw)
+            rows[0] = 1  # a filtered row (Sub)
+            yield _build(head + [[b"IDAT", zlib.compress(bytes(rows))], [b"IEND", b""]])
+            rows[0] = 9  # an invalid filter type
+            yield _build(head + [[b"IDAT", zlib.compress(bytes(rows))], [b"IEND", b""]])
+            for k in sorted({1, 8, 20, 33, len(good) // 2, len(good) - 13, len(good) - 1}):
+                yield good[:k]
+            for _ in range(12):
+                bad = bytearray(good)
+                bad[int(rng.integers(8, len(bad)))] ^= 1 << int(rng.integers(0, 8))
+                yield bytes(bad)
+            for _ in range(6):  # damaged compressed data with correct CRCs: zlib itself must notice
+                z = bytearray(idat)
+                z[int(rng.integers(2, len(z)))] ^= 0xFF
+                yield _build(head + [[b"IDAT", bytes(z)], [b"IEND", b""]])
+    yield _png(np.full((5, 5), 30, np.uint8), "L")  # values outside 0..20/255
+    rgb = io.BytesIO()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(rgb, format="PNG")
+    yield rgb.getvalue()
+    yield b"not a png"
+
+
+def test_label_map_fast_path_matches_pillow(monkeypatch):
+    fast_used = 0
+    for n, data in enumerate(_variants()):
+        want = _outcome(data, False, monkeypatch)
+        got = _outcome(data, True, monkeypatch)
+        assert got == want, (n, want[:2], got[:2])
+        fast_used += samples.unfiltered_png_values(data) is not None
+    assert fast_used >= 8  # the plain files did take the fast path
+
+
+def test_label_map_fast_path_on_toy_voc_masks(tmp_path):
+    from keyshard.pipeline.toy_voc import make_toy_voc
+
+    root = make_toy_voc(tmp_path / "voc", images=6, seed=3, min_side=40, max_side=90, progress=False)
+    for png in sorted((root / "SegmentationClass").glob("*.png")):
+        data = png.read_bytes()
+        values = samples.unfiltered_png_values(data)
+        assert values is not None
+        assert np.array_equal(values, np.asarray(Image.open(io.BytesIO(data))))
