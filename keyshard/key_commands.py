@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from keyshard import keys
+from keyshard import keys, options
 from keyshard.errors import KeyshardError
 from keyshard.fsutil import make_parent
 
@@ -12,29 +12,40 @@ from keyshard.fsutil import make_parent
 @click.command("keygen")
 @click.option("--method", type=click.Choice(keys.METHODS), required=True,
               help="shf: pixel shuffling; np: negative/positive flipping; ffx: FFX format-preserving encryption.")
-@click.option("--block-size", "-M", type=int, required=True, help="Block size M (e.g. 2, 4, ..., 256).")
+@click.option("--block-size", "-M", type=click.IntRange(1, keys.MAX_BLOCK_SIZE), required=True,
+              help=f"Block size M (e.g. 2, 4, ..., at most {keys.MAX_BLOCK_SIZE}).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="Key file to create (mode 0600).")
-@click.option("--image-size", type=int, default=256, show_default=True,
+@click.option("--image-size", type=options.IMAGE_SIZE, default=256, show_default=True,
               help="Image size the key will be used with; M must divide it.")
-@click.option("--reference-seed", type=click.IntRange(min=0), default=None,
-              help="Derive the key exactly as the authors' reference code (torch.manual_seed + randperm). "
-                   "Only as strong as the seed.")
+@click.option("--reference-seed", type=click.IntRange(0, keys.MAX_REFERENCE_SEED), default=None,
+              help="Derive the key exactly as the authors' reference code (torch.manual_seed + randperm); "
+                   "0 to 2^63-1. Only as strong as the seed.")
 @click.option("--ffx-password", default=None,
-              help="FFX only: fixed password (the paper used one). Default: derived from the secret.")
+              help="FFX only: fixed password (the paper used one). Default: derived from the secret. "
+                   "Visible to ps and shell history: prefer --ffx-password-file or $KEYSHARD_FFX_PASSWORD.")
+@click.option("--ffx-password-file", type=click.Path(dir_okay=False), default=None,
+              help="FFX only: read the password from this file (one trailing newline is dropped).")
 @click.option("--force", is_flag=True, help="Replace an existing key file (the old key is lost).")
-def keygen(method, block_size, output, image_size, reference_seed, ffx_password, force):
+def keygen(method, block_size, output, image_size, reference_seed, ffx_password, ffx_password_file, force):
     """Create a new secret key file.
 
     The file holds 32 random bytes from the OS; the permutation / mask / FFX table are derived
     from them (see `key-info`).  It is written with mode 0600 and never overwritten without --force.
+    For --method ffx the password may also come from $KEYSHARD_FFX_PASSWORD (give it one way only).
+    Everything is checked and derived before the file is written.
     """
-    if block_size < 1 or image_size % block_size:
+    if image_size % block_size:
         raise KeyshardError(f"--block-size {block_size} does not divide --image-size {image_size}")
-    key = keys.generate(method, block_size, reference_seed,
-                        ffx_password.encode() if ffx_password is not None else None)
+    if method != "ffx" and (ffx_password is not None or ffx_password_file is not None):
+        given = "--ffx-password" if ffx_password is not None else "--ffx-password-file"
+        raise KeyshardError(f"{given} applies only to --method ffx")
+    password, source = keys.ffx_password_from(ffx_password, ffx_password_file, use_env=method == "ffx")
+    key = keys.generate(method, block_size, reference_seed, password)
+    fingerprint = key.fingerprint  # derive everything now: a failure here must leave no file behind
     make_parent(output)  # missing directories are created, as for every -o
     keys.save(key, output, force=force)
-    click.echo(f"wrote {output} (mode 0600): {method} M={block_size}, fingerprint {key.fingerprint}")
+    click.echo(f"wrote {output} (mode 0600): {method} M={block_size}, fingerprint {fingerprint}"
+               + (f"; FFX password from {source.split()[0]}" if source else ""))
     for warning in key.describe_warnings():
         click.echo(f"warning: {warning}", err=True)
 
@@ -61,8 +72,7 @@ def key_info(key_file):
         rows.append(("pixel divisor", str(key.material.divisor)))
     for name, value in rows:
         click.echo(f"{name:12} {value}")
-    mode_warning = keys.check_file_mode(key_file)
-    for warning in key.describe_warnings() + ([mode_warning] if mode_warning else []):
+    for warning in key.describe_warnings():  # (keys.load has warned about a readable file mode)
         click.echo(f"warning: {warning}", err=True)
 
 

@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 
+import click
 import numpy as np
 import pyffx
 import pytest
@@ -221,3 +222,79 @@ def test_fisher_yates_with_rejections_and_a_longer_stream(monkeypatch):
         perm[i], perm[j] = perm[j], perm[i]
     assert pos > n + 64  # the extension path ran
     assert keys.fisher_yates(FIXED_SECRET, b"x", n).tolist() == perm
+
+
+# -- keys handled like secrets ----------------------------------------------------------------
+
+def test_every_command_warns_once_about_a_readable_key(tmp_path):
+    path = tmp_path / "k.json"
+    keys.save(keys.generate("np", 2), path)
+    path.chmod(0o644)
+    res = invoke("key-info", path)
+    assert res.exit_code == 0 and res.output.count("warning: ") == 2  # the mode, the small key space
+    assert res.output.count(f"{path}: key file mode is 0644; it should be 0600 (chmod 600 {path})") == 1
+    # another command reading it (encrypt loads the key before it looks at --voc)
+    res = invoke("encrypt", "--voc", tmp_path / "no-voc", "--key", path, "-o", tmp_path / "out", "-q")
+    assert res.exit_code == 1 and res.output.count("key file mode is 0644") == 1
+    # however often one command loads it
+    with click.Context(click.Command("x")):
+        for _ in range(3):
+            keys.load(path)
+    path.chmod(0o600)
+    res = invoke("key-info", path)
+    assert res.exit_code == 0 and "key file mode" not in res.output
+
+
+def test_ffx_password_from_a_file_or_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv(keys.FFX_PASSWORD_ENV, raising=False)
+    pw_file = tmp_path / "pw.txt"
+    pw_file.write_bytes(b"s3cret pass\n")
+    pw_file.chmod(0o600)
+    res = invoke("keygen", "--method", "ffx", "-M", "2", "-o", tmp_path / "a.json", "--ffx-password-file", pw_file)
+    assert res.exit_code == 0, res.output
+    assert "s3cret" not in res.output and "warning: " + str(pw_file) not in res.output
+    monkeypatch.setenv(keys.FFX_PASSWORD_ENV, "s3cret pass")
+    res = invoke("keygen", "--method", "ffx", "-M", "2", "-o", tmp_path / "b.json")
+    assert res.exit_code == 0 and "password from $KEYSHARD_FFX_PASSWORD" in res.output and "s3cret" not in res.output
+    a, b = keys.load(tmp_path / "a.json"), keys.load(tmp_path / "b.json")
+    assert a.ffx_password == b.ffx_password == b"s3cret pass"
+    assert np.array_equal(a.material.table, keys.ffx_table(b"s3cret pass"))
+    # the environment variable is only for FFX keys; other methods ignore it
+    assert invoke("keygen", "--method", "np", "-M", "2", "-o", tmp_path / "c.json").exit_code == 0
+    assert keys.load(tmp_path / "c.json").ffx_password is None
+    # two ways at once is refused, naming the ways, not the password
+    for extra in (["--ffx-password", "other"], ["--ffx-password-file", pw_file]):
+        line = assert_user_error(invoke("keygen", "--method", "ffx", "-M", "2", "-o", tmp_path / "d.json", *extra),
+                                 "given twice", "$KEYSHARD_FFX_PASSWORD")
+        assert "s3cret" not in line and "other" not in line
+    monkeypatch.delenv(keys.FFX_PASSWORD_ENV)
+    assert_user_error(invoke("keygen", "--method", "ffx", "-M", "2", "-o", tmp_path / "d.json", "--ffx-password", "x",
+                             "--ffx-password-file", pw_file), "--ffx-password and --ffx-password-file")
+    assert not (tmp_path / "d.json").exists()
+
+
+def test_ffx_password_file_checks(tmp_path, monkeypatch):
+    monkeypatch.delenv(keys.FFX_PASSWORD_ENV, raising=False)
+    out = tmp_path / "k.json"
+
+    def keygen(*extra, method="ffx"):
+        return invoke("keygen", "--method", method, "-M", "2", "-o", out, *extra)
+
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"\n")
+    assert_user_error(keygen("--ffx-password-file", empty), "FFX password must be 1 to 1024 bytes")
+    assert_user_error(keygen("--ffx-password-file", tmp_path / "missing"), "FFX password file not found")
+    assert_user_error(keygen("--ffx-password-file", "/dev/zero"), "/dev/zero", "regular file")
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * 5000)
+    assert_user_error(keygen("--ffx-password-file", big), "too large")
+    assert_user_error(keygen("--ffx-password", ""), "--ffx-password", "1 to 1024 bytes")
+    assert_user_error(keygen("--ffx-password-file", big, method="np"), "--ffx-password-file applies only to --method ffx")
+    assert not out.exists()
+    # any bytes, newline conventions, a readable file warned about (once)
+    raw = tmp_path / "raw"
+    raw.write_bytes(b"\xff\xfepw\r\n")
+    raw.chmod(0o644)
+    res = keygen("--ffx-password-file", raw)
+    assert res.exit_code == 0 and res.output.count("FFX password file mode is 0644") == 1
+    assert keys.load(out).ffx_password == b"\xff\xfepw"
