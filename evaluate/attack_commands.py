@@ -61,7 +61,10 @@ def known_plaintext(plain_dir, enc_dir, output, true_key):
 @click.option("--test", "test_dir", required=True, type=click.Path(), help="PLAIN shards with a test split (directory or http(s)/s3 URL base).")
 @click.option("--key", "true_key", type=click.Path(dir_okay=False), default=None,
               help="The true key (auditors): report distances to it and its rank.")
-@click.option("--ffx-password", default=None, help="FFX: the password the attacker knows (default: the --key's).")
+@click.option("--ffx-password", default=None, help="FFX: the password the attacker knows (default: the --key's). "
+              "Visible to ps: prefer --ffx-password-file or $KEYSHARD_FFX_PASSWORD.")
+@click.option("--ffx-password-file", type=click.Path(dir_okay=False), default=None,
+              help="FFX: read that password from this file (one trailing newline is dropped).")
 @click.option("--budget", type=click.IntRange(2, options.MAX_EVALUATIONS), default=2000, show_default=True,
               help="Model evaluations for hill-climbing.")
 @click.option("--exhaustive-limit", type=click.IntRange(1, options.MAX_EVALUATIONS), default=5000, show_default=True,
@@ -69,16 +72,19 @@ def known_plaintext(plain_dir, enc_dir, output, true_key):
 @click.option("--top", type=click.IntRange(1, 1000), default=5, show_default=True)
 @click.option("--seed", type=options.SEED, default=0, show_default=True)
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
-def search_command(ckpt, labelled_dir, labelled_split, n_labelled, test_dir, true_key, ffx_password, budget,
-                   exhaustive_limit, top, seed, out_path):
+def search_command(ckpt, labelled_dir, labelled_split, n_labelled, test_dir, true_key, ffx_password,
+                   ffx_password_file, budget, exhaustive_limit, top, seed, out_path):
     """Search the key space against the model with a few labelled plain images.
 
     Exhaustive where the space is small (NP/FFX at M=2: 924 masks), hill-climbing otherwise.
     Reports the best keys, their test mIoU and, with --key, their distance to the true key and
     the true key's rank.
     """
+    from keyshard import keys
     from keyshard.evaluate.key_search import run_search
 
+    password, _ = keys.ffx_password_from(ffx_password, ffx_password_file)  # one way only, never echoed
+    ffx_password = None if password is None else password.decode("utf-8", "surrogateescape")
     if out_path:
         check_output(out_path)  # before the search, not after minutes of it
     report = run_search(ckpt, labelled_dir, labelled_split, n_labelled, test_dir, true_key, ffx_password, budget,

@@ -137,15 +137,16 @@ def run_search(ckpt, labelled_dir, labelled_split: str, n_labelled: int, test_di
     table = None
     if method == "ffx":
         if ffx_password is None and truth is None:
-            raise KeyshardError("FFX search needs the password the attacker knows: --ffx-password (or --key)")
-        table = keys.ffx_table(ffx_password.encode()) if ffx_password else truth.material.table
+            raise KeyshardError("FFX search needs the password the attacker knows: --ffx-password, "
+                                "--ffx-password-file or $KEYSHARD_FFX_PASSWORD (or --key)")
+        table = keys.ffx_table(ffx_password.encode("utf-8", "surrogateescape")) if ffx_password else truth.material.table
     # the first N labelled images
     pixels, masks, _, _ = next(iter(test_batches(labelled_dir, labelled_doc, n_labelled, split=labelled_split)))
     objective = Objective(model, pixels, masks, device)
     # a random start with the model's derivation rule (wrong_keys draws exactly those)
     template = truth or keys.Key(method, m, b"\0" * 32,
                                  reference_seed=0 if str(data["key_derivation"]).startswith("reference") else None,
-                                 ffx_password=ffx_password.encode() if ffx_password else None)
+                                 ffx_password=ffx_password.encode("utf-8", "surrogateescape") if ffx_password else None)
     start = wrong_keys.draw(template, 1, seed)[0].material
     if table is not None:
         start = keys.KeyMaterial(method, m, mask=start.mask, table=table)

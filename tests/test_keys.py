@@ -298,3 +298,18 @@ def test_ffx_password_file_checks(tmp_path, monkeypatch):
     res = keygen("--ffx-password-file", raw)
     assert res.exit_code == 0 and res.output.count("FFX password file mode is 0644") == 1
     assert keys.load(out).ffx_password == b"\xff\xfepw"
+
+
+def test_attack_search_takes_the_password_one_way(tmp_path, monkeypatch):
+    monkeypatch.setenv(keys.FFX_PASSWORD_ENV, "from-env")
+    pw_file = tmp_path / "pw"
+    pw_file.write_bytes(b"from-file\n")
+    pw_file.chmod(0o600)
+    args = ["attack", "search", "--checkpoint", tmp_path / "missing.pt", "--labelled-shards", tmp_path,
+            "--test", tmp_path]
+    line = assert_user_error(invoke(*args, "--ffx-password-file", pw_file), "given twice",
+                             "--ffx-password-file and $KEYSHARD_FFX_PASSWORD")
+    assert "from-" not in line
+    monkeypatch.delenv(keys.FFX_PASSWORD_ENV)
+    # accepted: the command goes on to the checkpoint (which is missing here)
+    assert_user_error(invoke(*args, "--ffx-password-file", pw_file), "missing.pt")
