@@ -2,7 +2,9 @@
 
 Images are decoded and resized with torchvision's uint8 kernels (libjpeg-turbo ``decode_jpeg``
 and antialiased bilinear resize): faster than PIL here and within ±1 of its output.  Label maps
-stay in PIL (palette indices), checked from their histogram and resized with nearest neighbour.
+are class ids (palette indices), checked from their histogram and resized with nearest neighbour
+(PIL); plain PNGs — all of VOC's — are inflated with zlib directly (``unfiltered_png_values``),
+any other file is decoded by PIL.
 Augmentation replicas (random resized crop + horizontal flip) are made here, in plain space,
 because they do not commute with a block key.
 
