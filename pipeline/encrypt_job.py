@@ -18,6 +18,8 @@ import json
 import os
 import shutil
 import sys
+import threading
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -95,7 +97,37 @@ def _exit_without_teardown() -> None:
 _FAST_EXIT = False
 
 
-def warm_up(material: KeyMaterial | None, size: int, fast_exit: bool = False) -> int:
+_WATCHED_PARENT: int | None = None
+PARENT_POLL_S = 0.25
+
+
+def exit_with_parent(owner: int | None) -> None:
+    """In a worker process of this job: exit as soon as the process that started it is gone.
+
+    A worker's parent is the ``encrypt`` process (loky, multiprocessing); when that dies (even by
+    SIGKILL) the worker is re-parented, so a watchdog thread that sees ``getppid()`` change ends
+    the worker within ``PARENT_POLL_S`` — idle or busy — instead of living on for minutes and
+    renaming more shards into the output.  No-op in the main process and when the parent is not
+    the owner (a dask worker belongs to its cluster, not to the client).
+    """
+    global _WATCHED_PARENT
+    if owner is None or os.getpid() == owner or _WATCHED_PARENT is not None or os.getppid() != owner:
+        return
+    _WATCHED_PARENT = owner
+
+    def watch():
+        while os.getppid() == owner:
+            time.sleep(PARENT_POLL_S)
+        os._exit(70)
+
+    threading.Thread(target=watch, name="keyshard-parent-watch", daemon=True).start()
+
+
+def _parent_gone() -> bool:
+    return _WATCHED_PARENT is not None and os.getppid() != _WATCHED_PARENT
+
+
+def warm_up(material: KeyMaterial | None, size: int, fast_exit: bool = False, owner: int | None = None) -> int:
     """Load torch and compile the key in a fresh worker while the main process plans the job.
 
     ``fast_exit`` (loky workers only): when the idle worker is shut down at the end of the
@@ -104,6 +136,7 @@ def warm_up(material: KeyMaterial | None, size: int, fast_exit: bool = False) ->
     and multiprocessing has flushed its streams; every shard and record it wrote is closed.
     """
     global _FAST_EXIT
+    exit_with_parent(owner)
     _single_threaded_torch()
     _plan_for(material, size)
     if fast_exit and not _FAST_EXIT:
@@ -113,8 +146,9 @@ def warm_up(material: KeyMaterial | None, size: int, fast_exit: bool = False) ->
 
 
 def process_shard(task: ShardTask, material: KeyMaterial | None, options: EncryptOptions,
-                  out_dir: str, partial_dir: str) -> dict:
+                  out_dir: str, partial_dir: str, owner: int | None = None) -> dict:
     """Write one shard atomically and return (and persist) its completion record."""
+    exit_with_parent(owner)
     _single_threaded_torch()
     plan = _plan_for(material, options.size)
     out, partial = Path(out_dir), Path(partial_dir)
@@ -145,6 +179,9 @@ def process_shard(task: ShardTask, material: KeyMaterial | None, options: Encryp
         stats = writer.close()
     # Not fsynced here: rename is atomic, resume re-hashes every shard against its record, and
     # run() fsyncs each finished shard in the background before it writes the manifest.
+    if _parent_gone():  # never rename into a job whose owner died (its watchdog is about to exit too)
+        tmp.unlink(missing_ok=True)
+        os._exit(70)
     os.replace(tmp, out / task.name)
     record = {"file": task.name, "split": task.split, "replica": task.replica,
               "samples": stats.samples, "bytes": stats.bytes, "sha256": stats.sha256,
@@ -200,11 +237,24 @@ def job_identity(source: VocSource, key: Key | None, options: EncryptOptions) ->
     }
 
 
+def _stale_partial(out: Path) -> bool:
+    """A ``.keyshard-partial/`` left by a run that died before writing ``job.json`` (e.g. a disk
+    already full): no job record, no finished shard, nothing else in the output — safe to clean."""
+    partial = out / PARTIAL_DIR
+    try:
+        return (partial.is_dir() and not (partial / "job.json").exists()
+                and not any((partial / "done").glob("*")) and [p.name for p in out.iterdir()] == [PARTIAL_DIR])
+    except OSError:
+        return False
+
+
 def _refuse_output(out: Path, resume: bool) -> None:
     """The refusals of ``prepare_output`` that need nothing but the directory itself."""
     partial = out / PARTIAL_DIR
     if (out / manifest_mod.MANIFEST).exists():
         raise KeyshardError(f"{out}: already holds a finished dataset (manifest.json); choose a new output directory")
+    if _stale_partial(out):
+        shutil.rmtree(partial)  # a run that died before it recorded its job: nothing to keep
     if partial.is_dir():
         if not resume:
             raise KeyshardError(f"{out}: holds an unfinished run; pass --resume to continue it, or choose a new output directory")
@@ -274,7 +324,8 @@ def run(voc: str, out: str, key: Key | None, options: EncryptOptions, jobs: int 
         # process never imports torch when workers do the encoding.)
         n_workers = effective_n_jobs(jobs)
         fast_exit = backend == "loky"
-        warming = (parallel(delayed(warm_up)(material, options.size, fast_exit) for _ in range(n_workers))
+        warming = (parallel(delayed(warm_up)(material, options.size, fast_exit, os.getpid())
+                            for _ in range(n_workers))
                    if n_workers > 1 else None)
         try:
             # absolute paths: dask workers may run in another directory (or on another node)
@@ -338,7 +389,7 @@ def _encode(parallel, delayed, todo, tasks, records, material, options, out_path
     synced = [syncer.submit(fsync_path, out_path / name) for name in records]
     try:
         results = parallel(delayed(process_shard)(t, material, options, str(out_path.absolute()),
-                                          str(partial.absolute())) for t in todo)
+                                                  str(partial.absolute()), os.getpid()) for t in todo)
         for rec in results:
             records[rec["file"]] = rec
             synced.append(syncer.submit(fsync_path, out_path / rec["file"]))

@@ -274,3 +274,53 @@ def test_dask_backend_without_dask_is_one_clear_line(toy, tmp_path, monkeypatch)
     assert_user_error(invoke("encrypt", "--voc", toy, "--plain", "-o", tmp_path / "d", "--backend", "dask", *COMMON),
                       "keyshard[dask]")
     assert not (tmp_path / "d").exists()
+
+
+def test_workers_die_with_a_killed_parent_and_write_nothing_more(toy, key_files, tmp_path):
+    """SIGKILL the `encrypt` process (not its group) mid-run: within 3 s none of its worker
+    processes is alive, no shard appeared under a final name after the kill, and --resume
+    finishes byte-identical."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    out = tmp_path / "orphans"
+    args = ["encrypt", "--voc", toy, "--key", key_files["ffx"], "-o", out, "--jobs", 2, *COMMON, "--shard-size", 1]
+    proc = subprocess.Popen([sys.executable, "-c", "from keyshard.cli import main; main()", *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parent = psutil.Process(proc.pid)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("*.tar")):
+        time.sleep(0.01)
+    workers = parent.children(recursive=True)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    at_kill = sorted(p.name for p in out.glob("*.tar"))
+    assert workers and at_kill
+    time.sleep(3)
+    alive = [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [(w.pid, w.cmdline()[:3]) for w in alive]
+    assert sorted(p.name for p in out.glob("*.tar")) == at_kill
+    res = invoke(*args, "--resume")
+    assert res.exit_code == 0, res.output
+    ref = tmp_path / "ref"
+    assert invoke("encrypt", "--voc", toy, "--key", key_files["ffx"], "-o", ref, "--jobs", 1, *COMMON,
+                  "--shard-size", 1).exit_code == 0
+    assert shard_bytes(out) == shard_bytes(ref)
+    assert load_manifest(out)["shards"] == load_manifest(ref)["shards"]
+
+
+def test_a_partial_dir_left_before_job_json_is_cleaned(toy, tmp_path):
+    """A run that died before recording its job (e.g. disk full at start) leaves only an empty
+    .keyshard-partial/: a rerun cleans it instead of refusing forever; a real unfinished run is kept."""
+    out = tmp_path / "stale"
+    (out / ".keyshard-partial" / "tmp").mkdir(parents=True)
+    (out / ".keyshard-partial" / "tmp" / "train-000000.tar.123").write_bytes(b"half")
+    res = invoke("encrypt", "--voc", toy, "--plain", "-o", out, "--jobs", 1, *COMMON)
+    assert res.exit_code == 0, res.output
+    assert (out / "manifest.json").exists() and not (out / ".keyshard-partial").exists()
+    kept = tmp_path / "unfinished"
+    (kept / ".keyshard-partial" / "done").mkdir(parents=True)
+    (kept / ".keyshard-partial" / "done" / "train-000000.tar.json").write_text("{}")
+    assert_user_error(invoke("encrypt", "--voc", toy, "--plain", "-o", kept, *COMMON), "--resume")
