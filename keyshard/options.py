@@ -12,6 +12,8 @@ import math
 
 import click
 
+from keyshard.keys import MAX_BLOCK_SIZE
+
 MAX_IMAGE_SIZE = 4096      # --size, --image-size: a 4096² SHF plan is already ~400 MB
 MAX_JOBS = 1024            # worker processes (encrypt, demo)
 MAX_WORKERS = 256          # DataLoader workers
@@ -23,7 +25,7 @@ MAX_EVALUATIONS = 10_000_000  # attack search budgets
 
 SEED = click.IntRange(0, MAX_SEED)
 IMAGE_SIZE = click.IntRange(1, MAX_IMAGE_SIZE)
-BLOCK_SIZE = click.IntRange(1, MAX_IMAGE_SIZE)  # never above the image; a key checks its own limit on use
+BLOCK_SIZE = click.IntRange(1, MAX_BLOCK_SIZE)  # the keys' own limit (keys.MAX_BLOCK_SIZE)
 EPOCHS = click.IntRange(1, MAX_EPOCHS)
 BATCH = click.IntRange(1, MAX_BATCH)
 WORKERS = click.IntRange(0, MAX_WORKERS)

@@ -68,6 +68,7 @@ RANGE_CASES = [
     (TRAIN + ["--workers", "-1"], "--workers"),
     (TRAIN + ["--seed", "-1"], "--seed"),
     (TRAIN + ["--block-crop", "0"], "--block-crop"),
+    (TRAIN + ["--block-size", "513"], "--block-size"),  # above keys.MAX_BLOCK_SIZE
     (TRAIN + ["--shuffle-buffer", "-1"], "--shuffle-buffer"),
     (EVALUATE + ["--wrong-keys", "10001"], "--wrong-keys"),
     (EVALUATE + ["--wrong-keys", "100000"], "--wrong-keys"),
