@@ -63,7 +63,10 @@ def test_signing_key_files_modes_and_refusals(tmp_path):
     (tmp_path / "j.pub").write_text("keep me")
     assert_user_error(invoke("signing-key", "-o", tmp_path / "j"), "j.pub", "already exists")
     assert not (tmp_path / "j").exists() and (tmp_path / "j.pub").read_text() == "keep me"
-    assert_user_error(invoke("signing-key", "-o", tmp_path / "no" / "k"), "does not exist")
+    # like every -o, a missing directory is created; a parent that is a file is one line
+    assert invoke("signing-key", "-o", tmp_path / "no" / "k").exit_code == 0
+    assert (tmp_path / "no" / "k").stat().st_mode & 0o777 == 0o600 and (tmp_path / "no" / "k.pub").exists()
+    assert_user_error(invoke("signing-key", "-o", tmp_path / "j.pub" / "k"), "j.pub")
 
 
 def test_encrypt_sign_with_writes_a_signature_that_verifies(signed):
