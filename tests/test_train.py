@@ -180,18 +180,25 @@ def test_weights_from_a_keyshard_checkpoint(data, tmp_path):
 
 
 def test_torchrun_two_gloo_processes(data, tmp_path):
+    """2 gloo ranks under torchrun on uneven shards: equal steps, a global batch split over the
+    ranks, identical replicas at the end."""
     run = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                            "--master-port", "29533", "-m", "keyshard.cli", "train", "--shards", str(data / "plain"),
-                           "--out", str(run), "--epochs", "1", "--batch-size", "3", "--workers", "1", "-q"],
+                           "--out", str(run), "--epochs", "1", "--batch-size", "8", "--micro-batch", "2",
+                           "--workers", "1", "-q"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # --batch-size is global: 8 over 2 ranks = 4 per rank, in micro-batches of 2
+    assert "batch 8 global: 4 per rank × 2 rank(s), micro-batches of 2 — BatchNorm sees 2 images" in proc.stdout
     assert sorted(p.name for p in run.iterdir()) == ["best.pt", "last.pt", "metrics.jsonl"]
     lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     manifest = load_manifest(data / "plain")
     expected_pad = sum(epoch_plan(data / "plain", manifest, "train", 0, 0, r, 2).padding for r in (0, 1))
     assert lines[0]["train_samples"] == 25 and lines[0]["train_padding"] == expected_pad > 0
+    plans = [epoch_plan(data / "plain", manifest, "train", 0, 0, r, 2) for r in (0, 1)]
+    assert lines[0]["steps"] == -(-plans[0].target // 4)  # per-rank batches of 4
     digests = lines[-1]["rank_param_sha256"]
     model = build_model("small")
     model.load_state_dict(checkpoint.load(run / "last.pt")["model"])
@@ -344,3 +351,35 @@ def test_block_aligned_model_keeps_its_accuracy_under_the_key(tmp_path):
     # no accuracy lost to the key (short runs differ by training noise, so only a loss would fail)
     assert correct > baseline - 0.05, (correct, baseline)
     assert plain_images < 0.5 * correct and max(wrong) < 0.5 * correct, (correct, plain_images, wrong)
+
+
+def test_presets_are_the_papers_and_the_batch_is_global(data, tmp_path):
+    paper = TrainConfig.from_preset("paper")
+    assert (paper.model, paper.epochs, paper.batch_size, paper.lr, paper.momentum, paper.weight_decay,
+            paper.restart_epochs, paper.min_lr, paper.aux_weight, paper.global_batch) == \
+        ("fcn_resnet50", 100, 256, 0.1, 0.9, 0.005, 10, 1e-4, 0.0, True)
+    assert TrainConfig.from_preset("paper", aux_weight=0.5).aux_weight == 0.5  # only when asked for
+    with pytest.raises(Exception, match="multiple of 1 rank"):
+        Trainer(data / "np4", tmp_path / "q", small_config(batch_size=8, micro_batch=3), progress=False)
+    t = Trainer(data / "np4", tmp_path / "r", small_config(batch_size=8, micro_batch=32), progress=False)
+    assert (t.rank_batch, t.micro_batch) == (8, 8)
+    # paper preset on keyed shards without augmentation replicas: a warning says what the paper did
+    logs = []
+    Trainer(data / "np4", tmp_path / "w", TrainConfig.from_preset("paper", model="small", epochs=1, batch_size=4,
+                                                                  workers=0), progress=False, log=logs.append).fit()
+    assert not any("augment" in m for m in logs)  # these shards have a replica
+    enc = tmp_path / "np4-noaug"
+    from keyshard.pipeline import encrypt_job as ej
+
+    ej.run(str(data / "voc"), str(enc), keys.load(data / "key.json"),
+           ej.EncryptOptions(size=SIZE, shard_size=8, splits=("train", "holdout")), jobs=1, progress=False)
+    Trainer(enc, tmp_path / "w2", TrainConfig.from_preset("paper", model="small", epochs=1, batch_size=4,
+                                                           workers=0), progress=False, log=logs.append).fit()
+    assert any("augments every epoch" in m and "--augment-copies" in m for m in logs), logs
+    # a run saved with the old per-process meaning keeps it on --resume
+    state = checkpoint.load(tmp_path / "w2" / "last.pt")
+    del state["config"]["global_batch"]
+    checkpoint.save(tmp_path / "w2" / "last.pt", state)
+    resumed = Trainer(enc, tmp_path / "w2", TrainConfig.from_preset("paper", model="small", epochs=2, batch_size=4,
+                                                                     workers=0), resume=True, progress=False)
+    assert resumed.cfg.global_batch is False and resumed.rank_batch == 4

@@ -12,8 +12,8 @@ from keyshard.errors import KeyshardError
 @click.option("--shards", required=True, type=click.Path(), help="Shards from `keyshard encrypt`: a directory or a URL base (http(s)://host/dir/, s3://bucket/prefix/).")
 @click.option("--out", "out", required=True, type=click.Path(), help="Run directory (best.pt, last.pt, metrics.jsonl).")
 @click.option("--preset", type=click.Choice(["paper", "demo"]), default="demo", show_default=True,
-              help="paper: FCN-ResNet50, SGD lr 0.1, wd 0.005, cosine restarts every 10 epochs, batch 256, "
-                   "100 epochs. demo: a small network that trains on the CPU in minutes.")
+              help="paper: FCN-ResNet50 with plain cross-entropy, SGD lr 0.1, wd 0.005, cosine restarts every "
+                   "10 epochs, global batch 256, 100 epochs. demo: a small network that trains on the CPU in minutes.")
 @click.option("--model", type=click.Choice(["fcn_resnet50", "small", "block_aligned"]), default=None,
               help="Override the preset's model. block_aligned: a stem that sees whole key blocks "
                    "(no accuracy loss from the key; see `keyshard protect`).")
@@ -21,9 +21,11 @@ from keyshard.errors import KeyshardError
               help="block_aligned on PLAIN shards: the block size of the key it will be used with "
                    "(on keyed shards the manifest's is used).")
 @click.option("--epochs", type=options.EPOCHS, default=None)
-@click.option("--batch-size", type=options.BATCH, default=None, help="Samples per optimiser step (per process).")
+@click.option("--batch-size", type=options.BATCH, default=None,
+              help="Samples per optimiser step over ALL ranks (the paper's 256); divided by the world size.")
 @click.option("--micro-batch", type=options.BATCH, default=None,
-              help="Samples per forward pass; gradients are accumulated up to --batch-size.")
+              help="Most samples per forward pass and rank (what BatchNorm sees); gradients are accumulated "
+                   "up to the rank's share of --batch-size.")
 @click.option("--lr", type=options.POSITIVE, default=None, help="Peak learning rate.")
 @click.option("--momentum", type=options.FiniteFloat(0, 1, max_open=True), default=None, help="SGD momentum.")
 @click.option("--weight-decay", type=options.NON_NEGATIVE, default=None)
@@ -57,18 +59,16 @@ def train(shards, out, preset, model, block_size, epochs, batch_size, micro_batc
 
     \b
       torchrun --nproc-per-node 4 -m keyshard.cli train --shards S --out RUN --preset paper
+
+    --batch-size is the global batch (the paper's 256 = 4 ranks × 64 here).
     """
     from keyshard.train.loop import TrainConfig, Trainer
 
-    if micro_batch is None and batch_size is not None:
-        micro_batch = batch_size if preset == "demo" else min(batch_size, 32)
     config = TrainConfig.from_preset(
         preset, model=model, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, lr=lr,
         momentum=momentum, weight_decay=weight_decay, restart_epochs=restart_epochs, min_lr=min_lr,
         aux_weight=aux_weight, weights=weights, seed=seed, workers=workers, shuffle_buffer=shuffle_buffer,
         amp=amp, channels_last=channels_last, block_size=block_size, block_flip=block_flip, block_crop=block_crop)
-    if config.batch_size % config.micro_batch:
-        raise KeyshardError(f"--batch-size {config.batch_size} must be a multiple of --micro-batch {config.micro_batch}")
     trainer = Trainer(shards, out, config, resume=resume, progress=not quiet, log=click.echo, trust=trust)
     if trainer.dist.main and trainer.provenance["signature_verified"]:
         click.echo(f"manifest signature verified: signer {trainer.provenance['signer_fingerprint']} ({trust})")

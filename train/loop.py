@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,8 +32,9 @@ from keyshard.train.step import segmentation_loss, train_step
 
 PRESETS = {
     # Section 3.1 of the paper.
+    # Plain FCN with cross-entropy (no auxiliary loss: --aux-weight adds torchvision's), global batch 256.
     "paper": dict(model="fcn_resnet50", epochs=100, batch_size=256, micro_batch=32, lr=0.1, momentum=0.9,
-                  weight_decay=0.005, restart_epochs=10, min_lr=1e-4, aux_weight=0.5),
+                  weight_decay=0.005, restart_epochs=10, min_lr=1e-4, aux_weight=0.0),
     # Small network, CPU, minutes on the toy data.
     "demo": dict(model="small", epochs=12, batch_size=16, micro_batch=16, lr=0.05, momentum=0.9,
                  weight_decay=1e-4, restart_epochs=12, min_lr=1e-4, aux_weight=0.0),
@@ -44,8 +45,8 @@ PRESETS = {
 class TrainConfig:
     model: str = "small"
     epochs: int = 12
-    batch_size: int = 16
-    micro_batch: int = 16          # gradient accumulation when it is smaller than batch_size
+    batch_size: int = 16           # samples per optimiser step, over all ranks together (global_batch)
+    micro_batch: int = 16          # most samples per forward pass and rank (gradient accumulation)
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -62,6 +63,7 @@ class TrainConfig:
     block_crop: int | None = None  # key-safe: block-aligned crop to this size
     weights: str | None = None
     preset: str = "demo"
+    global_batch: bool = True      # False: batch_size per process (runs saved before global batches)
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> "TrainConfig":
@@ -129,8 +131,6 @@ class Trainer:
         self.data = checkpoint.data_identity(self.manifest)
         if "train" not in self.manifest["splits"]["counts"] or "holdout" not in self.manifest["splits"]["counts"]:
             raise KeyshardError(f"{self.shards}: needs train and holdout splits (encrypt --splits train,holdout,...)")
-        if config.batch_size % config.micro_batch:
-            raise KeyshardError(f"--batch-size {config.batch_size} must be a multiple of --micro-batch {config.micro_batch}")
         m, size = self.data["block_size"] or 1, self.data["image_size"]
         if config.block_crop and (config.block_crop % m or not 0 < config.block_crop <= size):
             raise KeyshardError(f"--block-crop {config.block_crop} must be a multiple of the block size {m} "
@@ -139,6 +139,8 @@ class Trainer:
         self.start_epoch, self.history, self.best_loss = 0, [], math.inf
         self._loaders = {}
         previous = self._prepare_out(resume)
+        config = self.cfg  # a resumed run keeps the batch meaning it was saved with
+        self.rank_batch, self.micro_batch = self._batch_split()
         torch.manual_seed(config.seed)
         self.model = build_model(config.model, config.weights, aux_loss=config.aux_weight > 0,
                                  block_size=self.model_block).to(self.device)
@@ -168,6 +170,19 @@ class Trainer:
             raise KeyshardError(f"block size {m} does not divide the image size {self.data['image_size']}")
         return m
 
+    def _batch_split(self) -> tuple[int, int]:
+        """Per-rank batch and micro-batch: --batch-size is global (divided over the ranks, each
+        accumulating micro-batches of at most --micro-batch); BatchNorm sees one micro-batch."""
+        cfg, world = self.cfg, self.dist.world
+        rank_batch = cfg.batch_size // world if cfg.global_batch else cfg.batch_size
+        if cfg.global_batch and cfg.batch_size % world:
+            raise KeyshardError(f"--batch-size {cfg.batch_size} (global) is not a multiple of the {world} ranks")
+        micro = min(cfg.micro_batch, rank_batch)
+        if rank_batch % micro:
+            raise KeyshardError(f"--batch-size {cfg.batch_size} must be a multiple of {world} rank(s) × "
+                                f"--micro-batch {micro} = {world * micro}")
+        return rank_batch, micro
+
     def _prepare_out(self, resume: bool):
         last = self.out / "last.pt"
         if resume:
@@ -176,7 +191,9 @@ class Trainer:
                 raise KeyshardError(f"{last}: was trained on other shards (key fingerprint/method/block size differ)")
             checkpoint.check_resume_provenance(state, self.provenance, last)
             free = ("epochs", "workers")  # may change on resume without changing the result
-            old = {k: v for k, v in state["config"].items() if k not in free}
+            saved = {"global_batch": False, **state["config"]}  # older runs: per-process batches
+            self.cfg = replace(self.cfg, global_batch=saved["global_batch"])
+            old = {k: v for k, v in saved.items() if k not in free}
             new = {k: v for k, v in asdict(self.cfg).items() if k not in free}
             changed = sorted(k for k in new if old.get(k) != new[k])
             if changed:
@@ -214,7 +231,7 @@ class Trainer:
             if split == "train" and (self.cfg.block_flip or self.cfg.block_crop):
                 augment = KeySafeAugment(self.data["block_size"] or 1, self.cfg.block_flip, self.cfg.block_crop,
                                          self.cfg.seed)
-            loader = open_shards(self.shards, split, batch_size=self.cfg.batch_size, seed=self.cfg.seed,
+            loader = open_shards(self.shards, split, batch_size=self.rank_batch, seed=self.cfg.seed,
                                  workers=self.cfg.workers, shuffle_buffer=self.cfg.shuffle_buffer,
                                  rank=self.dist.rank, world=self.dist.world, augment=augment, shuffle=shuffle,
                                  manifest=self.manifest)
@@ -234,7 +251,7 @@ class Trainer:
 
         self.ddp.train()
         plan, batches = self._batches("train", epoch, shuffle=True)
-        steps = math.ceil(plan.target / self.cfg.batch_size)
+        steps = math.ceil(plan.target / self.rank_batch)
         loss_sum = pixels_sum = 0.0
         padding = skipped = 0
         t0 = time.perf_counter()
@@ -242,7 +259,7 @@ class Trainer:
                    unit="img", disable=not (self.progress and self.dist.main), file=sys.stderr)
         for step, (pixels, masks, _, n_pad) in enumerate(batches):
             batch_loss, valid = train_step(self.ddp, self.optimizer, self.scaler, self._forward, pixels, masks,
-                                           n_pad, self.cfg.micro_batch, self.dist.world, self.cfg.aux_weight)
+                                           n_pad, self.micro_batch, self.dist.world, self.cfg.aux_weight)
             self.scheduler.step(epoch + (step + 1) / steps)  # cosine within the epoch, restarts every N
             loss_sum += batch_loss
             pixels_sum += valid / self.dist.world  # summed over ranks below
@@ -285,6 +302,13 @@ class Trainer:
             mode = "plain images" if self.data["plain"] else f"{self.data['method']} M={self.data['block_size']} key {self.data['key_fingerprint'][:16]}…"
             init = f"weights from {self.cfg.weights}" if self.cfg.weights else "from scratch (no --weights given)"
             self.log(f"training {self.cfg.model} on {mode}, {init}, {self.dist.world} process(es) on {self.device}")
+            kind = "global" if self.cfg.global_batch else "per process (saved run)"
+            self.log(f"batch {self.cfg.batch_size} {kind}: {self.rank_batch} per rank × {self.dist.world} rank(s), "
+                     f"micro-batches of {self.micro_batch} — BatchNorm sees {self.micro_batch} images at a time")
+            if self.cfg.preset == "paper" and not self.data["plain"] and not self.manifest["augmentation"]["copies"]:
+                self.log("warning: the paper augments every epoch (random resized crop + horizontal flip), but "
+                         "these keyed shards have no augmentation replicas; re-encrypt with --augment-copies R "
+                         "(e.g. 9: each epoch reads one of R+1 views, the resized crops made before encryption)")
         for epoch in range(self.start_epoch, self.cfg.epochs):
             stats = self.train_epoch(epoch)
             stats["holdout_loss"] = self.holdout_loss(epoch)
