@@ -55,9 +55,10 @@ def _register() -> None:
     from keyshard.train.commands import protect, train
     from keyshard.evaluate.attack_commands import attack
     from keyshard.evaluate.commands import evaluate, report
+    from keyshard.evaluate.sweep import sweep
 
     for command in (demo, keygen, key_info, signing_key, toy_voc, encrypt, verify, decrypt, train, protect,
-                    evaluate, report, attack):
+                    evaluate, report, attack, sweep):
         cli.add_command(command)
 
 
