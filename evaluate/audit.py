@@ -27,7 +27,7 @@ from keyshard import __version__, keys
 from keyshard.errors import KeyshardError
 from keyshard.fsutil import sha256_file
 from keyshard.evaluate import wrong_keys
-from keyshard.evaluate.metrics import Confusion
+from keyshard.evaluate.metrics import Confusion, PerImage
 from keyshard.evaluate.near_miss import MAX_KEYS_PER_DISTANCE, near_miss_keys
 from keyshard.pipeline.manifest import library_versions
 from keyshard.pipeline.manifest import load_trusted
@@ -69,30 +69,50 @@ def test_batches(source, manifest: dict, batch_size: int = 32, workers: int = 0,
 
 
 def score_on_split(model, configs: list, source, manifest: dict, device, batch_size: int = 32, workers: int = 0,
-                   progress: bool = True, desc: str = "score", split: str = "test", bar=None) -> list[dict]:
+                   progress: bool = True, desc: str = "score", split: str = "test", bar=None,
+                   keep_per_image: tuple = (), capture=None) -> list[dict]:
     """Scores of (torch plan or None for plain images, pixel divisor) configs on one split.
 
     Each batch is read and decoded once; every config is applied to it on the device.  ``bar``:
     a tqdm bar to advance (the caller's, spanning several passes) instead of a new one.
+
+    Every config gets the dataset-level scores (one confusion matrix over the split) and the
+    per-image ones (``metrics.PerImage``: ``miou_per_image_mean``, ``images_scored``,
+    ``images_unlabelled``), both from one batched ``bincount`` per batch; the configs whose index
+    is in ``keep_per_image`` also get the ``per_image`` list (id, mIoU).  ``capture``:
+    ``(predictions.Capture, {config index: condition name})`` — the first images' inputs and
+    predictions for ``predictions.png``, taken from this same pass.
     """
     from tqdm import tqdm
 
     confusions = [Confusion(device) for _ in configs]
+    per_image = [PerImage(device, keep=i in keep_per_image) for i in range(len(configs))]
     batches = test_batches(source, manifest, batch_size, workers, split)
     own_bar = bar is None
     if own_bar:
         bar = tqdm(total=batches.plan.samples * len(configs), unit="img", desc=desc, disable=not progress,
                    file=sys.stderr, dynamic_ncols=True)
+    cap, names = capture if capture is not None else (None, {})
+    seen = 0  # real images before this batch
     with torch.no_grad():
-        for pixels, masks, _, _ in batches:
+        for pixels, masks, ids, n_padding in batches:
+            real = len(ids) - n_padding  # padding rows (void, never in a single-rank pass) are not images
             pixels, masks = pixels.to(device), masks.to(device)
-            for (tplan, divisor), conf in zip(configs, confusions):
+            grab = cap is not None and cap.wants(seen)
+            if grab:
+                cap.add_images(seen, ids[:real], pixels[:real], masks[:real])
+            for i, ((tplan, divisor), conf) in enumerate(zip(configs, confusions)):
                 x = tplan.encrypt(pixels) if tplan is not None else pixels
-                conf.update(model(normalize_pixels(x, divisor))["out"].argmax(1), masks)
+                pred = model(normalize_pixels(x, divisor))["out"].argmax(1)
+                mious = conf.update_images(pred, masks)[:real]
+                per_image[i].add(mious, ids[:real])
+                if grab and i in names:
+                    cap.add(names[i], seen, x[:real], divisor, pred[:real], mious)
+            seen += real
             bar.update(len(pixels) * len(configs))
     if own_bar:
         bar.close()
-    return [c.scores() for c in confusions]
+    return [{**c.scores(), **p.scores()} for c, p in zip(confusions, per_image)]
 
 
 # Keys scored per pass over the test split: as many compiled plans as fit in PLAN_BUDGET_BYTES
@@ -116,17 +136,30 @@ def _chunks(iterable, n: int):
         yield chunk
 
 
+# What the two mIoU readings in audit.json are (recorded in every audit).
+METRICS_NOTE = {
+    "miou": "dataset-level: one confusion matrix summed over every test image (21 classes, 255 ignored), "
+            "mean IoU over the classes present in its labels or predictions",
+    "miou_per_image_mean": "the same definition applied to each image alone (classes present in its labels "
+                           "or its prediction), averaged over the images; images without a labelled pixel "
+                           "are skipped and counted (images_unlabelled)",
+    "paper": "the paper (Table 1, Fig. 6) does not state which aggregation it uses; Fig. 5 shows per-image values",
+}
+
+
 def run_baseline(ckpt_path: str, test_dir: str, batch_size: int = 32, workers: int = 0,
-                 progress: bool = True, trust: str | None = None) -> dict:
-    """The audit of a model trained on plain images: its test mIoU (the no-key baseline)."""
+                 progress: bool = True, trust: str | None = None, capture=None) -> dict:
+    """The audit of a model trained on plain images: its test mIoU (the no-key baseline), dataset
+    level and per image.  ``capture``: a ``predictions.Capture`` to fill (``--save-predictions``)."""
     device = pick_device()
     model, state = load_model(ckpt_path, device)
     manifest, test_provenance = load_trusted(test_dir, trust)
     if not manifest["encryption"]["plain"] or "test" not in manifest["splits"]["counts"]:
         raise KeyshardError(f"{test_dir}: needs plain shards with a test split")
     scores = score_on_split(model, [(None, 255)], test_dir, manifest, device, batch_size, workers, progress,
-                            desc="baseline")
-    return {
+                            desc="baseline", keep_per_image=(0,),
+                            capture=(capture, {0: "plain"}) if capture is not None else None)
+    audit = {
         "format": "keyshard-audit/1", "kind": "baseline",
         "created_utc": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         "tool": {"name": "keyshard", "version": __version__}, "libraries": library_versions(),
@@ -136,17 +169,23 @@ def run_baseline(ckpt_path: str, test_dir: str, batch_size: int = 32, workers: i
         "key": None,
         "test": {"path": str(test_dir), "images": epoch_plan(test_dir, manifest, "test", 0, 0, shuffle=False).samples,
                  "source_content_sha256": manifest["source"]["content_sha256"], **test_provenance},
-        "device": str(device), "results": {"plain": scores[0]},
+        "device": str(device), "metrics": METRICS_NOTE, "results": {"plain": scores[0]},
     }
+    if capture is not None:
+        audit["predictions"] = capture.record()
+    return audit
 
 
 def run_audit(ckpt_path: str, key_path: str, test_dir: str, n_wrong: int = 100, seed: int = 0,
               batch_size: int = 32, ignore_fingerprint: bool = False, randomize_password: bool = False,
               workers: int = 0, progress: bool = True, near_miss: tuple[int, ...] = (),
-              near_miss_count: int = 5, trust: str | None = None, keys_per_pass: int | None = None) -> dict:
+              near_miss_count: int = 5, trust: str | None = None, keys_per_pass: int | None = None,
+              capture=None) -> dict:
     """The key audit.  ``keys_per_pass``: keys scored per pass over the test split (default: as
     many plans as fit in ``PLAN_BUDGET_BYTES``, at most ``MAX_KEYS_PER_PASS``); the scores do not
-    depend on it."""
+    depend on it.  ``capture``: a ``predictions.Capture`` filled during the same passes with the
+    first test images under the correct key, plain images and the first random wrong key
+    (``--save-predictions``)."""
     from tqdm import tqdm
 
     device = pick_device()
@@ -186,25 +225,42 @@ def run_audit(ckpt_path: str, key_path: str, test_dir: str, n_wrong: int = 100, 
 
     def record(chunk, scores):
         for (d, k), sc in zip(chunk, scores):
-            row = {"fingerprint": k.fingerprint, "miou": sc["miou"], "pixel_acc": sc["pixel_acc"]}
+            row = {"fingerprint": k.fingerprint, "miou": sc["miou"], "pixel_acc": sc["pixel_acc"],
+                   "miou_per_image_mean": sc["miou_per_image_mean"]}
             (wrong_scores if d is None else near_scores[d]).append(row)
+
+    first_wrong = len(near_miss) * near_miss_count  # stream position of the first random wrong key
+
+    def capturing(chunk, start, offset):
+        """``score_on_split``'s capture for a chunk at stream position ``start`` whose configs
+        begin at index ``offset``: the first random wrong key, if the chunk holds it."""
+        if capture is None or not start <= first_wrong < start + len(chunk):
+            return {}
+        capture.wrong_fingerprint = chunk[first_wrong - start][1].fingerprint
+        return {offset + first_wrong - start: "wrong"}
 
     stream = keyed()
     # pass 1: the correct key, plain images and the first keys, at most per_pass plans in all
     chunk = list(itertools.islice(stream, per_pass - 1))
     configs = [(correct_plan, key.material.divisor), (None, 255)] + compiled(chunk)
     del correct_plan
-    scores = score_on_split(model, configs, test_dir, manifest, device, batch_size, workers, bar=bar)
+    names = {0: "correct", 1: "plain", **capturing(chunk, 0, 2)}
+    scores = score_on_split(model, configs, test_dir, manifest, device, batch_size, workers, bar=bar,
+                            keep_per_image=(0, 1), capture=(capture, names) if capture is not None else None)
     del configs
     correct_scores, plain_scores = scores[0], scores[1]
     record(chunk, scores[2:])
+    position = len(chunk)
     for chunk in _chunks(stream, per_pass):  # later passes: per_pass keys each, drawn just in time
         configs = compiled(chunk)
-        record(chunk, score_on_split(model, configs, test_dir, manifest, device, batch_size, workers, bar=bar))
+        names = capturing(chunk, position, 0)
+        record(chunk, score_on_split(model, configs, test_dir, manifest, device, batch_size, workers, bar=bar,
+                                     capture=(capture, names) if names else None))
+        position += len(chunk)
         del configs  # before the next chunk's plans are compiled
     bar.close()
     mious = np.array([w["miou"] for w in wrong_scores]) if wrong_scores else np.array([np.nan])
-    return {
+    audit = {
         "format": "keyshard-audit/1", "kind": "key",
         "created_utc": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         "tool": {"name": "keyshard", "version": __version__}, "libraries": library_versions(),
@@ -214,16 +270,26 @@ def run_audit(ckpt_path: str, key_path: str, test_dir: str, n_wrong: int = 100, 
                 "derivation": key.derivation, "fingerprint_check": status},
         "test": {"path": str(test_dir), "images": images,
                  "source_content_sha256": manifest["source"]["content_sha256"], **test_provenance},
-        "device": str(device), "scoring": {"keys_per_pass": per_pass, "passes": passes},
+        "device": str(device), "scoring": {"keys_per_pass": per_pass, "passes": passes}, "metrics": METRICS_NOTE,
         "wrong_keys": {"count": len(wrong_scores), "seed": seed, "randomize_password": randomize_password,
                        "rule": wrong_keys.rule(key, randomize_password)},
         "results": {
             "correct": correct_scores, "plain": plain_scores,
             "wrong": {"summary": {"mean": float(np.mean(mious)), "std": float(np.std(mious)),
-                                  "min": float(np.min(mious)), "max": float(np.max(mious))},
+                                  "min": float(np.min(mious)), "max": float(np.max(mious)),
+                                  "miou_per_image_mean": _mean_of(wrong_scores)},
                       "keys": wrong_scores},
             "near_miss": [{"distance": d, "mean": float(np.mean([x["miou"] for x in ks])),
                            "min": float(np.min([x["miou"] for x in ks])), "max": float(np.max([x["miou"] for x in ks])),
-                           "keys": ks} for d, ks in near_scores.items()],
+                           "miou_per_image_mean": _mean_of(ks), "keys": ks} for d, ks in near_scores.items()],
         },
     }
+    if capture is not None:
+        audit["predictions"] = capture.record()
+    return audit
+
+
+def _mean_of(rows: list[dict]) -> float | None:
+    """Mean over keys of their per-image mIoU means (keys whose every image was unlabelled left out)."""
+    values = [r["miou_per_image_mean"] for r in rows if r["miou_per_image_mean"] is not None]
+    return float(np.mean(values)) if values else None

@@ -11,6 +11,8 @@ from keyshard.errors import KeyshardError
 from keyshard.evaluate.near_miss import MAX_KEYS_PER_DISTANCE
 from keyshard.evaluate.wrong_keys import MAX_COUNT as MAX_WRONG_KEYS
 
+MAX_PREDICTIONS = 64  # evaluate --save-predictions: rows of predictions.png
+
 
 @click.command("evaluate")
 @click.option("--checkpoint", "ckpt", required=True, type=click.Path(dir_okay=False), help="RUN/best.pt")
@@ -36,9 +38,13 @@ from keyshard.evaluate.wrong_keys import MAX_COUNT as MAX_WRONG_KEYS
 @click.option("--trust", type=click.Path(dir_okay=False), default=None, metavar="NAME.pub",
               help="Public signing key of the test data's publisher: refuse the test shards unless their "
                    "manifest.json.sig verifies. The audit records the result.")
+@click.option("--save-predictions", "save_predictions", type=click.IntRange(0, MAX_PREDICTIONS), default=0,
+              metavar="N", help="Also write OUT/predictions.png (the paper's Fig. 5) for the first N test images: "
+                                "the model's input, ground truth and the predictions with the correct key, plain "
+                                "images and one wrong key, each with its per-image mIoU (from the same pass).")
 @click.option("--quiet", "-q", is_flag=True)
 def evaluate(ckpt, key_file, test_dir, wrong_keys, seed, out, batch_size, workers, ignore_fingerprint,
-             randomize_ffx_password, near_miss, near_miss_keys, trust, quiet):
+             randomize_ffx_password, near_miss, near_miss_keys, trust, save_predictions, quiet):
     """Audit a protected model: mIoU with the correct key, plain images and N random wrong keys.
 
     Keys are scored in chunks (as many compiled keys as fit in 256 MB, at most 128): each pass
@@ -57,9 +63,14 @@ def evaluate(ckpt, key_file, test_dir, wrong_keys, seed, out, batch_size, worker
         raise KeyshardError(f"{out}: already holds an audit; choose another --out")
     check_output(out, directory=True)  # an unwritable --out is refused before the audit, not after it
     plain_model = load_checkpoint(ckpt)["data"]["plain"]
+    capture = None
+    if save_predictions:
+        from keyshard.evaluate.predictions import Capture
+
+        capture = Capture(save_predictions)
     if plain_model and key_file is None:
-        audit = run_baseline(ckpt, test_dir, batch_size, workers, progress=not quiet, trust=trust)
-        paths = write_audit(audit, out)
+        audit = run_baseline(ckpt, test_dir, batch_size, workers, progress=not quiet, trust=trust, capture=capture)
+        paths = write_audit(audit, out, capture)
         click.echo(markdown(audit).rstrip() + "\n\nwrote " + ", ".join(str(p) for p in paths))
         return
     if key_file is None:
@@ -70,8 +81,8 @@ def evaluate(ckpt, key_file, test_dir, wrong_keys, seed, out, batch_size, worker
         raise KeyshardError(f"--near-miss {near_miss!r}: expected comma-separated integers") from None
     audit = run_audit(ckpt, key_file, test_dir, wrong_keys, seed, batch_size, ignore_fingerprint,
                       randomize_ffx_password, workers, progress=not quiet, near_miss=distances,
-                      near_miss_count=near_miss_keys, trust=trust)
-    paths = write_audit(audit, out)
+                      near_miss_count=near_miss_keys, trust=trust, capture=capture)
+    paths = write_audit(audit, out, capture)
     click.echo(markdown(audit).split("<details>")[0].rstrip())
     click.echo("\nwrote " + ", ".join(str(p) for p in paths))
 

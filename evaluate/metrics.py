@@ -4,6 +4,13 @@ mIoU is the mean IoU over the classes that occur in the labels *or* the predicti
 absent from both is undefined and left out — torchvision's reference gives NaN for it,
 torchmetrics' macro average drops it; on full VOC val every class occurs and the definitions
 agree).  Pixels labelled 255 (void) are ignored.
+
+The same definition applied to one image gives its *per-image* mIoU (the classes present in that
+image's labels or its prediction at labelled pixels); ``per_image_miou`` computes it for a whole
+batch from one ``bincount`` over ``image * C² + label * C + prediction``, without a Python loop
+per image.  An image with no labelled pixel has no per-image mIoU (NaN): callers skip and count
+it.  The dataset-level mIoU (one matrix summed over the split) and the mean of the per-image
+mIoUs are different aggregations and can differ a lot; the audit reports both.
 """
 
 from __future__ import annotations
@@ -25,6 +32,14 @@ class Confusion:
         idx = label[keep].long() * self.n + pred[keep].long()
         self.matrix += torch.bincount(idx, minlength=self.n * self.n).reshape(self.n, self.n)
 
+    def update_images(self, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """``update`` for a batch (B×H×W) that also returns each image's mIoU (float64, on the
+        device; NaN for an image without a labelled pixel).  The matrix gains exactly what
+        ``update`` would add: the sum of the per-image matrices."""
+        per = image_confusions(pred, label, self.n)
+        self.matrix += per.sum(0)
+        return miou_of(per)
+
     def scores(self) -> dict:
         m = self.matrix.double().cpu()
         tp = m.diag()
@@ -38,3 +53,62 @@ class Confusion:
             "per_class_iou": [None if v != v else round(float(v), 6) for v in iou],
             "pixels": int(total),
         }
+
+
+def image_confusions(pred: torch.Tensor, label: torch.Tensor, num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """One confusion matrix per image of a batch (B×H×W predictions and labels, void ignored):
+    B×C×C int64, from a single ``bincount`` over ``image * C² + label * C + prediction``."""
+    n, b = num_classes, pred.shape[0]
+    keep = label != VOID
+    image = torch.arange(b, device=label.device).view(b, *([1] * (label.dim() - 1))).expand_as(label)
+    idx = (image[keep] * n + label[keep].long()) * n + pred[keep].long()
+    return torch.bincount(idx, minlength=b * n * n).reshape(b, n, n)
+
+
+def miou_of(matrices: torch.Tensor) -> torch.Tensor:
+    """The project's mIoU of each matrix of a (..., C, C) stack: the mean IoU over the classes
+    present in the labels or the predictions; NaN where the matrix is empty (no labelled pixel)."""
+    m = matrices.double()
+    tp = m.diagonal(dim1=-2, dim2=-1)
+    union = m.sum(-1) + m.sum(-2) - tp
+    present = union > 0
+    iou = torch.where(present, tp / union.clamp(min=1), torch.zeros_like(tp))
+    return iou.sum(-1) / present.sum(-1)  # 0 / 0 = NaN for an empty matrix
+
+
+def per_image_miou(pred: torch.Tensor, label: torch.Tensor, num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """Each image's mIoU (B float64; NaN for an image with no labelled pixel)."""
+    return miou_of(image_confusions(pred, label, num_classes))
+
+
+class PerImage:
+    """Per-image mIoUs of one condition over a split: their mean (images without a labelled pixel
+    skipped and counted) and, with ``keep``, the list of (id, mIoU).  Sums stay on the device, so
+    nothing is copied to the host per batch unless the list is kept."""
+
+    def __init__(self, device="cpu", keep: bool = False):
+        self.keep = keep
+        self.total = torch.zeros((), dtype=torch.float64, device=device)
+        self.scored = torch.zeros((), dtype=torch.int64, device=device)
+        self.images = 0
+        self._ids: list[str] = []
+        self._values: list[torch.Tensor] = []
+
+    def add(self, mious: torch.Tensor, ids) -> None:
+        """``mious``: the batch's per-image mIoUs (real rows only, NaN = no labelled pixel)."""
+        ok = ~torch.isnan(mious)
+        self.total += torch.where(ok, mious, torch.zeros_like(mious)).sum()
+        self.scored += ok.sum()
+        self.images += len(mious)
+        if self.keep:
+            self._ids += list(ids)
+            self._values.append(mious.detach())
+
+    def scores(self) -> dict:
+        scored = int(self.scored)
+        out = {"miou_per_image_mean": float(self.total) / scored if scored else None,
+               "images_scored": scored, "images_unlabelled": self.images - scored}
+        if self.keep:
+            values = torch.cat(self._values).cpu().tolist() if self._values else []
+            out["per_image"] = [{"id": i, "miou": v} for i, v in zip(self._ids, values) if v == v]
+        return out

@@ -42,8 +42,9 @@ def markdown(audit: dict) -> str:
             f"- checkpoint: `{c['path']}` (epoch {c['epoch']}, sha256 {c['sha256'][:16]}…)",
             f"- test: `{audit['test']['path']}`, {audit['test']['images']} images; device {audit['device']}",
             provenance_line(audit), "",
-            "| input | mIoU | pixel accuracy |", "|---|---:|---:|",
-            f"| plain images | {audit['results']['plain']['miou']:.4f} | {audit['results']['plain']['pixel_acc']:.4f} |", ""])
+            "| input | mIoU | mIoU, mean per image | pixel accuracy |", "|---|---:|---:|---:|",
+            f"| plain images | {audit['results']['plain']['miou']:.4f} | {_num(audit, 'results.plain.miou_per_image_mean')} "
+            f"| {audit['results']['plain']['pixel_acc']:.4f} |", "", aggregation_note(audit), ""])
     r = audit["results"]
     w = r["wrong"]["summary"]
     k = audit["key"]
@@ -58,12 +59,17 @@ def markdown(audit: dict) -> str:
         f"- wrong keys: {audit['wrong_keys']['count']} drawn from seed {audit['wrong_keys']['seed']} "
         f"({audit['wrong_keys']['rule']}{', random FFX passwords' if audit['wrong_keys']['randomize_password'] else ''})",
         "",
-        "| input | mIoU | pixel accuracy |",
-        "|---|---:|---:|",
-        f"| correct key | {r['correct']['miou']:.4f} | {r['correct']['pixel_acc']:.4f} |",
-        f"| plain images (no key) | {r['plain']['miou']:.4f} | {r['plain']['pixel_acc']:.4f} |",
-        f"| wrong keys: mean ± std | {w['mean']:.4f} ± {w['std']:.4f} | |",
-        f"| wrong keys: min / max | {w['min']:.4f} / {w['max']:.4f} | |",
+        "| input | mIoU | mIoU, mean per image | pixel accuracy |",
+        "|---|---:|---:|---:|",
+        f"| correct key | {r['correct']['miou']:.4f} | {_num(audit, 'results.correct.miou_per_image_mean')} "
+        f"| {r['correct']['pixel_acc']:.4f} |",
+        f"| plain images (no key) | {r['plain']['miou']:.4f} | {_num(audit, 'results.plain.miou_per_image_mean')} "
+        f"| {r['plain']['pixel_acc']:.4f} |",
+        f"| wrong keys: mean ± std | {w['mean']:.4f} ± {w['std']:.4f} "
+        f"| {_num(audit, 'results.wrong.summary.miou_per_image_mean')} (mean) | |",
+        f"| wrong keys: min / max | {w['min']:.4f} / {w['max']:.4f} | | |",
+        "",
+        aggregation_note(audit),
         "",
         verdict(audit),
         "",
@@ -76,6 +82,39 @@ def markdown(audit: dict) -> str:
     lines += [f"| `{x['fingerprint'][:16]}…` | {x['miou']:.4f} | {x['pixel_acc']:.4f} |" for x in r["wrong"]["keys"]]
     lines += ["", "</details>", ""]
     return "\n".join(lines)
+
+
+def _get(doc, dotted: str):
+    """A nested field, or None where any step is missing or not an object."""
+    for part in dotted.split("."):
+        doc = doc.get(part) if isinstance(doc, dict) else None
+    return doc
+
+
+def _number(doc, dotted: str):
+    """An optional numeric field (per-image means; absent from audits written before them)."""
+    value = _get(doc, dotted)
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _num(doc, dotted: str, missing: str = "—") -> str:
+    value = _number(doc, dotted)
+    return missing if value is None else f"{value:.4f}"
+
+
+AGGREGATION = ("mIoU is dataset-level — one confusion matrix summed over the test set — and that is the number "
+               "compared with the paper; the mean of per-image mIoUs is the other common reading. The paper "
+               "does not state which aggregation its Table 1 and Fig. 6 use (its Fig. 5 shows per-image values).")
+
+
+def aggregation_note(audit: dict) -> str:
+    """Which aggregation each mIoU column is, with the skipped-image count when recorded."""
+    unlabelled = _get(audit, "results.correct.images_unlabelled")
+    if unlabelled is None:
+        unlabelled = _get(audit, "results.plain.images_unlabelled")
+    skipped = (f" Per-image means skip images without a labelled pixel ({unlabelled} here)."
+               if isinstance(unlabelled, int) and not isinstance(unlabelled, bool) else "")
+    return AGGREGATION + skipped
 
 
 def verdict(audit: dict) -> str:
@@ -165,7 +204,10 @@ def plot(audit: dict, path: Path) -> None:
     write_atomic(path, buf.getvalue(), durable=False)
 
 
-def write_audit(audit: dict, out: Path) -> list[Path]:
+def write_audit(audit: dict, out: Path, capture=None) -> list[Path]:
+    """audit.json (written last: its presence marks a complete audit), audit.md, audit.png,
+    near_miss.png when there are near-miss keys, and predictions.png from a ``predictions.Capture``
+    (``evaluate --save-predictions``)."""
     out = Path(out)
     if (out / "audit.json").exists():
         raise KeyshardError(f"{out}: already holds an audit; choose another --out")
@@ -182,6 +224,11 @@ def write_audit(audit: dict, out: Path) -> list[Path]:
         if audit["results"].get("near_miss"):
             plot_near_miss(audit, out / "near_miss.png")
             paths.append(out / "near_miss.png")
+        if capture is not None and capture.ids:
+            from keyshard.evaluate.predictions import figure_png
+
+            write_atomic(out / "predictions.png", figure_png(capture, audit), durable=False)
+            paths.append(out / "predictions.png")
         write_atomic(out / "audit.md", markdown(audit).encode(), durable=False)
         write_json_atomic(out / "audit.json", audit)  # last: its presence marks a complete audit
     except OSError as exc:
@@ -261,6 +308,16 @@ def load_audit(path) -> dict:
     return check_audit(doc, p)
 
 
+def _rounded(doc, dotted: str):
+    value = _number(doc, dotted)
+    return None if value is None else round(value, 4)
+
+
+def _both(dataset, per_image) -> str:
+    """A table cell: the dataset-level mIoU, and the mean per image in parentheses when known."""
+    return f"{dataset:.4f}" + (f" ({per_image:.4f})" if per_image is not None else "")
+
+
 def table(audits: list[dict], sources: list | None = None) -> tuple[str, str]:
     """Table-1 style rows (markdown, CSV): method × block size → per model: correct key, plain
     images, wrong keys; plain-trained baselines alongside; the paper's number when full scale.
@@ -268,6 +325,8 @@ def table(audits: list[dict], sources: list | None = None) -> tuple[str, str]:
     if sources is not None:
         audits = [{**a, "_source": str(src)} for a, src in zip(audits, sources)]
     baselines = {a["checkpoint"]["model"]: a["results"]["plain"]["miou"] for a in audits if a.get("kind") == "baseline"}
+    baselines_per_image = {a["checkpoint"]["model"]: _rounded(a, "results.plain.miou_per_image_mean")
+                           for a in audits if a.get("kind") == "baseline"}
     keyed = [a for a in audits if a.get("kind") != "baseline"]
     rows = []
     for a in sorted(keyed, key=lambda a: (a["key"]["method"], a["key"]["block_size"], a["checkpoint"]["model"],
@@ -283,18 +342,29 @@ def table(audits: list[dict], sources: list | None = None) -> tuple[str, str]:
                      "wrong_mean_miou": round(r["wrong"]["summary"]["mean"], 4),
                      "wrong_max_miou": round(r["wrong"]["summary"]["max"], 4),
                      "wrong_keys": a["wrong_keys"]["count"], "paper_correct_miou": paper,
+                     "plain_trained_baseline_miou_per_image_mean": baselines_per_image.get(a["checkpoint"]["model"]),
+                     "correct_miou_per_image_mean": _rounded(a, "results.correct.miou_per_image_mean"),
+                     "plain_miou_per_image_mean": _rounded(a, "results.plain.miou_per_image_mean"),
+                     "wrong_mean_miou_per_image_mean": _rounded(a, "results.wrong.summary.miou_per_image_mean"),
                      "audit": a.get("_source", "")})
     md = ["| method | M | model | test images | baseline (no key) | correct key | plain images | wrong keys (mean) | wrong keys (max) | paper (correct) | audit |",
           "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for x in rows:
         paper = f"{x['paper_correct_miou']:.4f}" if x["paper_correct_miou"] is not None else "— (not full-scale)"
-        base = f"{x['plain_trained_baseline_miou']:.4f}" if x["plain_trained_baseline_miou"] is not None else "—"
+        base = (_both(x['plain_trained_baseline_miou'], x["plain_trained_baseline_miou_per_image_mean"])
+                if x["plain_trained_baseline_miou"] is not None else "—")
         md.append(f"| {x['method'].upper()} | {x['block_size']} | {x['model']} | {x['test_images']} | {base} | "
-                  f"{x['correct_miou']:.4f} | {x['plain_miou']:.4f} | {x['wrong_mean_miou']:.4f} | "
+                  f"{_both(x['correct_miou'], x['correct_miou_per_image_mean'])} | "
+                  f"{_both(x['plain_miou'], x['plain_miou_per_image_mean'])} | "
+                  f"{_both(x['wrong_mean_miou'], x['wrong_mean_miou_per_image_mean'])} | "
                   f"{x['wrong_max_miou']:.4f} | {paper} | {x['audit'] or '—'} |")
     for model, miou in sorted(baselines.items()):
         if not any(x["model"] == model for x in rows):
-            md.append(f"| — | — | {model} | — | {miou:.4f} | — | — | — | — | — | — |")
+            md.append(f"| — | — | {model} | — | {_both(miou, baselines_per_image.get(model))} | — | — | — | — | — | — |")
+    md.append("")
+    md.append("Each mIoU cell is the dataset-level mIoU (one confusion matrix summed over the test set), with the "
+              "mean of per-image mIoUs in parentheses where the audit records it. The comparison with the paper "
+              "uses the dataset-level number; the paper does not state which aggregation its Table 1 uses.")
     md.append("")
     md.append(f"Paper baseline (no key, FCN-ResNet50, VOC2012 val): {PAPER_BASELINE:.4f}.")
     buf = io.StringIO()
