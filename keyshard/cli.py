@@ -55,10 +55,11 @@ def _register() -> None:
     from keyshard.train.commands import protect, train
     from keyshard.evaluate.attack_commands import attack
     from keyshard.evaluate.commands import evaluate, report
+    from keyshard.evaluate.preview import preview
     from keyshard.evaluate.sweep import sweep
 
     for command in (demo, keygen, key_info, signing_key, toy_voc, encrypt, verify, decrypt, train, protect,
-                    evaluate, report, attack, sweep):
+                    evaluate, report, preview, attack, sweep):
         cli.add_command(command)
 
 
