@@ -64,6 +64,8 @@ def train(shards, out, preset, model, block_size, epochs, batch_size, micro_batc
     """
     from keyshard.train.loop import TrainConfig, Trainer
 
+    if micro_batch is None and batch_size is not None:  # each rank then uses min(this, its share)
+        micro_batch = batch_size if preset == "demo" else min(batch_size, 32)
     config = TrainConfig.from_preset(
         preset, model=model, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, lr=lr,
         momentum=momentum, weight_decay=weight_decay, restart_epochs=restart_epochs, min_lr=min_lr,
