@@ -22,6 +22,23 @@ from keyshard.errors import KeyshardError
 
 NUM_CLASSES = 21  # VOC: background + 20 object classes
 VOID = 255  # label of unlabelled pixels (object borders) in masks; ignored by losses and metrics
+VOC_CLASS_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+                   "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+                   "train", "tvmonitor")
+
+
+def dataset_info(manifest: dict) -> dict:
+    """What a shard set's labels mean: ``{"kind", "task", "num_classes", "ignore_index",
+    "class_names"}`` from the manifest's ``dataset`` entry.  Manifests written before that entry
+    existed are PASCAL VOC (21 classes, 255 = void).  Everything downstream (loss, metrics,
+    models, plots) takes the class count and ignore index from here, never from a constant."""
+    info = manifest.get("dataset")
+    if info is None:
+        return {"kind": "voc", "task": "segmentation", "num_classes": NUM_CLASSES, "ignore_index": VOID,
+                "class_names": list(VOC_CLASS_NAMES)}
+    task = "classification" if info["kind"] == "image-folder" else "segmentation"
+    return {"kind": info["kind"], "task": task, "num_classes": info["num_classes"],
+            "ignore_index": info.get("ignore_index"), "class_names": list(info["class_names"])}
 MTIME = 0  # fixed member mtime: shards must not depend on when they were written
 PNG_LEVEL = 1  # label maps are flat regions: level 1 is ~2x faster than 6 and nearly as small
 
