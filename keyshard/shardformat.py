@@ -39,6 +39,13 @@ def dataset_info(manifest: dict) -> dict:
     task = "classification" if info["kind"] == "image-folder" else "segmentation"
     return {"kind": info["kind"], "task": task, "num_classes": info["num_classes"],
             "ignore_index": info.get("ignore_index"), "class_names": list(info["class_names"])}
+
+
+def voc_dataset() -> dict:
+    """The manifest's ``dataset`` entry of PASCAL VOC."""
+    return {"kind": "voc", "num_classes": NUM_CLASSES, "ignore_index": VOID, "class_names": list(VOC_CLASS_NAMES)}
+
+
 MTIME = 0  # fixed member mtime: shards must not depend on when they were written
 PNG_LEVEL = 1  # label maps are flat regions: level 1 is ~2x faster than 6 and nearly as small
 

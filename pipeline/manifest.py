@@ -48,8 +48,12 @@ def content_checksum(records: list[dict], split_files: dict) -> str:
     return sha.hexdigest()
 
 
-def build(identity: dict, key, options, records: list[dict], counts: dict, command: list[str]) -> dict:
-    """The manifest of a finished job; ``identity`` is the job's resume identity (encrypt_job)."""
+def build(identity: dict, key, options, records: list[dict], counts: dict, command: list[str],
+          dataset: dict | None = None, split_rule: str | None = None) -> dict:
+    """The manifest of a finished job; ``identity`` is the job's resume identity (encrypt_job).
+    ``dataset``: the ``dataset`` entry (kind, num_classes, ignore_index, class_names); VOC's
+    when not given."""
+    from keyshard.shardformat import voc_dataset
     split_files = identity["source"]["split_files"]
     material = key.material if key is not None else None
     return {
@@ -59,9 +63,10 @@ def build(identity: dict, key, options, records: list[dict], counts: dict, comma
         "libraries": identity["libraries"],
         "command": list(command),
         "source": {**identity["source"], "content_sha256": content_checksum(records, split_files)},
+        "dataset": dict(dataset) if dataset is not None else voc_dataset(),
         "splits": {
             "seed": options.split_seed,
-            "rule": "holdout = ids of train.txt with the smallest sha256('<seed>|<id>'); test = val.txt",
+            "rule": split_rule or "holdout = ids of train.txt with the smallest sha256('<seed>|<id>'); test = val.txt",
             "counts": counts,
         },
         "encryption": {
