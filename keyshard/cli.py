@@ -57,9 +57,10 @@ def _register() -> None:
     from keyshard.evaluate.commands import evaluate, report
     from keyshard.evaluate.preview import preview
     from keyshard.evaluate.sweep import sweep
+    from keyshard.pipeline.classify_commands import toy_classes
 
     for command in (demo, keygen, key_info, signing_key, toy_voc, encrypt, verify, decrypt, train, protect,
-                    evaluate, report, preview, attack, sweep):
+                    evaluate, report, preview, attack, sweep, toy_classes):
         cli.add_command(command)
 
 

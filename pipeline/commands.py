@@ -54,8 +54,15 @@ def toy_voc(out, images, voc_sizes, make_tar, seed, min_side, max_side):
 
 
 @click.command("encrypt")
-@click.option("--voc", required=True, type=click.Path(),
+@click.option("--voc", default=None, type=click.Path(),
               help="VOCdevkit/VOC2012 (or a folder above it), or the official VOC tar read in place.")
+@click.option("--image-folder", "image_folder", default=None, type=click.Path(file_okay=False),
+              help="Classification: a torchvision ImageFolder layout (one sub-folder per class); samples hold "
+                   "the keyed image and its class index (<key>.cls).")
+@click.option("--val-fraction", type=float, default=None,
+              help="Without split files: the fraction of each class drawn (seeded) as the test split (default 0.2).")
+@click.option("--splits-from", "splits_from", default=None, metavar="train=FILE,val=FILE",
+              help="Split lists (one id a line: the path relative to the folder); holdout is drawn from train.")
 @click.option("--key", "key_file", type=click.Path(dir_okay=False), help="Key file from `keyshard keygen`.")
 @click.option("--plain", is_flag=True, help="Write the unencrypted baseline instead (same format).")
 @click.option("--output", "-o", required=True, type=click.Path(), help="Output directory (new, or --resume).")
@@ -91,9 +98,9 @@ def toy_voc(out, images, voc_sizes, make_tar, seed, min_side, max_side):
               help="Ed25519 signing key from `keyshard signing-key -o NAME`: also write manifest.json.sig, "
                    "a detached signature over the exact bytes of manifest.json (checked before any work).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def encrypt(voc, key_file, plain, output, splits, size, shard_size, jobs, backend, dask_scheduler,
-            augment_copies, augment_seed, crop_scale, split_seed, holdout, skip_bad, max_pixels, resume, sign_with,
-            quiet):
+def encrypt(voc, image_folder, val_fraction, splits_from, key_file, plain, output, splits, size, shard_size, jobs,
+            backend, dask_scheduler, augment_copies, augment_seed, crop_scale, split_seed, holdout, skip_bad,
+            max_pixels, resume, sign_with, quiet):
     """Encrypt VOC into keyed WebDataset shards (or --plain shards) with a manifest.
 
     Output: OUTPUT/<split>-NNNNNN.tar and OUTPUT/manifest.json (written last).  The same input,
@@ -107,6 +114,15 @@ def encrypt(voc, key_file, plain, output, splits, size, shard_size, jobs, backen
     """
     from keyshard.pipeline import encrypt_job
 
+    if image_folder is not None:
+        if voc is not None:
+            raise KeyshardError("give --voc or --image-folder, not both")
+        from keyshard.pipeline.classify_commands import encrypt_image_folder
+
+        return encrypt_image_folder(image_folder, key_file, plain, output, splits, size, shard_size, jobs,
+                                    split_seed, holdout, max_pixels, val_fraction, splits_from, quiet)
+    if voc is None:
+        raise KeyshardError("give the source: --voc DIR_OR_TAR, or --image-folder DIR")
     if plain == bool(key_file):
         raise KeyshardError("give exactly one of --key KEY_FILE or --plain")
     key = keys.load(key_file) if key_file else None
