@@ -28,7 +28,7 @@ import webdataset as wds
 
 from keyshard import sources
 from keyshard.errors import KeyshardError
-from keyshard.shardformat import VOID, decode_mask, decode_npy, stream_shard
+from keyshard.shardformat import VOID, dataset_info, decode_mask, decode_npy, stream_shard
 from keyshard.train.device import pick_device
 from keyshard.transforms import normalize_pixels
 
@@ -100,7 +100,9 @@ class _ShardStream(torch.utils.data.IterableDataset):
         enc = manifest["encryption"]
         self.dtype = np.dtype(enc.get("dtype", "uint8"))
         self.shape = (manifest["image"]["height"], manifest["image"]["width"], 3)
+        self.classification = dataset_info(manifest)["task"] == "classification"  # targets: <key>.cls
         self.epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self.keep = None  # classification --train-fraction: key -> bool (train/classify.py)
 
     def plan(self) -> EpochPlan:
         return epoch_plan(self.source, self.manifest, self.split, int(self.epoch[0]), self.seed,
@@ -113,6 +115,8 @@ class _ShardStream(torch.utils.data.IterableDataset):
 
     def _decode(self, item):
         location, key, files = item
+        if self.classification:
+            return self._decode_class(location, key, files)
         try:
             pixels, mask = decode_npy(files["img.npy"]), decode_mask(files["mask.png"])
         except (KeyError, ValueError, OSError, SyntaxError) as exc:
@@ -123,6 +127,19 @@ class _ShardStream(torch.utils.data.IterableDataset):
         if self.augment is not None:
             pixels, mask = self.augment(pixels, mask, key)
         return key, pixels, mask
+
+    def _decode_class(self, location, key, files):
+        """A classification sample: the image and its class index (``<key>.cls``) as an int64 scalar."""
+        try:
+            pixels, label = decode_npy(files["img.npy"]), int(files["cls"].decode("ascii").strip())
+        except (KeyError, ValueError, OSError, UnicodeDecodeError) as exc:
+            raise KeyshardError(f"{location}: sample {key} cannot be decoded ({exc})") from None
+        if pixels.shape != self.shape or pixels.dtype != self.dtype:
+            raise KeyshardError(f"{location}: sample {key} is {pixels.dtype} {pixels.shape}; "
+                                f"the manifest says {self.dtype} {self.shape}")
+        if self.keep is not None and not self.keep(key):
+            return None
+        return key, pixels, np.int64(label)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -138,6 +155,8 @@ class _ShardStream(torch.utils.data.IterableDataset):
                 stream = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 64),
                                      seed=int(state[0]))(stream)
             stream = map(self._decode, stream)
+            if self.keep is not None:  # --train-fraction: a seeded subset of the samples
+                stream = (item for item in stream if item is not None)
             yield from wds.batched(self.batch_size, collation_fn=_collate, partial=True)(stream)
         except KeyshardError as exc:
             yield WorkerFailure(str(exc))
@@ -194,6 +213,8 @@ class ShardLoader:
                 yield pixels[:bs], masks[:bs], ids[:bs], 0
                 pending = [(pixels[bs:], masks[bs:], ids[bs:])] if n_pending > bs else []
                 n_pending -= bs
+        if self.stream.keep is not None:  # a subset: its size is known only once read (one rank only)
+            plan = EpochPlan(plan.locations, plan.shards, seen, seen)
         if seen != plan.samples:
             raise KeyshardError(f"read {seen} samples but the manifest lists {plan.samples} for this rank "
                                 "(shards changed? run `keyshard verify`)")
@@ -203,7 +224,11 @@ class ShardLoader:
         shape = self._pad_shape(shape)
         dtype = pending[0][0].dtype if pending else torch.from_numpy(np.zeros(0, self.stream.dtype)).dtype
         pixels = torch.cat([p[0] for p in pending] + [torch.zeros((pad, *shape), dtype=dtype)])
-        masks = torch.cat([p[1] for p in pending] + [torch.full((pad, *shape[:2]), VOID, dtype=torch.uint8)])
+        if self.stream.classification:  # padding targets are never scored (train_step skips padding rows)
+            fill = torch.full((pad,), -100, dtype=torch.int64)
+        else:
+            fill = torch.full((pad, *shape[:2]), VOID, dtype=torch.uint8)
+        masks = torch.cat([p[1] for p in pending] + [fill])
         ids = [k for p in pending for k in p[2]] + [""] * pad
         for i in range(0, len(ids), bs):
             n = len(ids[i:i + bs])
