@@ -34,7 +34,7 @@ def _parse_scale(ctx, param, value):
 
 @click.command("toy-voc")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--images", type=click.IntRange(3, options.MAX_IMAGES), default=60, show_default=True,
+@click.option("--images", type=click.IntRange(3, options.MAX_IMAGES), default=60, show_default=True, metavar="N",
               help="Number of images, split about evenly into train.txt and val.txt.")
 @click.option("--voc-sizes", is_flag=True, help="Exactly VOC2012's 1464 train / 1449 val ids instead of --images.")
 @click.option("--tar", "make_tar", is_flag=True, help="Also pack it as OUT/VOCtrainval_11-May-2012.tar (official layout).")
@@ -43,33 +43,53 @@ def _parse_scale(ctx, param, value):
               help="Smallest image side in pixels.")
 @click.option("--max-side", type=click.IntRange(8, options.MAX_IMAGE_SIZE), default=96, show_default=True,
               help="Largest image side in pixels.")
-def toy_voc(out, images, voc_sizes, make_tar, seed, min_side, max_side):
+@click.option("--classes", type=click.IntRange(2, 255), default=21, show_default=True, metavar="K",
+              help="Number of classes K including background 0 (objects are 1..K-1). With K != 21 encrypt it "
+                   "with --image-dir OUT/VOCdevkit/VOC2012/JPEGImages --mask-dir .../SegmentationClass --num-classes K.")
+def toy_voc(out, images, voc_sizes, make_tar, seed, min_side, max_side, classes):
     """Write a small synthetic dataset in the exact VOC2012 layout (OUT/VOCdevkit/VOC2012)."""
     from keyshard.pipeline.toy_voc import TAR_NAME, make_toy_voc
 
     if not 8 <= min_side <= max_side:
         raise KeyshardError("--min-side must be at least 8 and not above --max-side")
-    root = make_toy_voc(out, images, seed, voc_sizes, make_tar, min_side, max_side)
+    root = make_toy_voc(out, images, seed, voc_sizes, make_tar, min_side, max_side, classes=classes)
     click.echo(f"wrote {root}" + (f" and {Path(out) / TAR_NAME}" if make_tar else ""))
 
 
 @click.command("encrypt")
-@click.option("--voc", default=None, type=click.Path(),
+@click.option("--voc", default=None, type=click.Path(), metavar="PATH",
               help="VOCdevkit/VOC2012 (or a folder above it), or the official VOC tar read in place.")
+@click.option("--image-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Segmentation, any dataset: folder of images (with --mask-dir; paired by file stem).")
+@click.option("--mask-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Folder of single-channel PNG label maps, one per image (palette PNGs read as indices).")
+@click.option("--num-classes", type=click.IntRange(1, 255), default=None, metavar="K",
+              help="With --image-dir: number of classes K (labels 0..K-1; masks are 8-bit).")
+@click.option("--ignore-index", type=click.IntRange(0, 255), default=None, metavar="V",
+              help="With --image-dir: label of unlabelled pixels, ignored by loss and metrics.  [default: 255]")
+@click.option("--label-map", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="With --image-dir: JSON object raw id -> class id or the ignore index (Cityscapes-style "
+                   "ids); values it does not list stay as they are.")
+@click.option("--reduce-zero-label", is_flag=True,
+              help="With --image-dir (ADE20K): label 0 becomes the ignore index, 1..K become 0..K-1.")
+@click.option("--class-names", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="With --image-dir: K class names, one a line or a JSON list (default class_0, class_1, ...).")
 @click.option("--image-folder", "image_folder", default=None, type=click.Path(file_okay=False),
               help="Classification: a torchvision ImageFolder layout (one sub-folder per class); samples hold "
                    "the keyed image and its class index (<key>.cls).")
-@click.option("--val-fraction", type=float, default=None,
-              help="Without split files: the fraction of each class drawn (seeded) as the test split (default 0.2).")
+@click.option("--val-fraction", type=float, default=None, metavar="F",
+              help="Without split files: the fraction drawn (seeded by --split-seed) as the test split; "
+                   "--image-folder: per class (default 0.2).")
 @click.option("--splits-from", "splits_from", default=None, metavar="train=FILE,val=FILE",
-              help="Split lists (one id a line: the path relative to the folder); holdout is drawn from train.")
+              help="Split lists (one id a line: --image-folder the path relative to the folder, --image-dir the "
+                   "file stem); holdout is drawn from train.")
 @click.option("--key", "key_file", type=click.Path(dir_okay=False), help="Key file from `keyshard keygen`.")
 @click.option("--plain", is_flag=True, help="Write the unencrypted baseline instead (same format).")
-@click.option("--output", "-o", required=True, type=click.Path(), help="Output directory (new, or --resume).")
+@click.option("--output", "-o", required=True, type=click.Path(), metavar="DIR", help="Output directory (new, or --resume).")
 @click.option("--splits", default="train,holdout,test", show_default=True, callback=_parse_splits,
               help="Which splits to write: train/holdout come from train.txt, test is val.txt.")
 @click.option("--size", type=options.IMAGE_SIZE, default=256, show_default=True, help="Images and masks are resized to SIZE x SIZE.")
-@click.option("--shard-size", type=click.IntRange(1, options.MAX_IMAGES), default=128, show_default=True,
+@click.option("--shard-size", type=click.IntRange(1, options.MAX_IMAGES), default=128, show_default=True, metavar="N",
               help="Samples per shard.")
 @click.option("--jobs", "-j", type=options.JOBS, default=-1, show_default=True,
               help="Parallel workers (joblib): -1 = all cores, else 1 or more.")
@@ -79,14 +99,14 @@ def toy_voc(out, images, voc_sizes, make_tar, seed, min_side, max_side):
 @click.option("--dask-scheduler", default=None, metavar="ADDRESS",
               help="With --backend dask: address of a running dask scheduler (tcp://host:8786). "
                    "Without it a local cluster is started.")
-@click.option("--augment-copies", type=click.IntRange(0, 1000), default=0, show_default=True,
+@click.option("--augment-copies", type=click.IntRange(0, 1000), default=0, show_default=True, metavar="N",
               help="Extra randomly augmented replicas of each train image (random resized crop + hflip, "
                    "made before encryption). Replica r goes to its own shards.")
 @click.option("--augment-seed", type=options.SEED, default=0, show_default=True, help="Seed of the replicas' randomness.")
 @click.option("--crop-scale", default="0.08,1.0", show_default=True, callback=_parse_scale,
               help="Area range of the random resized crop.")
 @click.option("--split-seed", type=options.SEED, default=0, show_default=True, help="Seed of the train/holdout draw.")
-@click.option("--holdout", type=click.IntRange(0, options.MAX_IMAGES), default=None,
+@click.option("--holdout", type=click.IntRange(0, options.MAX_IMAGES), default=None, metavar="N",
               help="Holdout size (default: round(n x 146/1464), at least 1).")
 @click.option("--skip-bad", is_flag=True,
               help="Skip unreadable samples and list them in the manifest instead of stopping.")
@@ -98,10 +118,14 @@ def toy_voc(out, images, voc_sizes, make_tar, seed, min_side, max_side):
               help="Ed25519 signing key from `keyshard signing-key -o NAME`: also write manifest.json.sig, "
                    "a detached signature over the exact bytes of manifest.json (checked before any work).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def encrypt(voc, image_folder, val_fraction, splits_from, key_file, plain, output, splits, size, shard_size, jobs,
+def encrypt(voc, image_dir, mask_dir, num_classes, ignore_index, label_map, reduce_zero_label, class_names,
+            image_folder, val_fraction, splits_from, key_file, plain, output, splits, size, shard_size, jobs,
             backend, dask_scheduler, augment_copies, augment_seed, crop_scale, split_seed, holdout, skip_bad,
             max_pixels, resume, sign_with, quiet):
-    """Encrypt VOC into keyed WebDataset shards (or --plain shards) with a manifest.
+    """Encrypt a dataset into keyed WebDataset shards (or --plain shards) with a manifest.
+
+    One source: --voc PATH; --image-dir DIR --mask-dir DIR (any segmentation dataset, with
+    --num-classes K and --splits-from or --val-fraction); or --image-folder DIR (classification).
 
     Output: OUTPUT/<split>-NNNNNN.tar and OUTPUT/manifest.json (written last).  The same input,
     key and options give byte-identical shards whatever --jobs.  Bad input stops the run with one
@@ -114,17 +138,29 @@ def encrypt(voc, image_folder, val_fraction, splits_from, key_file, plain, outpu
     """
     from keyshard.pipeline import encrypt_job
 
+    if sum(bool(s) for s in (voc, image_folder, image_dir or mask_dir)) > 1:
+        raise KeyshardError("give exactly one source: --voc PATH, --image-dir DIR with --mask-dir DIR, "
+                            "or --image-folder DIR")
+    seg_only = [name for name, v in (("--num-classes", num_classes), ("--ignore-index", ignore_index),
+                                     ("--label-map", label_map), ("--reduce-zero-label", reduce_zero_label),
+                                     ("--class-names", class_names)) if v is not None and v is not False]
+    if seg_only and not (image_dir or mask_dir):
+        raise KeyshardError(f"{seg_only[0]} is for --image-dir/--mask-dir datasets")
     if image_folder is not None:
-        if voc is not None:
-            raise KeyshardError("give --voc or --image-folder, not both")
         from keyshard.pipeline.classify_commands import encrypt_image_folder
 
         return encrypt_image_folder(image_folder, key_file, plain, output, splits, size, shard_size, jobs,
                                     split_seed, holdout, max_pixels, val_fraction, splits_from, quiet)
-    if voc is None:
-        raise KeyshardError("give the source: --voc DIR_OR_TAR, or --image-folder DIR")
+    if voc is None and not (image_dir or mask_dir):
+        raise KeyshardError("give the source: --voc DIR_OR_TAR, --image-dir DIR --mask-dir DIR, or --image-folder DIR")
+    if voc is not None and (val_fraction is not None or splits_from is not None):
+        raise KeyshardError("--splits-from and --val-fraction are not for --voc (VOC's splits are its "
+                            "ImageSets/Segmentation files)")
     if plain == bool(key_file):
         raise KeyshardError("give exactly one of --key KEY_FILE or --plain")
+    folders = None if voc is not None else _folder_dataset(image_dir, mask_dir, num_classes, ignore_index,
+                                                           label_map, reduce_zero_label, class_names,
+                                                           splits_from, val_fraction)
     key = keys.load(key_file) if key_file else None
     signer = signing.load_private(sign_with) if sign_with else None  # a bad key fails before any work
     if sign_with and (warning := signing.check_file_mode(sign_with)):
@@ -136,7 +172,7 @@ def encrypt(voc, image_folder, val_fraction, splits_from, key_file, plain, outpu
     client = _dask_client(dask_scheduler, jobs) if backend == "dask" else None
     try:
         doc = encrypt_job.run(voc, output, key, options, jobs=jobs, backend=backend, resume=resume,
-                              command=["keyshard", *sys.argv[1:]], progress=not quiet)
+                              command=["keyshard", *sys.argv[1:]], progress=not quiet, folders=folders)
     finally:
         if client is not None:
             client.close()
@@ -148,6 +184,33 @@ def encrypt(voc, image_folder, val_fraction, splits_from, key_file, plain, outpu
         click.echo(f"signed: {sig} (signer {signing.fingerprint(signer.public_key())})")
     if doc["failed"]:
         click.echo(f"warning: skipped {len(doc['failed'])} bad samples (listed in manifest.json 'failed')", err=True)
+
+
+def _folder_dataset(image_dir, mask_dir, num_classes, ignore_index, label_map, reduce_zero_label, class_names,
+                    splits_from, val_fraction):
+    """The --image-dir/--mask-dir dataset, checked (label map, class names) before any work."""
+    from keyshard.pipeline.folders import FolderDataset
+
+    if not (image_dir and mask_dir):
+        raise KeyshardError("--image-dir and --mask-dir go together (images and their label maps, paired by stem)")
+    if num_classes is None:
+        raise KeyshardError("--image-dir needs --num-classes K")
+    if (splits_from is None) == (val_fraction is None):
+        raise KeyshardError("--image-dir needs exactly one of --splits-from train=FILE,val=FILE or --val-fraction F")
+    if val_fraction is not None and not 0 < val_fraction < 1:
+        raise KeyshardError(f"--val-fraction {val_fraction} must be between 0 and 1")
+    lists = None
+    if splits_from is not None:
+        lists = {}
+        for part in splits_from.split(","):
+            name, sep, path = (x.strip() for x in part.partition("="))
+            if not sep or name not in ("train", "val") or not path or name in lists:
+                raise KeyshardError(f"--splits-from {splits_from}: expected train=FILE,val=FILE (each split once)")
+            lists[name] = path
+    folders = FolderDataset(image_dir, mask_dir, num_classes, 255 if ignore_index is None else ignore_index,
+                            label_map, reduce_zero_label, class_names, lists, val_fraction)
+    folders.check()
+    return folders
 
 
 def _dask_client(address, jobs):

@@ -146,8 +146,11 @@ def warm_up(material: KeyMaterial | None, size: int, fast_exit: bool = False, ow
 
 
 def process_shard(task: ShardTask, material: KeyMaterial | None, options: EncryptOptions,
-                  out_dir: str, partial_dir: str, owner: int | None = None) -> dict:
-    """Write one shard atomically and return (and persist) its completion record."""
+                  out_dir: str, partial_dir: str, owner: int | None = None, labels=None) -> dict:
+    """Write one shard atomically and return (and persist) its completion record.
+
+    ``labels``: a ``folders.LabelSpec`` (lookup table, class count, ignore index) for a folder
+    dataset; None for VOC, whose masks meet VOC's own checks."""
     exit_with_parent(owner)
     _single_threaded_torch()
     plan = _plan_for(material, options.size)
@@ -161,7 +164,8 @@ def process_shard(task: ShardTask, material: KeyMaterial | None, options: Encryp
                 image_bytes, mask_bytes = ref.image.read(), ref.mask.read()
                 seed = replica_seed(options.augment_seed, ref.voc_id, task.replica) if task.replica else None
                 img, mask, orig = prepare(image_bytes, mask_bytes, options.size, ref.image.label,
-                                          ref.mask.label, seed, options.crop_scale, options.max_pixels)
+                                          ref.mask.label, seed, options.crop_scale, options.max_pixels,
+                                          labels=labels)
             except BadSample as exc:
                 if not options.skip_bad:
                     raise
@@ -204,9 +208,10 @@ def plan_tasks(source: VocSource, options: EncryptOptions) -> tuple[list[ShardTa
     splits = split_ids(train_ids, val_ids, options.split_seed, options.holdout) if train_ids else {"test": sorted(val_ids or [])}
     split_file = {"train": "train.txt", "holdout": "train.txt", "test": "val.txt"}
     tasks, counts = [], {}
+    label = getattr(source, "split_file_label", lambda s: f"ImageSets/Segmentation/{split_file[s]}")
     for split in options.splits:
         ids = splits[split]
-        refs = [source.ref(i, f"ImageSets/Segmentation/{split_file[split]}") for i in ids]
+        refs = [source.ref(i, label(split)) for i in ids]
         counts[split] = len(ids)
         replicas = 1 + (options.augment_copies if split == "train" else 0)
         index = 0
@@ -226,11 +231,12 @@ def job_identity(source: VocSource, key: Key | None, options: EncryptOptions) ->
             split_files[f"{name}.txt"] = source.split_sha256(name)
         except KeyshardError:
             pass
+    extra = source.identity() if hasattr(source, "identity") else {}  # folder datasets: mask folder, pairing
     return {
         "keyshard": __version__,
         "libraries": manifest_mod.library_versions(),
         "source": {"kind": source.kind, "path": str(Path(source.path).resolve()), "root": source.layout_root,
-                   "split_files": split_files},
+                   "split_files": split_files, **extra},
         "encryption": None if key is None else {
             "method": key.method, "block_size": key.block_size, "key_fingerprint": key.fingerprint},
         "options": json.loads(json.dumps(asdict(options))),
@@ -307,15 +313,18 @@ def finished_record(out: Path, partial: Path, name: str) -> dict | None:
 # -- driver ---------------------------------------------------------------------------------
 
 
-def run(voc: str, out: str, key: Key | None, options: EncryptOptions, jobs: int = -1,
+def run(voc: str | None, out: str, key: Key | None, options: EncryptOptions, jobs: int = -1,
         backend: str = "loky", resume: bool = False, command: list[str] | None = None,
-        progress: bool = True) -> dict:
-    """Run (or resume) an encryption job and return the manifest written to ``out``."""
+        progress: bool = True, folders=None) -> dict:
+    """Run (or resume) an encryption job and return the manifest written to ``out``.
+
+    ``folders``: a ``folders.FolderDataset`` (``--image-dir/--mask-dir``) instead of ``voc``."""
     from joblib import Parallel, delayed, effective_n_jobs, parallel_config
 
     if key is not None and options.size % key.block_size:
         raise KeyshardError(f"{key.path or 'key'}: block size {key.block_size} does not divide --size {options.size}")
     material = key.material if key is not None else None
+    labels, dataset, label_record = folders.check() if folders is not None else (None, None, {})
     _refuse_output(Path(out), resume)  # the usual mistake is reported before any worker starts
     with parallel_config(backend=backend, n_jobs=jobs), \
             Parallel(return_as="generator_unordered", batch_size=1) as parallel:
@@ -329,10 +338,13 @@ def run(voc: str, out: str, key: Key | None, options: EncryptOptions, jobs: int 
                    if n_workers > 1 else None)
         try:
             # absolute paths: dask workers may run in another directory (or on another node)
-            source = VocSource.open(os.path.abspath(voc))
+            source = folders.open(options.split_seed) if folders is not None else VocSource.open(os.path.abspath(voc))
             tasks, counts = plan_tasks(source, options)
             out_path = Path(out)
             identity = job_identity(source, key, options)
+            if folders is not None:  # what the labels mean and how they were mapped: part of the job
+                identity["source"].update(label_record)
+                identity["dataset"] = dataset
             partial = prepare_output(out_path, identity, resume)
             records = {}
             todo = []
@@ -363,17 +375,20 @@ def run(voc: str, out: str, key: Key | None, options: EncryptOptions, jobs: int 
                     warnings.simplefilter("ignore")
                     warming.close()
             raise
-        _encode(parallel, delayed, todo, tasks, records, material, options, out_path, partial, key, progress)
+        _encode(parallel, delayed, todo, tasks, records, material, options, out_path, partial, key, progress,
+                labels)
 
     ordered = [records[t.name] for t in tasks]
     fsync_path(out_path)
-    doc = manifest_mod.build(identity, key, options, ordered, counts, command or sys.argv)
+    doc = manifest_mod.build(identity, key, options, ordered, counts, command or sys.argv,
+                             dataset=identity.get("dataset"), split_rule=getattr(source, "rule", None))
     manifest_mod.write(out_path, doc)
     shutil.rmtree(partial, ignore_errors=True)
     return doc
 
 
-def _encode(parallel, delayed, todo, tasks, records, material, options, out_path, partial, key, progress):
+def _encode(parallel, delayed, todo, tasks, records, material, options, out_path, partial, key, progress,
+            labels=None):
     """Run the shard tasks on ``parallel``; fsync each finished shard in the background."""
     from tqdm import tqdm
 
@@ -389,7 +404,7 @@ def _encode(parallel, delayed, todo, tasks, records, material, options, out_path
     synced = [syncer.submit(fsync_path, out_path / name) for name in records]
     try:
         results = parallel(delayed(process_shard)(t, material, options, str(out_path.absolute()),
-                                                  str(partial.absolute()), os.getpid()) for t in todo)
+                                                  str(partial.absolute()), os.getpid(), labels) for t in todo)
         for rec in results:
             records[rec["file"]] = rec
             synced.append(syncer.submit(fsync_path, out_path / rec["file"]))

@@ -361,13 +361,16 @@ def unfiltered_png_values(data: bytes) -> np.ndarray | None:
     return None if rows[:, 0].any() else rows[:, 1:]
 
 
-def decode_label_map(data: bytes, label: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def decode_label_map(data: bytes, label: str, max_pixels: int = MAX_PIXELS, voc: bool = True) -> Image.Image:
     """Palette/grayscale PNG → loaded PIL image of class ids; anything else is a BadSample.
 
     Values are checked with one wrap-around pass: ``(v - 21) mod 256`` maps the valid ids 0..20
     and 255 to 234..255 and every invalid value to 0..233, so one ``min`` decides (~20 µs).
     A palette PNG must carry the VOC palette (see ``_palette_mismatch``).  Its size is checked
     against ``max_pixels`` from the header, as images are.
+
+    ``voc=False`` (folder datasets): no palette or value check here — a palette PNG is read as
+    its indices, and the caller maps and range-checks the values (``folders.LabelSpec``).
     """
     try:
         ctx, im = _open_pil(data, label, "label map", max_pixels)
@@ -379,6 +382,8 @@ def decode_label_map(data: bytes, label: str, max_pixels: int = MAX_PIXELS) -> I
         raise BadSample(f"{label}: cannot decode label map (corrupt or truncated)") from None
     if im.mode not in ("P", "L"):
         raise BadSample(f"{label}: label map must be a palette or grayscale PNG, got mode {im.mode}")
+    if not voc:
+        return im if values is None else Image.fromarray(np.ascontiguousarray(values), "L")
     if im.mode == "P" and (why := _palette_mismatch(im)):
         raise BadSample(f"{label}: label map's palette is not the VOC colour map ({why}); its indices "
                         "would not be class ids — save class ids with the VOC palette or as grayscale")
@@ -483,15 +488,19 @@ def fit(img, mask: Image.Image, size: int, augment_seed: int | None = None, crop
 
 
 def prepare(image_bytes: bytes, mask_bytes: bytes, size: int, image_label: str, mask_label: str,
-            augment_seed: int | None = None, crop_scale=(0.08, 1.0), max_pixels: int = MAX_PIXELS):
+            augment_seed: int | None = None, crop_scale=(0.08, 1.0), max_pixels: int = MAX_PIXELS, labels=None):
     """Decode, check and resize one sample to ``size``×``size``.
 
     With ``augment_seed`` the sample is a random resized crop (+ flip) instead of a plain resize.
     Image and label map larger than ``max_pixels`` (from their headers) are BadSamples.
+    ``labels`` (``folders.LabelSpec``, folder datasets): map the label values through its table
+    and check them against its class count and ignore index instead of VOC's checks.
     Returns (image HxWx3 uint8, mask HxW uint8, original (height, width)).
     """
     img = decode_rgb(image_bytes, image_label, max_pixels)
-    mask = decode_label_map(mask_bytes, mask_label, max_pixels)
+    mask = decode_label_map(mask_bytes, mask_label, max_pixels, voc=labels is None)
+    if labels is not None:
+        mask = Image.fromarray(np.ascontiguousarray(labels.apply(np.asarray(mask), mask_label)), "L")
     h, w = img.shape[-2:]
     if mask.size != (w, h):
         raise BadSample(f"{mask_label}: label map is {mask.size[0]}x{mask.size[1]} but its image is {w}x{h}")

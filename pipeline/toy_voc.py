@@ -24,19 +24,20 @@ TAR_NAME = "VOCtrainval_11-May-2012.tar"
 
 
 def class_colour(c: int) -> np.ndarray:
-    """Distinct, saturated colour per class 1..20 (10 hues × 2 brightness levels)."""
+    """Distinct, saturated colour per class 1..20 (10 hues × 2 brightness levels); classes above
+    20 (``--classes``) take further brightness levels."""
     hue = ((c - 1) % 10) / 10
-    value = 0.95 if c <= 10 else 0.55
+    value = 0.95 if c <= 10 else 0.55 if c <= 20 else (0.8, 0.4, 0.7, 0.3)[((c - 21) // 10) % 4]
     return np.array(colorsys.hsv_to_rgb(hue, 0.85, value)) * 255
 
 
-def _draw_sample(rng: np.random.Generator, width: int, height: int):
+def _draw_sample(rng: np.random.Generator, width: int, height: int, classes: int = 21):
     base = rng.integers(90, 170)
     img = np.clip(base + rng.normal(0, 18, (height, width, 1)) + rng.normal(0, 6, (height, width, 3)), 0, 255)
     mask = Image.new("L", (width, height), 0)
     objects = []
     for _ in range(int(rng.integers(1, 4))):
-        c = int(rng.integers(1, 21))
+        c = int(rng.integers(1, classes))
         w = int(rng.integers(width // 4, width // 2 + 1))
         h = int(rng.integers(height // 4, height // 2 + 1))
         x0 = int(rng.integers(0, width - w))
@@ -71,12 +72,16 @@ def _draw_sample(rng: np.random.Generator, width: int, height: int):
 
 def make_toy_voc(out: str | Path, images: int = 60, seed: int = 0, voc_sizes: bool = False,
                  make_tar: bool = False, min_side: int = 48, max_side: int = 96,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, classes: int = 21) -> Path:
     """Write ``out/VOCdevkit/VOC2012`` (and optionally the official-layout tar) and return the root.
 
     ``images`` are split about evenly into train.txt/val.txt; ``voc_sizes`` instead writes
-    exactly VOC2012's 1464 train and 1449 val ids.
+    exactly VOC2012's 1464 train and 1449 val ids.  ``classes`` K: objects of classes 1..K-1 on
+    background 0 (VOC: 21); with K ≠ 21 encrypt it as a folder dataset (``--image-dir
+    .../JPEGImages --mask-dir .../SegmentationClass --num-classes K``).
     """
+    if not 2 <= classes <= 255:
+        raise KeyshardError(f"--classes {classes} must be 2..255 (masks are 8-bit, 255 is void)")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise KeyshardError(f"{out}: exists and is not an empty directory; refusing to overwrite")
@@ -95,7 +100,7 @@ def make_toy_voc(out: str | Path, images: int = 60, seed: int = 0, voc_sizes: bo
     for voc_id in tqdm(ids, desc="toy-voc", unit="img", disable=not progress):
         w = int(rng.integers(min_side, max_side + 1))
         h = int(rng.integers(min_side, max_side + 1))
-        img, mask = _draw_sample(rng, w, h)
+        img, mask = _draw_sample(rng, w, h, classes)
         Image.fromarray(img).save(root / "JPEGImages" / f"{voc_id}.jpg", quality=92)
         pm = Image.fromarray(mask, "P")
         pm.putpalette(palette)
