@@ -14,9 +14,16 @@ from keyshard.errors import KeyshardError
 @click.option("--preset", type=click.Choice(["paper", "demo"]), default="demo", show_default=True,
               help="paper: FCN-ResNet50 with plain cross-entropy, SGD lr 0.1, wd 0.005, cosine restarts every "
                    "10 epochs, global batch 256, 100 epochs. demo: a small network that trains on the CPU in minutes.")
-@click.option("--model", type=click.Choice(["fcn_resnet50", "small", "block_aligned"]), default=None,
+@click.option("--model", type=click.Choice(["fcn_resnet50", "small", "block_aligned", "patch_vit", "resnet18"]),
+              default=None,
               help="Override the preset's model. block_aligned: a stem that sees whole key blocks "
-                   "(no accuracy loss from the key; see `keyshard protect`).")
+                   "(no accuracy loss from the key; see `keyshard protect`). Classification: patch_vit (ViT-style, "
+                   "patch = a multiple of the block size; the demo's) or resnet18 (torchvision; the paper's).")
+@click.option("--task", type=click.Choice(["segmentation", "classification"]), default=None,
+              help="Inferred from the shards' manifest; if given it must agree.")
+@click.option("--train-fraction", type=options.FiniteFloat(0, 1, min_open=True), default=None, metavar="F",
+              help="Classification: train on a seeded subset (fraction F) of the train split, e.g. 0.1 with "
+                   "--weights PLAIN.pt (the transfer-learning paper's fine-tuning setting).")
 @click.option("--block-size", type=options.BLOCK_SIZE, default=None,
               help="block_aligned on PLAIN shards: the block size of the key it will be used with "
                    "(on keyed shards the manifest's is used).")
@@ -49,7 +56,7 @@ from keyshard.errors import KeyshardError
               help="Public signing key of the data publisher: refuse the shards unless manifest.json.sig is "
                    "its valid signature over manifest.json. Checkpoints record the result.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def train(shards, out, preset, model, block_size, epochs, batch_size, micro_batch, lr, momentum, weight_decay,
+def train(shards, out, preset, model, task, train_fraction, block_size, epochs, batch_size, micro_batch, lr, momentum, weight_decay,
           restart_epochs, min_lr, aux_weight, weights, seed, workers, shuffle_buffer, amp, channels_last,
           block_flip, block_crop, resume, trust, quiet):
     """Train a segmentation model by streaming (plain or keyed) shards.
@@ -70,7 +77,8 @@ def train(shards, out, preset, model, block_size, epochs, batch_size, micro_batc
         preset, model=model, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, lr=lr,
         momentum=momentum, weight_decay=weight_decay, restart_epochs=restart_epochs, min_lr=min_lr,
         aux_weight=aux_weight, weights=weights, seed=seed, workers=workers, shuffle_buffer=shuffle_buffer,
-        amp=amp, channels_last=channels_last, block_size=block_size, block_flip=block_flip, block_crop=block_crop)
+        amp=amp, channels_last=channels_last, block_size=block_size, block_flip=block_flip, block_crop=block_crop,
+        task=task, train_fraction=train_fraction)
     trainer = Trainer(shards, out, config, resume=resume, progress=not quiet, log=click.echo, trust=trust)
     if trainer.dist.main and trainer.provenance["signature_verified"]:
         click.echo(f"manifest signature verified: signer {trainer.provenance['signer_fingerprint']} ({trust})")

@@ -24,12 +24,13 @@ from keyshard.errors import KeyshardError
 from keyshard.pipeline.manifest import load_trusted
 from keyshard.train import checkpoint
 from keyshard.train.augment import KeySafeAugment
-from keyshard.shardformat import VOID
+from keyshard.shardformat import VOID, dataset_info
 from keyshard.train.data import model_input, open_shards
 from keyshard.train.device import dist_backend, pick_device
 from keyshard.train.models import build_model
 from keyshard.train.step import segmentation_loss, train_step
 
+CLASSIFY_MODELS = {"demo": "patch_vit", "paper": "resnet18"}  # the presets' classifiers
 PRESETS = {
     # Section 3.1 of the paper.
     # Plain FCN with cross-entropy (no auxiliary loss: --aux-weight adds torchvision's), global batch 256.
@@ -64,6 +65,8 @@ class TrainConfig:
     weights: str | None = None
     preset: str = "demo"
     global_batch: bool = True      # False: batch_size per process (runs saved before global batches)
+    task: str | None = None        # segmentation | classification: from the manifest (a given one must agree)
+    train_fraction: float | None = None  # classification: fine-tune on a seeded subset of the train split
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> "TrainConfig":
@@ -135,6 +138,7 @@ class Trainer:
         if config.block_crop and (config.block_crop % m or not 0 < config.block_crop <= size):
             raise KeyshardError(f"--block-crop {config.block_crop} must be a multiple of the block size {m} "
                                 f"and at most the image size {size}")
+        self._check_task()
         self.model_block = self._model_block_size()
         self.start_epoch, self.history, self.best_loss = 0, [], math.inf
         self._loaders = {}
@@ -142,8 +146,14 @@ class Trainer:
         config = self.cfg  # a resumed run keeps the batch meaning it was saved with
         self.rank_batch, self.micro_batch = self._batch_split()
         torch.manual_seed(config.seed)
-        self.model = build_model(config.model, config.weights, aux_loss=config.aux_weight > 0,
-                                 block_size=self.model_block).to(self.device)
+        if self.task == "classification":
+            from keyshard.train.classifiers import build_classifier
+
+            self.model = build_classifier(config.model, dataset_info(self.manifest)["num_classes"], self.model_block,
+                                          self.data["image_size"], config.weights).to(self.device)
+        else:
+            self.model = build_model(config.model, config.weights, aux_loss=config.aux_weight > 0,
+                                     block_size=self.model_block).to(self.device)
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
@@ -157,6 +167,31 @@ class Trainer:
                     if self.dist.world > 1 else self.model)
 
     # -- set-up ----------------------------------------------------------------------------
+    def _check_task(self) -> None:
+        """The task comes from the manifest; --task, if given, must agree.  Classification swaps the
+        preset's segmentation model for its classifier (demo: patch_vit, paper: resnet18)."""
+        from keyshard.train.classifiers import CLASSIFIERS
+
+        self.task = dataset_info(self.manifest)["task"]
+        if self.cfg.task is not None and self.cfg.task != self.task:
+            raise KeyshardError(f"--task {self.cfg.task}, but {self.shards} holds {self.task} data "
+                                f"(dataset kind {dataset_info(self.manifest)['kind']})")
+        if self.task == "classification":
+            if self.cfg.model not in CLASSIFIERS:
+                if self.cfg.model != PRESETS[self.cfg.preset]["model"]:
+                    raise KeyshardError(f"--model {self.cfg.model} is a segmentation model; for classification "
+                                        f"choose {' or '.join(CLASSIFIERS)}")
+                self.cfg = replace(self.cfg, model=CLASSIFY_MODELS[self.cfg.preset])
+            if self.cfg.block_flip or self.cfg.block_crop:
+                raise KeyshardError("--block-flip/--block-crop are for segmentation shards")
+        else:
+            if self.cfg.model in CLASSIFIERS:
+                raise KeyshardError(f"--model {self.cfg.model} is a classifier, but {self.shards} holds segmentation data")
+            if self.cfg.train_fraction is not None:
+                raise KeyshardError("--train-fraction is for classification shards")
+        if self.cfg.train_fraction is not None and self.dist.world > 1:
+            raise KeyshardError("--train-fraction runs on one process (its subset size is known only once read)")
+
     def _model_block_size(self) -> int | None:
         """Block size a block-aligned model is built for: the shards' key, or --block-size on plain shards."""
         data_m, flag_m = self.data["block_size"], self.cfg.block_size
@@ -164,6 +199,8 @@ class Trainer:
             raise KeyshardError(f"--block-size {flag_m} disagrees with the shards' key (M={data_m}); "
                                 "on keyed shards the manifest decides")
         m = data_m or flag_m
+        if self.cfg.model == "patch_vit" and m is None:
+            raise KeyshardError("--model patch_vit on plain shards needs --block-size M (the key it will be used with)")
         if self.cfg.model == "block_aligned" and m is None:
             raise KeyshardError("--model block_aligned on plain shards needs --block-size M (the key it will be used with)")
         if m is not None and self.data["image_size"] % m:
@@ -235,6 +272,10 @@ class Trainer:
                                  workers=self.cfg.workers, shuffle_buffer=self.cfg.shuffle_buffer,
                                  rank=self.dist.rank, world=self.dist.world, augment=augment, shuffle=shuffle,
                                  manifest=self.manifest)
+            if split == "train" and self.cfg.train_fraction is not None:
+                from keyshard.train.classify import subset_filter
+
+                loader.stream.keep = subset_filter(self.cfg.train_fraction, self.cfg.seed)
             self._loaders[split] = loader
         loader.set_epoch(epoch)
         return loader.plan, loader
