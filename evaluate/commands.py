@@ -62,7 +62,27 @@ def evaluate(ckpt, key_file, test_dir, wrong_keys, seed, out, batch_size, worker
     if (out / "audit.json").exists():
         raise KeyshardError(f"{out}: already holds an audit; choose another --out")
     check_output(out, directory=True)  # an unwritable --out is refused before the audit, not after it
-    plain_model = load_checkpoint(ckpt)["data"]["plain"]
+    ckpt_state = load_checkpoint(ckpt)
+    plain_model = ckpt_state["data"]["plain"]
+    from keyshard.train.checkpoint import model_task
+
+    if model_task(ckpt_state) == "classification":  # the task comes from the checkpoint
+        from keyshard.evaluate import classify_audit
+
+        if save_predictions or near_miss.strip():
+            raise KeyshardError("--save-predictions and --near-miss are for segmentation models")
+        if plain_model and key_file is None:
+            audit = classify_audit.run_baseline(ckpt, test_dir, batch_size, workers, progress=not quiet, trust=trust)
+        elif key_file is None:
+            raise KeyshardError(f"{ckpt}: was trained on keyed shards; give its key with --key")
+        else:
+            audit = classify_audit.run_audit(ckpt, key_file, test_dir, wrong_keys, seed, batch_size,
+                                             ignore_fingerprint, randomize_ffx_password, workers,
+                                             progress=not quiet, trust=trust)
+        paths = classify_audit.write_audit(audit, out)
+        click.echo(classify_audit.markdown(audit).split("<details>")[0].rstrip())
+        click.echo("\nwrote " + ", ".join(str(p) for p in paths))
+        return
     capture = None
     if save_predictions:
         from keyshard.evaluate.predictions import Capture
