@@ -31,6 +31,7 @@ from keyshard.evaluate.metrics import Confusion, PerImage
 from keyshard.evaluate.near_miss import MAX_KEYS_PER_DISTANCE, near_miss_keys
 from keyshard.pipeline.manifest import library_versions
 from keyshard.pipeline.manifest import load_trusted
+from keyshard.shardformat import dataset_info
 from keyshard.train.checkpoint import load_model
 from keyshard.train.data import epoch_plan, open_shards
 from keyshard.train.device import pick_device
@@ -51,6 +52,7 @@ def check_inputs(state: dict, key: keys.Key, test_manifest: dict, ckpt_path, key
     if (key.method, key.block_size) != (data["method"], data["block_size"]):
         raise KeyshardError(f"{key_path}: is {key.method} M={key.block_size} but {ckpt_path} was trained "
                             f"with {data['method']} M={data['block_size']}")
+    check_dataset(state, test_manifest, ckpt_path, test_dir)
     if test_manifest["image"]["height"] != data["image_size"]:
         raise KeyshardError(f"{test_dir}: images are {test_manifest['image']['height']}px but the model was "
                             f"trained on {data['image_size']}px")
@@ -60,6 +62,17 @@ def check_inputs(state: dict, key: keys.Key, test_manifest: dict, ckpt_path, key
         raise KeyshardError(f"{key_path}: fingerprint does not match {ckpt_path} (the model was trained with "
                             "another key; --ignore-fingerprint overrides)")
     return "overridden (--ignore-fingerprint)"
+
+
+def check_dataset(state: dict, test_manifest: dict, ckpt_path, test_dir) -> None:
+    """The test shards label the classes the model predicts (same class count and ignore index)."""
+    from keyshard.train.checkpoint import dataset_of
+
+    trained, test = dataset_of(state), dataset_info(test_manifest)
+    for field in ("num_classes", "ignore_index"):
+        if trained[field] != test[field]:
+            raise KeyshardError(f"{test_dir}: its dataset has {field} {test[field]} but {ckpt_path} was trained "
+                                f"with {trained[field]} ({trained['kind']})")
 
 
 def test_batches(source, manifest: dict, batch_size: int = 32, workers: int = 0, split: str = "test"):
@@ -85,7 +98,8 @@ def score_on_split(model, configs: list, source, manifest: dict, device, batch_s
     """
     from tqdm import tqdm
 
-    confusions = [Confusion(device) for _ in configs]
+    info = dataset_info(manifest)  # class count and ignore index of the split's dataset
+    confusions = [Confusion(device, info["num_classes"], info["ignore_index"]) for _ in configs]
     per_image = [PerImage(device, keep=i in keep_per_image) for i in range(len(configs))]
     batches = test_batches(source, manifest, batch_size, workers, split)
     own_bar = bar is None
@@ -138,7 +152,8 @@ def _chunks(iterable, n: int):
 
 # What the two mIoU readings in audit.json are (recorded in every audit).
 METRICS_NOTE = {
-    "miou": "dataset-level: one confusion matrix summed over every test image (21 classes, 255 ignored), "
+    "miou": "dataset-level: one confusion matrix summed over every test image (the dataset's classes, its "
+            "ignore index left out; VOC: 21 classes, 255 ignored), "
             "mean IoU over the classes present in its labels or predictions",
     "miou_per_image_mean": "the same definition applied to each image alone (classes present in its labels "
                            "or its prediction), averaged over the images; images without a labelled pixel "
@@ -156,6 +171,7 @@ def run_baseline(ckpt_path: str, test_dir: str, batch_size: int = 32, workers: i
     manifest, test_provenance = load_trusted(test_dir, trust)
     if not manifest["encryption"]["plain"] or "test" not in manifest["splits"]["counts"]:
         raise KeyshardError(f"{test_dir}: needs plain shards with a test split")
+    check_dataset(state, manifest, ckpt_path, test_dir)
     scores = score_on_split(model, [(None, 255)], test_dir, manifest, device, batch_size, workers, progress,
                             desc="baseline", keep_per_image=(0,),
                             capture=(capture, {0: "plain"}) if capture is not None else None)

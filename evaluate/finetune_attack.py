@@ -38,7 +38,8 @@ def load_subset(shard_dir, fraction: float, seed: int):
     return torch.stack([s[1] for s in chosen]), torch.stack([s[2] for s in chosen])
 
 
-def fit(model, pixels, masks, epochs: int, lr: float, batch: int, seed: int, device) -> None:
+def fit(model, pixels, masks, epochs: int, lr: float, batch: int, seed: int, device,
+        ignore_index: int | None = VOID) -> None:
     """SGD (momentum 0.9) on in-memory plain pixels, shuffled per epoch from ``seed``."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
@@ -49,7 +50,7 @@ def fit(model, pixels, masks, epochs: int, lr: float, batch: int, seed: int, dev
             idx = order[i:i + batch]
             m = masks[idx].to(device)
             out = model(normalize_pixels(pixels[idx].to(device), 255))
-            loss = segmentation_loss(out, m, 0.0) / max(int((m != VOID).sum()), 1)
+            loss = segmentation_loss(out, m, 0.0, ignore_index) / max(int((m != ignore_index).sum()), 1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -58,22 +59,26 @@ def fit(model, pixels, masks, epochs: int, lr: float, batch: int, seed: int, dev
 
 def run(ckpt_path: str, train_dir: str, test_dir: str, fractions: list[float], epochs: int, lr: float,
         batch: int, seed: int, progress: bool = True) -> dict:
-    from keyshard.train.checkpoint import load_model
+    from keyshard.evaluate.audit import check_dataset
+    from keyshard.train.checkpoint import dataset_of, load_model
 
     device = pick_device()
     stolen, state = load_model(ckpt_path, device)
     test_doc = load_manifest(test_dir)
     if not test_doc["encryption"]["plain"]:
         raise KeyshardError(f"{test_dir}: test shards must be plain")
+    check_dataset(state, test_doc, ckpt_path, test_dir)
+    dataset = dataset_of(state)
     before = score_on_split(stolen, [(None, 255)], test_dir, test_doc, device, progress=False)[0]["miou"]
     rows = []
     for fraction in fractions:
         pixels, masks = load_subset(train_dir, fraction, seed)
         finetuned, _ = load_model(ckpt_path, device)
-        fit(finetuned, pixels, masks, epochs, lr, batch, seed, device)
+        fit(finetuned, pixels, masks, epochs, lr, batch, seed, device, dataset["ignore_index"])
         torch.manual_seed(seed)
-        scratch = build_model(state["model_name"], block_size=state.get("model_block_size")).to(device)
-        fit(scratch, pixels, masks, epochs, lr, batch, seed, device)
+        scratch = build_model(state["model_name"], block_size=state.get("model_block_size"),
+                              num_classes=dataset["num_classes"]).to(device)
+        fit(scratch, pixels, masks, epochs, lr, batch, seed, device, dataset["ignore_index"])
         ft, sc = (score_on_split(m, [(None, 255)], test_dir, test_doc, device, progress=False)[0]["miou"]
                   for m in (finetuned, scratch))
         rows.append({"fraction": fraction, "images": len(pixels), "finetuned_miou": ft, "scratch_miou": sc,

@@ -28,8 +28,9 @@ from keyshard.transforms import compile_plan, normalize_pixels
 class Objective:
     """Mean cross-entropy of the model on fixed labelled pixels under a candidate key."""
 
-    def __init__(self, model, pixels: torch.Tensor, masks: torch.Tensor, device):
+    def __init__(self, model, pixels: torch.Tensor, masks: torch.Tensor, device, ignore_index: int | None = VOID):
         self.model, self.device = model, device
+        self.ignore = -100 if ignore_index is None else ignore_index  # the dataset's (VOC: 255)
         self.pixels, self.masks = pixels.to(device), masks.to(device).long()
         self.evaluations = 0
 
@@ -39,7 +40,7 @@ class Objective:
         plan = compile_plan(material, h, w).to_torch(self.device)
         logits = self.model(normalize_pixels(plan.encrypt(self.pixels), material.divisor))["out"]
         self.evaluations += 1
-        return float(F.cross_entropy(logits.float(), self.masks, ignore_index=VOID))
+        return float(F.cross_entropy(logits.float(), self.masks, ignore_index=self.ignore))
 
 
 def exhaustive(objective: Objective, method: str, m: int, selected: int, table: np.ndarray | None,
@@ -116,7 +117,7 @@ def run_search(ckpt, labelled_dir, labelled_split: str, n_labelled: int, test_di
     from keyshard.evaluate.audit import score_on_split, test_batches
     from keyshard.evaluate.near_miss import distance
     from keyshard.pipeline.manifest import load as load_manifest
-    from keyshard.train.checkpoint import load_model
+    from keyshard.train.checkpoint import dataset_of, load_model
     from keyshard.train.device import pick_device
 
     device = pick_device()
@@ -142,7 +143,7 @@ def run_search(ckpt, labelled_dir, labelled_split: str, n_labelled: int, test_di
         table = keys.ffx_table(ffx_password.encode("utf-8", "surrogateescape")) if ffx_password else truth.material.table
     # the first N labelled images
     pixels, masks, _, _ = next(iter(test_batches(labelled_dir, labelled_doc, n_labelled, split=labelled_split)))
-    objective = Objective(model, pixels, masks, device)
+    objective = Objective(model, pixels, masks, device, dataset_of(state)["ignore_index"])
     # a random start with the model's derivation rule (wrong_keys draws exactly those)
     template = truth or keys.Key(method, m, b"\0" * 32,
                                  reference_seed=0 if str(data["key_derivation"]).startswith("reference") else None,

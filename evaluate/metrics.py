@@ -21,14 +21,16 @@ from keyshard.shardformat import NUM_CLASSES, VOID
 
 
 class Confusion:
-    """A 21×21 int64 confusion matrix (rows: label, columns: prediction) on any device."""
+    """A K×K int64 confusion matrix (rows: label, columns: prediction) on any device; pixels
+    labelled ``ignore_index`` are left out.  K and the ignore index are the dataset's
+    (``shardformat.dataset_info``); the defaults are VOC's (21, 255)."""
 
-    def __init__(self, device="cpu", num_classes: int = NUM_CLASSES):
-        self.n = num_classes
+    def __init__(self, device="cpu", num_classes: int = NUM_CLASSES, ignore_index: int | None = VOID):
+        self.n, self.ignore = num_classes, ignore_index
         self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
 
     def update(self, pred: torch.Tensor, label: torch.Tensor) -> None:
-        keep = label != VOID
+        keep = label != self.ignore if self.ignore is not None else torch.ones_like(label, dtype=torch.bool)
         idx = label[keep].long() * self.n + pred[keep].long()
         self.matrix += torch.bincount(idx, minlength=self.n * self.n).reshape(self.n, self.n)
 
@@ -36,7 +38,7 @@ class Confusion:
         """``update`` for a batch (B×H×W) that also returns each image's mIoU (float64, on the
         device; NaN for an image without a labelled pixel).  The matrix gains exactly what
         ``update`` would add: the sum of the per-image matrices."""
-        per = image_confusions(pred, label, self.n)
+        per = image_confusions(pred, label, self.n, self.ignore)
         self.matrix += per.sum(0)
         return miou_of(per)
 
@@ -55,11 +57,12 @@ class Confusion:
         }
 
 
-def image_confusions(pred: torch.Tensor, label: torch.Tensor, num_classes: int = NUM_CLASSES) -> torch.Tensor:
+def image_confusions(pred: torch.Tensor, label: torch.Tensor, num_classes: int = NUM_CLASSES,
+                     ignore_index: int | None = VOID) -> torch.Tensor:
     """One confusion matrix per image of a batch (B×H×W predictions and labels, void ignored):
     B×C×C int64, from a single ``bincount`` over ``image * C² + label * C + prediction``."""
     n, b = num_classes, pred.shape[0]
-    keep = label != VOID
+    keep = label != ignore_index if ignore_index is not None else torch.ones_like(label, dtype=torch.bool)
     image = torch.arange(b, device=label.device).view(b, *([1] * (label.dim() - 1))).expand_as(label)
     idx = (image[keep] * n + label[keep].long()) * n + pred[keep].long()
     return torch.bincount(idx, minlength=b * n * n).reshape(b, n, n)
@@ -76,9 +79,10 @@ def miou_of(matrices: torch.Tensor) -> torch.Tensor:
     return iou.sum(-1) / present.sum(-1)  # 0 / 0 = NaN for an empty matrix
 
 
-def per_image_miou(pred: torch.Tensor, label: torch.Tensor, num_classes: int = NUM_CLASSES) -> torch.Tensor:
+def per_image_miou(pred: torch.Tensor, label: torch.Tensor, num_classes: int = NUM_CLASSES,
+                   ignore_index: int | None = VOID) -> torch.Tensor:
     """Each image's mIoU (B float64; NaN for an image with no labelled pixel)."""
-    return miou_of(image_confusions(pred, label, num_classes))
+    return miou_of(image_confusions(pred, label, num_classes, ignore_index))
 
 
 class PerImage:

@@ -103,6 +103,13 @@ def validate(state, path, resume: bool = False) -> dict:
         "pixel_divisor": (lambda v: _is_number(v) and v > 0, "a positive number"),
         "key_derivation": (_text_or_none, "a string or null"),
     })
+    if "dataset" in data:
+        ds = data["dataset"]
+        if not (isinstance(ds, dict) and _positive_int(ds.get("num_classes"))
+                and (ds.get("ignore_index") is None or _is_int(ds.get("ignore_index")))
+                and isinstance(ds.get("kind"), str) and isinstance(ds.get("class_names"), list)):
+            raise KeyshardError(f"{path}: malformed checkpoint: data.dataset is not a dict of kind, num_classes, "
+                                "ignore_index and class_names")
     if not data["plain"]:
         _check_fields(path, "data.", data, {
             "method": (lambda v: v in METHODS, f"one of {', '.join(METHODS)}"),
@@ -159,14 +166,36 @@ def fit_state_dict(module: torch.nn.Module, weights: dict, path, what: str) -> N
 
 
 def data_identity(manifest: dict) -> dict:
-    """What a model is bound to: the shards' key fingerprint, method, block size, divisor."""
+    """What a model is bound to: the shards' key fingerprint, method, block size, divisor, and
+    the dataset (kind, class count, ignore index, class names: ``shardformat.dataset_info``)."""
+    from keyshard.shardformat import dataset_info
+
     enc = manifest["encryption"]
+    info = dataset_info(manifest)
     return {
+        "dataset": {k: info[k] for k in ("kind", "num_classes", "ignore_index", "class_names")},
         "plain": enc["plain"], "method": enc["method"], "block_size": enc["block_size"],
         "key_fingerprint": enc["key_fingerprint"], "key_derivation": enc["key_derivation"],
         "pixel_divisor": enc["pixel_divisor"], "image_size": manifest["image"]["height"],
         "source_content_sha256": manifest["source"]["content_sha256"],
     }
+
+
+def dataset_of(state: dict) -> dict:
+    """The dataset a checkpoint was trained on (``data.dataset``); checkpoints saved before it was
+    recorded are VOC's (21 classes, 255 ignored)."""
+    from keyshard.shardformat import dataset_info
+
+    recorded = state["data"].get("dataset")
+    return dataset_info({} if recorded is None else {"dataset": recorded})
+
+
+def same_data(saved: dict, current: dict) -> bool:
+    """``saved`` (a checkpoint's ``data``) and ``current`` name the same shards; an old ``saved``
+    without ``dataset`` counts as VOC's."""
+    from keyshard.shardformat import voc_dataset
+
+    return {"dataset": voc_dataset(), **saved} == current
 
 
 def check_resume_provenance(state: dict, provenance: dict, path) -> None:
@@ -202,7 +231,7 @@ def load_model(ckpt_path: str | Path, device) -> tuple[torch.nn.Module, dict]:
             raise KeyshardError(f"{ckpt_path}: model weights do not fit block_aligned M={mbs} (stem.weight)")
     try:
         model = build_model(name, aux_loss=any(k.startswith("aux_classifier") for k in state["model"]),
-                            block_size=mbs)
+                            block_size=mbs, num_classes=dataset_of(state)["num_classes"])
     except KeyshardError as exc:
         raise KeyshardError(f"{ckpt_path}: {exc}") from None
     fit_state_dict(model, state["model"], ckpt_path, f"model weights for {name}")

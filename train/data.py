@@ -227,7 +227,8 @@ class ShardLoader:
         if self.stream.classification:  # padding targets are never scored (train_step skips padding rows)
             fill = torch.full((pad,), -100, dtype=torch.int64)
         else:
-            fill = torch.full((pad, *shape[:2]), VOID, dtype=torch.uint8)
+            ignore = dataset_info(self.manifest)["ignore_index"]  # every padding pixel is ignored
+            fill = torch.full((pad, *shape[:2]), VOID if ignore is None else ignore, dtype=torch.uint8)
         masks = torch.cat([p[1] for p in pending] + [fill])
         ids = [k for p in pending for k in p[2]] + [""] * pad
         for i in range(0, len(ids), bs):

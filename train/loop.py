@@ -153,7 +153,8 @@ class Trainer:
                                           self.data["image_size"], config.weights).to(self.device)
         else:
             self.model = build_model(config.model, config.weights, aux_loss=config.aux_weight > 0,
-                                     block_size=self.model_block).to(self.device)
+                                     block_size=self.model_block,
+                                     num_classes=self.data["dataset"]["num_classes"]).to(self.device)
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
@@ -224,7 +225,7 @@ class Trainer:
         last = self.out / "last.pt"
         if resume:
             state = checkpoint.load(last, resume=True)
-            if state["data"] != self.data:
+            if not checkpoint.same_data(state["data"], self.data):
                 raise KeyshardError(f"{last}: was trained on other shards (key fingerprint/method/block size differ)")
             checkpoint.check_resume_provenance(state, self.provenance, last)
             free = ("epochs", "workers")  # may change on resume without changing the result
@@ -300,7 +301,8 @@ class Trainer:
                    unit="img", disable=not (self.progress and self.dist.main), file=sys.stderr)
         for step, (pixels, masks, _, n_pad) in enumerate(batches):
             batch_loss, valid = train_step(self.ddp, self.optimizer, self.scaler, self._forward, pixels, masks,
-                                           n_pad, self.micro_batch, self.dist.world, self.cfg.aux_weight)
+                                           n_pad, self.micro_batch, self.dist.world, self.cfg.aux_weight,
+                                           ignore_index=self.data["dataset"]["ignore_index"])
             self.scheduler.step(epoch + (step + 1) / steps)  # cosine within the epoch, restarts every N
             loss_sum += batch_loss
             pixels_sum += valid / self.dist.world  # summed over ranks below
@@ -332,8 +334,9 @@ class Trainer:
                 continue
             masks = masks[:n_real].to(self.device).long()
             out = self._forward(pixels[:n_real], self.model)  # the plain module: no DDP collectives
-            loss_sum += float(segmentation_loss({"out": out["out"].float()}, masks, 0.0))
-            pixels_sum += float((masks != VOID).sum())
+            ignore = self.data["dataset"]["ignore_index"]
+            loss_sum += float(segmentation_loss({"out": out["out"].float()}, masks, 0.0, ignore))
+            pixels_sum += float((masks != (-100 if ignore is None else ignore)).sum())
         loss_sum, pixels_sum = all_reduce_sum([loss_sum, pixels_sum], self.dist, self.device)
         return loss_sum / max(pixels_sum, 1)
 

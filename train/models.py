@@ -79,18 +79,19 @@ class BlockAlignedSegNet(nn.Module):
 
 
 def build_model(name: str, weights: str | None = None, aux_loss: bool = True,
-                block_size: int | None = None) -> nn.Module:
-    """A model returning ``{"out": logits[, "aux": logits]}`` at input resolution."""
+                block_size: int | None = None, num_classes: int = NUM_CLASSES) -> nn.Module:
+    """A model returning ``{"out": logits[, "aux": logits]}`` at input resolution, with
+    ``num_classes`` outputs (the dataset's, from ``shardformat.dataset_info``; VOC's 21 by default)."""
     if name == "small":
-        model = SmallSegNet()
+        model = SmallSegNet(num_classes)
     elif name == "block_aligned":
         if not block_size:
             raise KeyshardError("the block_aligned model needs a block size (--block-size on plain shards)")
-        model = BlockAlignedSegNet(block_size)
+        model = BlockAlignedSegNet(block_size, num_classes)
     elif name == "fcn_resnet50":
         from torchvision.models.segmentation import fcn_resnet50
 
-        model = fcn_resnet50(weights=None, weights_backbone=None, num_classes=NUM_CLASSES, aux_loss=aux_loss)
+        model = fcn_resnet50(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=aux_loss)
     else:
         raise KeyshardError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     if weights:

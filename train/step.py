@@ -25,11 +25,14 @@ from torch.nn import functional as F
 from keyshard.shardformat import VOID
 
 
-def segmentation_loss(outputs: dict, masks: torch.Tensor, aux_weight: float) -> torch.Tensor:
-    """Summed cross-entropy over non-void pixels (the caller normalises)."""
-    loss = F.cross_entropy(outputs["out"], masks, ignore_index=VOID, reduction="sum")
+def segmentation_loss(outputs: dict, masks: torch.Tensor, aux_weight: float,
+                      ignore_index: int | None = VOID) -> torch.Tensor:
+    """Summed cross-entropy over pixels not labelled ``ignore_index`` (the dataset's, from
+    ``shardformat.dataset_info``; VOC's 255 by default); the caller normalises."""
+    ignore = -100 if ignore_index is None else ignore_index
+    loss = F.cross_entropy(outputs["out"], masks, ignore_index=ignore, reduction="sum")
     if aux_weight and "aux" in outputs:
-        loss = loss + aux_weight * F.cross_entropy(outputs["aux"], masks, ignore_index=VOID, reduction="sum")
+        loss = loss + aux_weight * F.cross_entropy(outputs["aux"], masks, ignore_index=ignore, reduction="sum")
     return loss
 
 
@@ -41,7 +44,7 @@ def global_sum(value: float, world: int, device) -> float:
 
 
 def train_step(model, optimizer, scaler, forward, pixels, masks, n_pad: int, micro_batch: int, world: int,
-               aux_weight: float = 0.0) -> tuple[float, float]:
+               aux_weight: float = 0.0, ignore_index: int | None = VOID) -> tuple[float, float]:
     """Forward/backward the real rows of one batch in micro-batches, then step.
 
     ``model`` is the (DDP-wrapped) module, ``forward(pixels) -> outputs`` runs it on stored
@@ -50,7 +53,7 @@ def train_step(model, optimizer, scaler, forward, pixels, masks, n_pad: int, mic
     """
     n_real = len(pixels) - n_pad
     masks = masks.to(next(model.parameters()).device).long()
-    n_valid = float((masks[:n_real] != VOID).sum())
+    n_valid = float((masks[:n_real] != (-100 if ignore_index is None else ignore_index)).sum())
     total_valid = global_sum(n_valid, world, masks.device)
     if total_valid == 0:
         return 0.0, 0.0
@@ -65,7 +68,8 @@ def train_step(model, optimizer, scaler, forward, pixels, masks, n_pad: int, mic
         with ctx:
             if end > i:
                 out = forward(pixels[i:end])
-                loss = segmentation_loss({k: v.float() for k, v in out.items()}, masks[i:end], aux_weight)
+                loss = segmentation_loss({k: v.float() for k, v in out.items()}, masks[i:end], aux_weight,
+                                         ignore_index)
                 scaler.scale(loss * scale).backward()
                 loss_sum += float(loss.detach())
             elif world > 1:  # keep DDP's collectives in step: no BN update, zero gradient
