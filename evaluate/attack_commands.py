@@ -77,7 +77,7 @@ def search_command(ckpt, labelled_dir, labelled_split, n_labelled, test_dir, tru
     """Search the key space against the model with a few labelled plain images.
 
     Exhaustive where the space is small (NP/FFX at M=2: 924 masks), hill-climbing otherwise.
-    Reports the best keys, their test mIoU and, with --key, their distance to the true key and
+    Reports the best keys, their test mIoU (top-1 accuracy for a classifier) and, with --key, their distance to the true key and
     the true key's rank.
     """
     from keyshard import keys

@@ -6,6 +6,10 @@ masks; FFX when the attacker knows the password — the paper's fixed-password s
 worst case) every key is tried; otherwise a greedy hill-climb proposes one transposition (SHF)
 or one selected/unselected swap (NP/FFX) at a time within a budget of model evaluations.
 All candidates are applied on the device to the same decoded batch.
+
+The same objective serves classifiers (the logits are N×K, the targets the class indices that
+``open_shards`` yields for classification shards); ``run_search`` decides the task once, from the
+checkpoint's dataset, and scores the best keys on the test split by top-1 accuracy instead of mIoU.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from keyshard.transforms import compile_plan, normalize_pixels
 
 
 class Objective:
-    """Mean cross-entropy of the model on fixed labelled pixels under a candidate key."""
+    """Mean cross-entropy of the model on fixed labelled images under a candidate key: per pixel
+    against masks (segmentation) or per image against class indices (classification)."""
 
     def __init__(self, model, pixels: torch.Tensor, masks: torch.Tensor, device, ignore_index: int | None = VOID):
         self.model, self.device = model, device
@@ -114,9 +119,11 @@ def run_search(ckpt, labelled_dir, labelled_split: str, n_labelled: int, test_di
     from tqdm import tqdm
 
     from keyshard.evaluate import wrong_keys
-    from keyshard.evaluate.audit import score_on_split, test_batches
+    from keyshard.evaluate.audit import check_dataset, score_on_split, test_batches
     from keyshard.evaluate.near_miss import distance
     from keyshard.pipeline.manifest import load as load_manifest
+    from keyshard.evaluate.classify_audit import score_classifier
+    from keyshard.shardformat import dataset_info
     from keyshard.train.checkpoint import dataset_of, load_model
     from keyshard.train.device import pick_device
 
@@ -125,10 +132,15 @@ def run_search(ckpt, labelled_dir, labelled_split: str, n_labelled: int, test_di
     data = state["data"]
     if data["plain"]:
         raise KeyshardError(f"{ckpt}: was trained on plain images; there is no key to search for")
+    trained = dataset_of(state)
+    task = trained["task"]  # the one place the task is decided: loss targets and the test score follow it
     labelled_doc, test_doc = load_manifest(labelled_dir), load_manifest(test_dir)
     for d, doc in ((labelled_dir, labelled_doc), (test_dir, test_doc)):
         if not doc["encryption"]["plain"]:
             raise KeyshardError(f"{d}: must hold plain shards")
+        if dataset_info(doc)["task"] != task:
+            raise KeyshardError(f"{d}: holds {dataset_info(doc)['task']} data, but {ckpt} is a {task} model")
+        check_dataset(state, doc, ckpt, d)
         if doc["image"]["height"] != data["image_size"]:
             raise KeyshardError(f"{d}: images are {doc['image']['height']}px, the model's {data['image_size']}px")
     method, m = data["method"], data["block_size"]
@@ -143,7 +155,7 @@ def run_search(ckpt, labelled_dir, labelled_split: str, n_labelled: int, test_di
         table = keys.ffx_table(ffx_password.encode("utf-8", "surrogateescape")) if ffx_password else truth.material.table
     # the first N labelled images
     pixels, masks, _, _ = next(iter(test_batches(labelled_dir, labelled_doc, n_labelled, split=labelled_split)))
-    objective = Objective(model, pixels, masks, device, dataset_of(state)["ignore_index"])
+    objective = Objective(model, pixels, masks, device, trained["ignore_index"])
     # a random start with the model's derivation rule (wrong_keys draws exactly those)
     template = truth or keys.Key(method, m, b"\0" * 32,
                                  reference_seed=0 if str(data["key_derivation"]).startswith("reference") else None,
@@ -157,11 +169,15 @@ def run_search(ckpt, labelled_dir, labelled_split: str, n_labelled: int, test_di
     bar.close()
     best = ranked[:top]
     size = data["image_size"]
-    scores = score_on_split(model, [(compile_plan(mat, size, size).to_torch(device), mat.divisor) for _, mat in best],
-                            test_dir, test_doc, device, progress=False)
-    report = {"mode": mode, "method": method, "block_size": m, "labelled_images": int(objective.pixels.shape[0]),
-              "evaluations": objective.evaluations,
-              "best": [{"labelled_loss": round(loss, 6), "test_miou": s["miou"]} for (loss, _), s in zip(best, scores)]}
+    configs = [(compile_plan(mat, size, size).to_torch(device), mat.divisor) for _, mat in best]
+    if task == "classification":
+        scores = [{"test_top1_acc": s["top1_acc"]} for s in score_classifier(model, configs, test_dir, test_doc, device)]
+    else:
+        scores = [{"test_miou": s["miou"]} for s in score_on_split(model, configs, test_dir, test_doc, device,
+                                                                   progress=False)]
+    report = {"mode": mode, "task": task, "method": method, "block_size": m,
+              "labelled_images": int(objective.pixels.shape[0]), "evaluations": objective.evaluations,
+              "best": [{"labelled_loss": round(loss, 6), **s} for (loss, _), s in zip(best, scores)]}
     if truth is not None:
         correct = truth.material
         for entry, (_, mat) in zip(report["best"], best):

@@ -260,6 +260,19 @@ _KEYED_FIELDS = {
 }
 
 
+# Classification audits (``evaluate/classify_audit.py``, ``"task": "classification"``) score top-1 accuracy.
+_CLS_BASELINE_FIELDS = {"checkpoint.model": _TEXT, "results.plain.top1_acc": _NUMBER}
+_CLS_KEYED_FIELDS = {
+    "checkpoint.model": _TEXT, "key.method": _TEXT, "key.block_size": _INT, "test.images": _INT,
+    "wrong_keys.count": _INT, "results.correct.top1_acc": _NUMBER, "results.plain.top1_acc": _NUMBER,
+    "results.wrong.summary.mean": _NUMBER, "results.wrong.summary.std": _NUMBER, "results.wrong.summary.max": _NUMBER,
+}
+
+
+def is_classification(audit: dict) -> bool:
+    return audit.get("task") == "classification"
+
+
 def _field_ok(value, kind: str) -> bool:
     if isinstance(value, bool):
         return False
@@ -279,7 +292,12 @@ def check_audit(doc, path) -> dict:
         raise KeyshardError(f"{path}: not a keyshard audit (format keyshard-audit/1 expected)")
     if doc.get("kind", "key") not in ("key", "baseline"):
         raise KeyshardError(f"{path}: unknown audit kind {str(doc.get('kind'))[:40]!r}")
-    fields = _BASELINE_FIELDS if doc.get("kind") == "baseline" else _KEYED_FIELDS
+    if doc.get("task", "segmentation") not in ("segmentation", "classification"):
+        raise KeyshardError(f"{path}: unknown audit task {str(doc.get('task'))[:40]!r}")
+    if is_classification(doc):
+        fields = _CLS_BASELINE_FIELDS if doc.get("kind") == "baseline" else _CLS_KEYED_FIELDS
+    else:
+        fields = _BASELINE_FIELDS if doc.get("kind") == "baseline" else _KEYED_FIELDS
     for dotted, kind in fields.items():
         value = doc
         for part in dotted.split("."):
@@ -318,12 +336,50 @@ def _both(dataset, per_image) -> str:
     return f"{dataset:.4f}" + (f" ({per_image:.4f})" if per_image is not None else "")
 
 
+def classification_table(audits: list[dict]) -> tuple[list[str], list[dict]]:
+    """Markdown lines and CSV rows of classification audits: top-1 accuracy with the correct key,
+    on plain images and over the wrong keys (mean ± std, max); plain-trained baselines alongside."""
+    baselines = {a["checkpoint"]["model"]: round(a["results"]["plain"]["top1_acc"], 4)
+                 for a in audits if a.get("kind") == "baseline"}
+    rows = []
+    for a in sorted((a for a in audits if a.get("kind") != "baseline"),
+                    key=lambda a: (a["key"]["method"], a["key"]["block_size"], a["checkpoint"]["model"],
+                                   a.get("_source", ""))):
+        k, r, w = a["key"], a["results"], a["results"]["wrong"]["summary"]
+        rows.append({"method": k["method"], "block_size": k["block_size"], "model": a["checkpoint"]["model"],
+                     "test_images": a["test"]["images"], "task": "classification",
+                     "plain_trained_baseline_top1": baselines.get(a["checkpoint"]["model"]),
+                     "correct_top1": round(r["correct"]["top1_acc"], 4), "plain_top1": round(r["plain"]["top1_acc"], 4),
+                     "wrong_mean_top1": round(w["mean"], 4), "wrong_std_top1": round(w["std"], 4),
+                     "wrong_max_top1": round(w["max"], 4), "wrong_keys": a["wrong_keys"]["count"],
+                     "audit": a.get("_source", "")})
+    md = ["| method | M | model | test images | baseline (no key) | correct key | plain images | wrong keys (mean ± std) | wrong keys (max) | audit |",
+          "|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    for x in rows:
+        base = f"{x['plain_trained_baseline_top1']:.4f}" if x["plain_trained_baseline_top1"] is not None else "—"
+        md.append(f"| {x['method'].upper()} | {x['block_size']} | {x['model']} | {x['test_images']} | {base} | "
+                  f"{x['correct_top1']:.4f} | {x['plain_top1']:.4f} | {x['wrong_mean_top1']:.4f} ± "
+                  f"{x['wrong_std_top1']:.4f} | {x['wrong_max_top1']:.4f} | {x['audit'] or '—'} |")
+    for model, acc in sorted(baselines.items()):
+        if not any(x["model"] == model for x in rows):
+            md.append(f"| — | — | {model} | — | {acc:.4f} | — | — | — | — | — |")
+    md += ["", "Each cell is top-1 accuracy on the test split (classification audits)."]
+    return md, rows
+
+
 def table(audits: list[dict], sources: list | None = None) -> tuple[str, str]:
     """Table-1 style rows (markdown, CSV): method × block size → per model: correct key, plain
     images, wrong keys; plain-trained baselines alongside; the paper's number when full scale.
-    ``sources``: each audit's file, shown in an ``audit`` column (several audits of one run)."""
+    ``sources``: each audit's file, shown in an ``audit`` column (several audits of one run).
+    Classification audits get their own top-1 table after the segmentation one (CSV: one file,
+    the classification rows with their own columns and ``task``)."""
     if sources is not None:
         audits = [{**a, "_source": str(src)} for a, src in zip(audits, sources)]
+    classified = [a for a in audits if is_classification(a)]
+    audits = [a for a in audits if not is_classification(a)]
+    cls_md, cls_rows = classification_table(classified) if classified else ([], [])
+    if not audits and classified:
+        return _csv_and_md(cls_md, cls_rows)
     baselines = {a["checkpoint"]["model"]: a["results"]["plain"]["miou"] for a in audits if a.get("kind") == "baseline"}
     baselines_per_image = {a["checkpoint"]["model"]: _rounded(a, "results.plain.miou_per_image_mean")
                            for a in audits if a.get("kind") == "baseline"}
@@ -367,8 +423,15 @@ def table(audits: list[dict], sources: list | None = None) -> tuple[str, str]:
               "uses the dataset-level number; the paper does not state which aggregation its Table 1 uses.")
     md.append("")
     md.append(f"Paper baseline (no key, FCN-ResNet50, VOC2012 val): {PAPER_BASELINE:.4f}.")
+    if classified:
+        md += ["", "Classification (top-1 accuracy):", ""] + cls_md
+    return _csv_and_md(md, rows + cls_rows)
+
+
+def _csv_and_md(md: list[str], rows: list[dict]) -> tuple[str, str]:
+    fields = list(dict.fromkeys(f for row in rows for f in row)) or ["method"]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["method"])
+    writer = csv.DictWriter(buf, fieldnames=fields, restval="")
     writer.writeheader()
     writer.writerows(rows)
     return "\n".join(md) + "\n", buf.getvalue()

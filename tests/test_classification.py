@@ -75,6 +75,37 @@ def test_encrypt_train_evaluate_top1(cls_data, tmp_path):
     assert r["correct"]["top1_acc"] > r["plain"]["top1_acc"] + 0.2
     assert r["correct"]["top1_acc"] > r["wrong"]["summary"]["mean"] + 0.2
     assert (run / "audit" / "audit.png").exists() and "top-1" in (run / "audit" / "audit.md").read_text()
+    rep = invoke("report", run, "--csv", tmp_path / "t.csv")
+    assert rep.exit_code == 0, rep.output
+    row = next(line for line in rep.output.splitlines() if line.startswith("| SHF | 4 | patch_vit | 18 |"))
+    s = r["wrong"]["summary"]
+    assert (f"| {r['correct']['top1_acc']:.4f} | {r['plain']['top1_acc']:.4f} | {s['mean']:.4f} ± {s['std']:.4f} | "
+            f"{s['max']:.4f} |") in row
+    header, line = (tmp_path / "t.csv").read_text().splitlines()[:2]
+    assert "correct_top1" in header and "wrong_std_top1" in header and ",classification," in line
+
+
+def test_report_mixes_segmentation_and_classification_audits():
+    from keyshard.evaluate.report import check_audit, table
+
+    common = {"format": "keyshard-audit/1", "kind": "key", "key": {"method": "np", "block_size": 4},
+              "test": {"images": 20}, "wrong_keys": {"count": 2}}
+    seg = {**common, "checkpoint": {"model": "small", "data": {"image_size": 64}},
+           "results": {"correct": {"miou": 0.5}, "plain": {"miou": 0.1},
+                       "wrong": {"summary": {"mean": 0.05, "max": 0.07}}}}
+    cls = {**common, "task": "classification", "checkpoint": {"model": "patch_vit", "data": {"image_size": 32}},
+           "results": {"correct": {"top1_acc": 0.9}, "plain": {"top1_acc": 0.3},
+                       "wrong": {"summary": {"mean": 0.25, "std": 0.1, "min": 0.1, "max": 0.4}}}}
+    for doc in (seg, cls):
+        check_audit(doc, "a.json")
+    md, csv_text = table([seg, cls])
+    assert "| NP | 4 | small | 20 | — | 0.5000 | 0.1000 | 0.0500 | 0.0700 |" in md
+    assert "| NP | 4 | patch_vit | 20 | — | 0.9000 | 0.3000 | 0.2500 ± 0.1000 | 0.4000 | — |" in md
+    assert csv_text.splitlines()[0].startswith("method,block_size,model,test_images,plain_trained_baseline_miou")
+    assert len(csv_text.splitlines()) == 3
+    bad = {**cls, "results": {**cls["results"], "correct": {"miou": 0.9}}}
+    with pytest.raises(Exception, match="results.correct.top1_acc"):
+        check_audit(bad, "b.json")
 
 
 @pytest.mark.parametrize("method,m", [("shf", 4), ("np", 4), ("shf", 2), ("np", 8)])
@@ -119,3 +150,43 @@ def test_protect_command_on_patch_vit(cls_data, tmp_path):
         want = plain_model(normalize_pixels(torch.from_numpy(x), 255))["out"]
         got = model(normalize_pixels(torch.from_numpy(enc), 255))["out"]
     assert (got - want).abs().max().item() <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def np2_run(cls_data):
+    """NP M=2 keyed shards of the toy set and a patch_vit trained on them (for the attacks)."""
+    root = cls_data / "np2"
+    key = root / "key.json"
+    root.mkdir()
+    keys.save(keys.Key("np", 2, fixed_secret(7)), key)
+    res = invoke("encrypt", "--image-folder", cls_data / "toy", "--key", key, "-o", root / "enc", "--size", 32,
+                 "--shard-size", 32, "-j", 1, "-q")
+    assert res.exit_code == 0, res.output
+    res = invoke("train", "--shards", root / "enc", "--out", root / "run", "--epochs", 4, "--workers", 0, "-q")
+    assert res.exit_code == 0, res.output
+    return root
+
+
+def test_known_plaintext_on_image_folder_shards(cls_data, np2_run, tmp_path):
+    for enc, key in ((cls_data / "enc", cls_data / "key.json"), (np2_run / "enc", np2_run / "key.json")):
+        out = tmp_path / f"{enc.parent.name}-recovered.json"
+        res = invoke("attack", "known-plaintext", "--plain", cls_data / "plain", "--encrypted", enc, "-o", out,
+                     "--key", key)
+        assert res.exit_code == 0, res.output
+        report = json.loads(res.output[: res.output.rindex("}") + 1])
+        assert report["reproduced"] == 90
+        assert report.get("true_mask_equal", report.get("true_key_equal_where_determined")) is True
+
+
+def test_attack_search_on_a_classifier(cls_data, np2_run, tmp_path):
+    out = tmp_path / "search.json"
+    res = invoke("attack", "search", "--checkpoint", np2_run / "run" / "best.pt", "--labelled-shards",
+                 cls_data / "plain", "--labelled-split", "train", "--labelled", 32, "--test", cls_data / "plain",
+                 "--key", np2_run / "key.json", "--top", 3, "--out", out)
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    assert report["task"] == "classification" and report["mode"] == "exhaustive" and report["evaluations"] == 924
+    assert report["true_key_rank"] == 1 and report["true_key_found"]
+    best = report["best"][0]
+    assert best["distance_to_true_key"] == 0 and "test_miou" not in best
+    assert best["test_top1_acc"] >= 0.8
