@@ -190,3 +190,26 @@ def test_attack_search_on_a_classifier(cls_data, np2_run, tmp_path):
     best = report["best"][0]
     assert best["distance_to_true_key"] == 0 and "test_miou" not in best
     assert best["test_top1_acc"] >= 0.8
+
+
+def test_train_fraction_counts_the_subset(cls_data, tmp_path):
+    import math
+
+    from keyshard.train.classify import subset_filter
+    from keyshard.train.loop import TrainConfig, Trainer
+
+    doc = json.loads((cls_data / "enc" / "manifest.json").read_text())
+    keep = subset_filter(0.25, 0)
+    subset = sum(keep(key) for s in doc["shards"] if s["split"] == "train"
+                 for key, _ in iter_tar_samples(cls_data / "enc" / s["file"]))
+    assert 0 < subset < doc["splits"]["counts"]["train"]
+    cfg = TrainConfig.from_preset("demo", epochs=2, batch_size=4, micro_batch=4, workers=0, train_fraction=0.25, seed=0)
+    result = Trainer(cls_data / "enc", tmp_path / "run", cfg, progress=False, log=lambda m: None).fit()
+    for epoch in result["history"]:
+        assert epoch["train_samples"] == subset and epoch["train_padding"] == 0
+        assert epoch["steps"] == math.ceil(subset / 4)
+    # the schedule completes every epoch: after the last step it stands where it does at t = 2 epochs
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=cfg.restart_epochs, eta_min=cfg.min_lr)
+    sched.step(2.0)
+    assert result["history"][-1]["lr"] == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)

@@ -173,6 +173,7 @@ class ShardLoader:
     def __init__(self, stream: _ShardStream, batch_size: int, workers: int):
         self.stream, self.batch_size = stream, batch_size
         self.manifest = stream.manifest
+        self._kept = {}  # shard files -> how many of their samples the keep filter accepts
         self._loader = torch.utils.data.DataLoader(
             stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
             pin_memory=pick_device().type == "cuda", prefetch_factor=4 if workers else None)
@@ -180,9 +181,26 @@ class ShardLoader:
     def set_epoch(self, epoch: int) -> None:
         self.stream.epoch[0] = epoch
 
+    def set_keep(self, keep) -> None:
+        """Read only the samples whose key ``keep(key)`` accepts (``--train-fraction``; one rank)."""
+        if keep is not None and self.stream.world > 1:
+            raise KeyshardError("a sample subset is read by one process only")
+        self.stream.keep = keep
+        self._kept = {}
+
     @property
     def plan(self) -> EpochPlan:
-        return self.stream.plan()
+        plan = self.stream.plan()
+        if self.stream.keep is None:
+            return plan
+        # a subset: its exact size (the keys of this epoch's shards that ``keep`` accepts) before
+        # the epoch, so the step count and the schedule count it; counted once per shard list
+        files = tuple(sorted(s["file"] for s in plan.shards))
+        if files not in self._kept:
+            self._kept[files] = sum(sum(1 for key in _shard_keys(loc, shard) if self.stream.keep(key))
+                                    for loc, shard in zip(plan.locations, plan.shards))
+        n = self._kept[files]
+        return EpochPlan(plan.locations, plan.shards, n, n)
 
     def __len__(self) -> int:
         return math.ceil(self.plan.target / self.batch_size)
@@ -213,8 +231,6 @@ class ShardLoader:
                 yield pixels[:bs], masks[:bs], ids[:bs], 0
                 pending = [(pixels[bs:], masks[bs:], ids[bs:])] if n_pending > bs else []
                 n_pending -= bs
-        if self.stream.keep is not None:  # a subset: its size is known only once read (one rank only)
-            plan = EpochPlan(plan.locations, plan.shards, seen, seen)
         if seen != plan.samples:
             raise KeyshardError(f"read {seen} samples but the manifest lists {plan.samples} for this rank "
                                 "(shards changed? run `keyshard verify`)")
@@ -234,6 +250,28 @@ class ShardLoader:
         for i in range(0, len(ids), bs):
             n = len(ids[i:i + bs])
             yield pixels[i:i + bs], masks[i:i + bs], ids[i:i + bs], max(0, min(n, i + n - n_pending))
+
+
+def _shard_keys(location: str, shard: dict):
+    """The sample keys of one shard: a local tar's member headers only (tarfile seeks past the
+    data), a remote one streamed and checked."""
+    import os
+    import tarfile
+
+    if not sources.is_url(location) and os.path.isfile(location):
+        try:
+            with tarfile.open(location, "r:") as tf:
+                seen = None
+                for member in tf:
+                    key = member.name.partition(".")[0]
+                    if member.isfile() and key != seen:
+                        seen = key
+                        yield key
+        except (tarfile.TarError, OSError) as exc:
+            raise KeyshardError(f"{location}: not a readable shard ({exc}); run `keyshard verify`") from None
+        return
+    for key, _ in stream_shard(location, shard, verify=True):
+        yield key
 
 
 def _rank_world(rank, world) -> tuple[int, int]:

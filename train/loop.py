@@ -191,7 +191,7 @@ class Trainer:
             if self.cfg.train_fraction is not None:
                 raise KeyshardError("--train-fraction is for classification shards")
         if self.cfg.train_fraction is not None and self.dist.world > 1:
-            raise KeyshardError("--train-fraction runs on one process (its subset size is known only once read)")
+            raise KeyshardError("--train-fraction runs on one process")
 
     def _model_block_size(self) -> int | None:
         """Block size a block-aligned model is built for: the shards' key, or --block-size on plain shards."""
@@ -276,7 +276,7 @@ class Trainer:
             if split == "train" and self.cfg.train_fraction is not None:
                 from keyshard.train.classify import subset_filter
 
-                loader.stream.keep = subset_filter(self.cfg.train_fraction, self.cfg.seed)
+                loader.set_keep(subset_filter(self.cfg.train_fraction, self.cfg.seed))
             self._loaders[split] = loader
         loader.set_epoch(epoch)
         return loader.plan, loader
