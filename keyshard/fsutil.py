@@ -129,3 +129,30 @@ def os_error_line(exc: OSError) -> str:
     """An OSError the commands did not anticipate, as the CLI's one error line."""
     name = exc.filename if exc.filename is not None else ""
     return f"{name}: {_reason(exc)}" if name else f"{_reason(exc)}"
+
+
+def write_new(path: Path, data: bytes, mode: int = 0o600, overwrite: bool = False, what: str = "file") -> None:
+    """Create ``path`` with ``data`` for secrets and keys: a temporary file made with ``mode`` from
+    the start (never readable by others, not even briefly), fsynced and renamed into place.  An
+    existing ``path`` is refused unless ``overwrite`` (checked again right before the rename)."""
+    from keyshard.errors import KeyshardError
+
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    tmp = parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)  # the umask may have removed bits from the requested mode
+        if not overwrite and path.exists():
+            raise KeyshardError(f"{path}: already exists; refusing to overwrite it")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise KeyshardError(f"{path}: cannot write {what} ({exc.strerror})") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from keyshard.errors import KeyshardError
+from keyshard.fsutil import write_new
 
 KEY_FORMAT = "keyshard-key/1"
 METHODS = ("shf", "np", "ffx")
@@ -378,23 +379,7 @@ def save(key: Key, path: str | os.PathLike, force: bool = False) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise KeyshardError(f"{path}: cannot write key, directory {parent} does not exist")
-    tmp = parent / f".{path.name}.tmp-{os.getpid()}"
-    data = (json.dumps(doc, indent=2) + "\n").encode()
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        if not force and path.exists():
-            raise KeyshardError(f"{path}: already exists; refusing to overwrite a key (use --force)")
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise KeyshardError(f"{path}: cannot write key file ({exc.strerror})") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_new(path, (json.dumps(doc, indent=2) + "\n").encode(), 0o600, overwrite=force, what="key file")
 
 
 def load(path: str | os.PathLike) -> Key:

@@ -36,6 +36,7 @@ import os
 from pathlib import Path
 
 from keyshard.errors import KeyshardError
+from keyshard.fsutil import write_new
 
 SIGNATURE_SUFFIX = ".sig"
 SIGNATURE_FILE = "manifest.json" + SIGNATURE_SUFFIX
@@ -59,28 +60,6 @@ def public_path(name: str | os.PathLike) -> Path:
     return Path(str(name) + PUBLIC_SUFFIX)
 
 
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    """Create ``path`` with ``data``: a temporary file made with ``mode`` from the start, fsynced,
-    renamed into place; an existing ``path`` is refused (checked again right before the rename)."""
-    parent = path.parent if str(path.parent) else Path(".")
-    tmp = parent / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)  # the umask may have removed bits from the requested mode
-        if path.exists():
-            raise KeyshardError(f"{path}: already exists; refusing to overwrite")
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise KeyshardError(f"{path}: cannot write ({exc.strerror})") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def generate(name: str | os.PathLike) -> str:
     """Write a new Ed25519 key pair: ``name`` (private, 0600) and ``name.pub``; return the signer
     fingerprint.  An existing ``name`` or ``name.pub`` is an error (nothing is written)."""
@@ -99,9 +78,9 @@ def generate(name: str | os.PathLike) -> str:
                                         serialization.NoEncryption())
     public_pem = private.public_key().public_bytes(serialization.Encoding.PEM,
                                                    serialization.PublicFormat.SubjectPublicKeyInfo)
-    _write_new(private_path, private_pem, 0o600)
+    write_new(private_path, private_pem, 0o600, what="signing key")
     try:
-        _write_new(pub_path, public_pem, 0o644)
+        write_new(pub_path, public_pem, 0o644, what="public key")
     except KeyshardError:
         private_path.unlink()  # ours, just written: leave no half pair behind
         raise
