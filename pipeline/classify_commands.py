@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
-from keyshard import keys, options
+from keyshard import options
 from keyshard.errors import KeyshardError
 
 
@@ -39,24 +37,16 @@ def parse_splits_from(value: str | None) -> dict | None:
     return out
 
 
-def encrypt_image_folder(folder, key_file, plain, output, splits, size, shard_size, jobs, split_seed, holdout,
-                         max_pixels, val_fraction, splits_from, quiet):
-    """``keyshard encrypt --image-folder DIR`` (called by the encrypt command)."""
-    from keyshard.pipeline import image_folder
+def image_folder_dataset(folder, val_fraction, splits_from):
+    """The ``encrypt --image-folder DIR`` source, its options checked before any work (the encrypt
+    command then runs the one encryption job on it)."""
+    from keyshard.pipeline.image_folder import ImageFolderDataset
 
-    if plain == bool(key_file):
-        raise KeyshardError("give exactly one of --key KEY_FILE or --plain")
     if val_fraction is not None and splits_from:
         raise KeyshardError("give --val-fraction or --splits-from, not both")
     if val_fraction is not None and not 0 <= val_fraction < 1:
         raise KeyshardError(f"--val-fraction {val_fraction}: must be in [0, 1)")
-    key = keys.load(key_file) if key_file else None
-    opts = image_folder.FolderOptions(size=size, splits=splits, shard_size=shard_size, split_seed=split_seed,
-                                      holdout=holdout, max_pixels=max_pixels,
-                                      val_fraction=None if splits_from else (0.2 if val_fraction is None else val_fraction))
-    doc = image_folder.run(folder, output, key, opts, parse_splits_from(splits_from), jobs=jobs,
-                           command=["keyshard", *sys.argv[1:]], progress=not quiet)
-    n = sum(s["samples"] for s in doc["shards"])
-    counts = ", ".join(f"{k} {v}" for k, v in doc["splits"]["counts"].items())
-    click.echo(f"wrote {n} samples ({doc['dataset']['num_classes']} classes) in {len(doc['shards'])} shards to "
-               f"{output} ({counts}); manifest.json written")
+    lists = parse_splits_from(splits_from)
+    dataset = ImageFolderDataset(folder, lists, None if lists else (0.2 if val_fraction is None else val_fraction))
+    dataset.check()
+    return dataset

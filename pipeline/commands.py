@@ -146,21 +146,22 @@ def encrypt(voc, image_dir, mask_dir, num_classes, ignore_index, label_map, redu
                                      ("--class-names", class_names)) if v is not None and v is not False]
     if seg_only and not (image_dir or mask_dir):
         raise KeyshardError(f"{seg_only[0]} is for --image-dir/--mask-dir datasets")
-    if image_folder is not None:
-        from keyshard.pipeline.classify_commands import encrypt_image_folder
-
-        return encrypt_image_folder(image_folder, key_file, plain, output, splits, size, shard_size, jobs,
-                                    split_seed, holdout, max_pixels, val_fraction, splits_from, quiet)
-    if voc is None and not (image_dir or mask_dir):
+    if voc is None and image_folder is None and not (image_dir or mask_dir):
         raise KeyshardError("give the source: --voc DIR_OR_TAR, --image-dir DIR --mask-dir DIR, or --image-folder DIR")
     if voc is not None and (val_fraction is not None or splits_from is not None):
         raise KeyshardError("--splits-from and --val-fraction are not for --voc (VOC's splits are its "
                             "ImageSets/Segmentation files)")
     if plain == bool(key_file):
         raise KeyshardError("give exactly one of --key KEY_FILE or --plain")
-    folders = None if voc is not None else _folder_dataset(image_dir, mask_dir, num_classes, ignore_index,
-                                                           label_map, reduce_zero_label, class_names,
-                                                           splits_from, val_fraction)
+    if image_folder is not None:
+        from keyshard.pipeline.classify_commands import image_folder_dataset
+
+        folders = image_folder_dataset(image_folder, val_fraction, splits_from)
+    elif voc is None:
+        folders = _folder_dataset(image_dir, mask_dir, num_classes, ignore_index, label_map, reduce_zero_label,
+                                  class_names, splits_from, val_fraction)
+    else:
+        folders = None
     key = keys.load(key_file) if key_file else None
     signer = signing.load_private(sign_with) if sign_with else None  # a bad key fails before any work
     if sign_with and (warning := signing.check_file_mode(sign_with)):
@@ -178,7 +179,9 @@ def encrypt(voc, image_dir, mask_dir, num_classes, ignore_index, label_map, redu
             client.close()
     n = sum(s["samples"] for s in doc["shards"])
     counts = ", ".join(f"{k} {v}" for k, v in doc["splits"]["counts"].items())
-    click.echo(f"wrote {n} samples in {len(doc['shards'])} shards to {output} ({counts}); manifest.json written")
+    classes = f" ({doc['dataset']['num_classes']} classes)" if doc["dataset"]["kind"] == "image-folder" else ""
+    click.echo(f"wrote {n} samples{classes} in {len(doc['shards'])} shards to {output} ({counts}); "
+               "manifest.json written")
     if signer is not None:
         sig = signing.write_signature(Path(output) / "manifest.json", signer)
         click.echo(f"signed: {sig} (signer {signing.fingerprint(signer.public_key())})")

@@ -32,7 +32,7 @@ from keyshard.keys import Key, KeyMaterial
 from keyshard.transforms import compile_plan
 from keyshard.pipeline import MAX_PIXELS
 from keyshard.pipeline import manifest as manifest_mod
-from keyshard.pipeline.samples import BadSample, load_torch, prepare, replica_seed
+from keyshard.pipeline.samples import BadSample, load_torch, prepare, prepare_image, replica_seed
 from keyshard.pipeline.splits import SPLITS, split_ids
 from keyshard.pipeline.voc import SampleRef, VocSource
 
@@ -150,7 +150,8 @@ def process_shard(task: ShardTask, material: KeyMaterial | None, options: Encryp
     """Write one shard atomically and return (and persist) its completion record.
 
     ``labels``: a ``folders.LabelSpec`` (lookup table, class count, ignore index) for a folder
-    dataset; None for VOC, whose masks meet VOC's own checks."""
+    dataset; None for VOC, whose masks meet VOC's own checks.  Refs with a ``cls`` (image folders,
+    ``image_folder.ClassRef``) have no mask: their sample holds ``<key>.cls`` instead of ``<key>.mask.png``."""
     exit_with_parent(owner)
     _single_threaded_torch()
     plan = _plan_for(material, options.size)
@@ -160,26 +161,40 @@ def process_shard(task: ShardTask, material: KeyMaterial | None, options: Encryp
     with open(tmp, "wb") as f:
         writer = shardformat.ShardWriter(f)
         for ref in task.refs:
+            cls = getattr(ref, "cls", None)  # image-folder refs (image_folder.ClassRef): a class, no mask
             try:
-                image_bytes, mask_bytes = ref.image.read(), ref.mask.read()
                 seed = replica_seed(options.augment_seed, ref.voc_id, task.replica) if task.replica else None
-                img, mask, orig = prepare(image_bytes, mask_bytes, options.size, ref.image.label,
-                                          ref.mask.label, seed, options.crop_scale, options.max_pixels,
-                                          labels=labels)
+                if cls is None:
+                    image_bytes, mask_bytes = ref.image.read(), ref.mask.read()
+                    img, mask, orig = prepare(image_bytes, mask_bytes, options.size, ref.image.label,
+                                              ref.mask.label, seed, options.crop_scale, options.max_pixels,
+                                              labels=labels)
+                else:
+                    image_bytes = ref.image.read()
+                    img, orig = prepare_image(image_bytes, options.size, ref.image.label, seed,
+                                              options.crop_scale, options.max_pixels)
             except BadSample as exc:
                 if not options.skip_bad:
                     raise
                 failed.append({"id": ref.voc_id, "split": task.split, "replica": task.replica,
                                "reason": str(exc)})
                 continue
-            inputs.append([ref.voc_id, hashlib.sha256(image_bytes).hexdigest(),
-                           hashlib.sha256(mask_bytes).hexdigest()])
             pixels = plan.encrypt(img) if plan is not None else img
             meta = {"id": ref.voc_id, "orig_size": list(orig), "split": task.split, "replica": task.replica}
-            writer.write({"__key__": shardformat.sample_key(ref.voc_id, task.replica),
+            if cls is None:
+                inputs.append([ref.voc_id, hashlib.sha256(image_bytes).hexdigest(),
+                               hashlib.sha256(mask_bytes).hexdigest()])
+                sample = {"__key__": shardformat.sample_key(ref.voc_id, task.replica),
                           "img.npy": shardformat.encode_npy(pixels),
                           "mask.png": shardformat.encode_mask(mask),
-                          "json": shardformat.encode_meta(meta)})
+                          "json": shardformat.encode_meta(meta)}
+            else:  # <key>.cls: the class index as ASCII; ids are paths, so "/" becomes "__" in the key
+                inputs.append([ref.voc_id, hashlib.sha256(image_bytes).hexdigest(), str(cls)])
+                sample = {"__key__": shardformat.sample_key(ref.voc_id.replace("/", "__"), task.replica),
+                          "img.npy": shardformat.encode_npy(pixels),
+                          "cls": str(cls).encode(),
+                          "json": shardformat.encode_meta({**meta, "class": cls})}
+            writer.write(sample)
         stats = writer.close()
     # Not fsynced here: rename is atomic, resume re-hashes every shard against its record, and
     # run() fsyncs each finished shard in the background before it writes the manifest.
@@ -318,7 +333,8 @@ def run(voc: str | None, out: str, key: Key | None, options: EncryptOptions, job
         progress: bool = True, folders=None) -> dict:
     """Run (or resume) an encryption job and return the manifest written to ``out``.
 
-    ``folders``: a ``folders.FolderDataset`` (``--image-dir/--mask-dir``) instead of ``voc``."""
+    ``folders``: a ``folders.FolderDataset`` (``--image-dir/--mask-dir``) or an
+    ``image_folder.ImageFolderDataset`` (``--image-folder``) instead of ``voc``."""
     from joblib import Parallel, delayed, effective_n_jobs, parallel_config
 
     if key is not None and options.size % key.block_size:
@@ -382,6 +398,8 @@ def run(voc: str | None, out: str, key: Key | None, options: EncryptOptions, job
     fsync_path(out_path)
     doc = manifest_mod.build(identity, key, options, ordered, counts, command or sys.argv,
                              dataset=identity.get("dataset"), split_rule=getattr(source, "rule", None))
+    if getattr(source, "mask_resize", None):  # image folders: no masks
+        doc["image"]["mask_resize"] = source.mask_resize
     manifest_mod.write(out_path, doc)
     shutil.rmtree(partial, ignore_errors=True)
     return doc

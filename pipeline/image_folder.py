@@ -8,54 +8,50 @@ ASCII text, the WebDataset convention) and ``<key>.json``.  The manifest's ``dat
 
 Splits: ``--val-fraction F`` draws the test split per class (ids with the smallest
 sha256('<seed>|val|<id>')), or ``--splits-from train=FILE,val=FILE`` lists ids; the holdout is
-drawn from train exactly as for VOC (``splits.split_ids``).  Shards are written by joblib workers
-in parallel; the bytes depend only on the inputs, key and options.
+drawn from train exactly as for VOC (``splits.split_ids``).
+
+``ImageFolderSource`` has the interface ``encrypt_job.plan_tasks`` and ``job_identity`` use on
+``VocSource``; its refs (``ClassRef``) carry the class index instead of a mask, so everything
+after planning — workers, backends, ``--resume``, ``--skip-bad``, manifest, determinism — is the
+one encryption job's.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import shutil
-import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from keyshard import __version__, shardformat
+from keyshard import shardformat
 from keyshard.errors import KeyshardError
-from keyshard.fsutil import write_json_atomic  # noqa: F401  (manifest.write uses it)
-from keyshard.keys import Key
-from keyshard.pipeline import MAX_PIXELS
-from keyshard.pipeline import manifest as manifest_mod
-from keyshard.pipeline.splits import SPLITS, split_ids
+from keyshard.pipeline.voc import Blob
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-PARTIAL_DIR = ".keyshard-partial"
+MASK_RESIZE = "none (classification: labels are class indices)"
 
 
 @dataclass(frozen=True)
-class FolderOptions:
-    size: int = 256
-    splits: tuple[str, ...] = SPLITS
-    shard_size: int = 128
-    split_seed: int = 0
-    holdout: int | None = None
-    val_fraction: float | None = 0.2
-    max_pixels: int = MAX_PIXELS
-    # fields manifest.build reads (no augmentation replicas for image folders)
-    augment_copies: int = 0
-    augment_seed: int = 0
-    crop_scale: tuple[float, float] = (0.08, 1.0)
+class ClassRef:
+    """One image-folder sample: its image and class index (``process_shard`` writes ``<key>.cls``)."""
+
+    voc_id: str
+    image: Blob
+    cls: int
 
 
-def scan(root: Path) -> tuple[list[str], dict[str, int]]:
-    """Class names (sorted sub-folders) and {id: class index} of every image file under them."""
+def class_names(root: Path) -> list[str]:
+    """Sorted class sub-folders of ``root`` (at least 2)."""
     if not root.is_dir():
         raise KeyshardError(f"{root}: not a directory (expected one sub-folder per class)")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < 2:
         raise KeyshardError(f"{root}: holds {len(classes)} class folder(s); an ImageFolder layout needs at least 2")
+    return classes
+
+
+def scan(root: Path) -> tuple[list[str], dict[str, int]]:
+    """Class names (sorted sub-folders) and {id: class index} of every image file under them."""
+    classes = class_names(root)
     labels = {}
     for c, name in enumerate(classes):
         files = sorted(p for p in (root / name).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -72,9 +68,9 @@ def scan(root: Path) -> tuple[list[str], dict[str, int]]:
     return classes, labels
 
 
-def key_of(sample_id: str) -> str:
+def key_of(sample_id: str, replica: int = 0) -> str:
     """WebDataset key of an id: path separators become ``__``, dots are dropped (``shardformat.sample_key``)."""
-    return shardformat.sample_key(sample_id.replace("/", "__"))
+    return shardformat.sample_key(sample_id.replace("/", "__"), replica)
 
 
 def _read_list(path: str, labels: dict) -> list[str]:
@@ -91,122 +87,90 @@ def _read_list(path: str, labels: dict) -> list[str]:
     return ids
 
 
-def plan_splits(labels: dict, options: FolderOptions, splits_from: dict | None) -> dict[str, list[str]]:
-    if splits_from:
-        train = _read_list(splits_from["train"], labels)
-        val = _read_list(splits_from["val"], labels) if "val" in splits_from else []
-        both = set(train) & set(val)
-        if both:
-            raise KeyshardError(f"{splits_from['val']}: id {min(both)!r} is also in the train list")
-    else:
-        f = options.val_fraction
-        by_class: dict[int, list[str]] = {}
-        for i, c in labels.items():
-            by_class.setdefault(c, []).append(i)
-        val = []
-        for c, ids in sorted(by_class.items()):
-            ranked = sorted(ids, key=lambda i: hashlib.sha256(f"{options.split_seed}|val|{i}".encode()).digest())
-            val += ranked[:max(1, round(f * len(ids)))] if f > 0 else []
-        chosen = set(val)
-        train = [i for i in labels if i not in chosen]
-    if "test" in options.splits and not val:
-        raise KeyshardError("the test split is empty (give --val-fraction > 0 or a val= list)")
-    return split_ids(train, val, options.split_seed, options.holdout)
+class ImageFolderSource:
+    """An ImageFolder layout as a source of ``encrypt_job`` (ids per split, refs, split hashes)."""
+
+    kind = "dir"
+    layout_root = "."
+
+    def __init__(self, path: str, splits_from: dict | None, val_fraction: float | None, seed: int):
+        self.path = Path(path)
+        self.classes, self.labels = scan(self.path)
+        self.splits_from = splits_from
+        self.val_fraction = val_fraction
+        if splits_from:
+            train = _read_list(splits_from["train"], self.labels)
+            val = _read_list(splits_from["val"], self.labels) if "val" in splits_from else []
+            both = set(train) & set(val)
+            if both:
+                raise KeyshardError(f"{splits_from['val']}: id {min(both)!r} is also in the train list")
+            self.rule = "train/test from --splits-from lists"
+        else:
+            f = val_fraction
+            by_class: dict[int, list[str]] = {}
+            for i, c in self.labels.items():
+                by_class.setdefault(c, []).append(i)
+            val = []
+            for c, ids in sorted(by_class.items()):
+                ranked = sorted(ids, key=lambda i: hashlib.sha256(f"{seed}|val|{i}".encode()).digest())
+                val += ranked[:max(1, round(f * len(ids)))] if f > 0 else []
+            chosen = set(val)
+            train = [i for i in self.labels if i not in chosen]
+            self.rule = f"test = per class the round({f} x n) ids with the smallest sha256('<seed>|val|<id>')"
+        self.rule += "; holdout = ids of train with the smallest sha256('<seed>|<id>')"
+        self.mask_resize = MASK_RESIZE
+        self._ids = {"train": train, "val": val}
+
+    def split_ids(self, name: str) -> list[str]:
+        ids = self._ids[name]
+        if name == "val" and not ids:
+            raise KeyshardError("the test split is empty (give --val-fraction > 0 or a val= list)")
+        return ids
+
+    def split_sha256(self, name: str) -> str:
+        if not self.splits_from or name not in self.splits_from:
+            raise KeyshardError(f"no {name} list")  # --val-fraction: the rule and identity() say it
+        return hashlib.sha256(Path(self.splits_from[name]).read_bytes()).hexdigest()
+
+    def split_file_label(self, split: str) -> str:
+        name = {"train": "train", "holdout": "train", "test": "val"}[split]
+        if self.splits_from and name in self.splits_from:
+            return str(self.splits_from[name])
+        return f"--val-fraction {name} part"
+
+    def ref(self, sample_id: str, split_file: str) -> ClassRef:
+        if sample_id not in self.labels:
+            raise KeyshardError(f"{split_file}: lists {sample_id!r}, which is not an image of {self.path}")
+        p = self.path / sample_id
+        return ClassRef(sample_id, Blob(str(p), str(p.resolve())), self.labels[sample_id])
+
+    def identity(self) -> dict:
+        """The ``source`` fields beyond VOC's: the split rule's input and a hash of (id, class)."""
+        sha = hashlib.sha256()
+        for i, c in self.labels.items():
+            sha.update(f"{i} {c}\n".encode())
+        return {"val_fraction": self.val_fraction, "images_sha256": sha.hexdigest()}
 
 
-_PLAN = {}
+@dataclass(frozen=True)
+class ImageFolderDataset:
+    """The ``encrypt --image-folder`` options; ``check`` is cheap (class folders only), ``open``
+    scans every file (in the main process while the workers start)."""
 
+    root: str
+    splits_from: dict | None = None
+    val_fraction: float | None = 0.2
 
-def _plan(material, size):
-    if material is None:
-        return None
-    ident = (hashlib.sha256(material.canonical_bytes()).digest(), size)
-    if ident not in _PLAN:
-        from keyshard.transforms import compile_plan
+    def check(self) -> tuple[None, dict, dict]:
+        """(worker label spec: none, the class is in each ref; manifest ``dataset`` entry; extra ``source`` fields)."""
+        names = class_names(Path(self.root))
+        return None, {"kind": "image-folder", "num_classes": len(names), "ignore_index": None,
+                      "class_names": names}, {}
 
-        _PLAN.clear()
-        _PLAN[ident] = compile_plan(material, size, size)
-    return _PLAN[ident]
+    def open(self, seed: int) -> ImageFolderSource:
+        import os
 
-
-def write_shard(name: str, split: str, items: list, root: str, material, options: FolderOptions,
-                tmp_dir: str, out_dir: str) -> dict:
-    """One shard: decode, resize, encrypt and write ``items`` [(id, class)]; atomic rename."""
-    from keyshard.pipeline.samples import BadSample, decode_rgb, load_torch, resize_bilinear
-
-    torch = load_torch()
-    torch.set_num_threads(1)
-    plan = _plan(material, options.size)
-    tmp = Path(tmp_dir) / f"{name}.{os.getpid()}"
-    inputs = []
-    with open(tmp, "wb") as f:
-        writer = shardformat.ShardWriter(f)
-        for sample_id, cls in items:
-            path = Path(root) / sample_id
-            try:
-                data = path.read_bytes()
-            except OSError as exc:
-                raise KeyshardError(f"{path}: unreadable ({exc.strerror})") from None
-            try:
-                img = decode_rgb(data, str(path), options.max_pixels)
-            except BadSample as exc:
-                raise KeyshardError(str(exc)) from None
-            h, w = img.shape[-2:]
-            pixels = resize_bilinear(img, options.size).permute(1, 2, 0).contiguous().numpy()
-            if plan is not None:
-                pixels = plan.encrypt(pixels)
-            inputs.append([sample_id, hashlib.sha256(data).hexdigest(), str(cls)])
-            meta = {"id": sample_id, "orig_size": [int(h), int(w)], "split": split, "replica": 0, "class": cls}
-            writer.write({"__key__": key_of(sample_id), "img.npy": shardformat.encode_npy(pixels),
-                          "cls": str(cls).encode(), "json": shardformat.encode_meta(meta)})
-        stats = writer.close()
-    os.replace(tmp, Path(out_dir) / name)
-    return {"file": name, "split": split, "replica": 0, "samples": stats.samples, "bytes": stats.bytes,
-            "sha256": stats.sha256, "inputs": inputs, "failed": []}
-
-
-def run(root: str, out: str, key: Key | None, options: FolderOptions, splits_from: dict | None = None,
-        jobs: int = -1, command: list[str] | None = None, progress: bool = True) -> dict:
-    from joblib import Parallel, delayed
-
-    from keyshard.pipeline.encrypt_job import _refuse_output
-
-    if key is not None and options.size % key.block_size:
-        raise KeyshardError(f"{key.path or 'key'}: block size {key.block_size} does not divide --size {options.size}")
-    src = Path(root).absolute()
-    classes, labels = scan(src)
-    splits = plan_splits(labels, options, splits_from)
-    out_path = Path(out)
-    _refuse_output(out_path, False)
-    partial = out_path / PARTIAL_DIR
-    (partial / "tmp").mkdir(parents=True, exist_ok=True)
-    tasks, counts = [], {}
-    for split in options.splits:
-        ids = splits[split]
-        counts[split] = len(ids)
-        for index, start in enumerate(range(0, len(ids), options.shard_size)):
-            tasks.append((shardformat.shard_name(split, index), split,
-                          [(i, labels[i]) for i in ids[start:start + options.shard_size]]))
-    material = key.material if key is not None else None
-    records = Parallel(n_jobs=jobs, batch_size=1)(
-        delayed(write_shard)(name, split, items, str(src), material, options, str(partial / "tmp"),
-                             str(out_path.absolute())) for name, split, items in tasks)
-    split_files = {}
-    for name, path in sorted((splits_from or {}).items()):
-        split_files[f"{name}.txt"] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    identity = {
-        "keyshard": __version__, "libraries": manifest_mod.library_versions(),
-        "source": {"kind": "dir", "path": str(src), "root": ".", "split_files": split_files},
-        "options": json.loads(json.dumps(asdict(options))),
-    }
-    doc = manifest_mod.build(identity, key, options, records, counts, command or sys.argv)
-    doc["splits"]["rule"] = (
-        ("train/test from --splits-from lists" if splits_from else
-         f"test = per class the round({options.val_fraction} x n) ids with the smallest sha256('<seed>|val|<id>')")
-        + "; holdout = ids of train with the smallest sha256('<seed>|<id>')")
-    doc["image"]["mask_resize"] = "none (classification: labels are class indices)"
-    doc["dataset"] = {"kind": "image-folder", "num_classes": len(classes), "ignore_index": None,
-                      "class_names": classes}
-    manifest_mod.write(out_path, doc)
-    shutil.rmtree(partial, ignore_errors=True)
-    return doc
+        splits_from = None if not self.splits_from else {
+            name: os.path.abspath(p) for name, p in self.splits_from.items()}
+        return ImageFolderSource(os.path.abspath(self.root), splits_from,
+                                 None if splits_from else self.val_fraction, seed)

@@ -506,3 +506,12 @@ def prepare(image_bytes: bytes, mask_bytes: bytes, size: int, image_label: str, 
         raise BadSample(f"{mask_label}: label map is {mask.size[0]}x{mask.size[1]} but its image is {w}x{h}")
     img, mask = fit(img, mask, size, augment_seed, crop_scale)
     return img, mask, (int(h), int(w))
+
+
+def prepare_image(image_bytes: bytes, size: int, image_label: str, augment_seed: int | None = None,
+                  crop_scale=(0.08, 1.0), max_pixels: int = MAX_PIXELS):
+    """``prepare`` for a sample without a label map (classification): (image HxWx3 uint8, (height, width))."""
+    img = decode_rgb(image_bytes, image_label, max_pixels)
+    h, w = img.shape[-2:]
+    img, _ = fit(img, Image.new("L", (int(w), int(h))), size, augment_seed, crop_scale)
+    return img, (int(h), int(w))
