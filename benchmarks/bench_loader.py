@@ -37,9 +37,9 @@ with ``--toy``, synthetic toy-VOC drawings, all put in the ``test`` split and en
 ``--size`` with an NP M=16 and an FFX M=16 key by ``keyshard.pipeline.encrypt_job.run``.
 
 Targets (issue 10): b/a ≥ 0.95 at every worker count with verification off; with it on at most
-5 % slower where a core is spare (fewer loading processes than cores: the hash thread has a core
-of its own), otherwise its cost in ms per MB is reported; (b) rises with workers while cores are
-free.  With ``--profile auto`` (default), a configuration below 0.95 is profiled with cProfile at
+5 % slower where a core is spare — the verify-off run of (b) kept at least 0.75 of a core idle
+(its CPU ms/sample × samples/s), so the hash thread can have a core of its own — otherwise its
+cost in ms per MB is reported; (b) rises with workers while cores are free.  With ``--profile auto`` (default), a configuration below 0.95 is profiled with cProfile at
 0 workers, (a) and (b) side by side, and the top functions are printed.
 """
 
@@ -63,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SPLIT = "test"
 BLOCK = 16
+SPARE_CORE = 0.75  # idle cores a verify-off run must leave for "a core is spare"
 
 
 def make_shards(work: Path, images: int, size: int, shard_size: int, toy: bool) -> tuple[dict, str]:
@@ -262,6 +263,10 @@ def main():
             dirs, what = make_shards(work, args.images, args.size, args.shard_size, args.toy)
             print(f"made shards in {time.perf_counter() - t:.0f} s", file=sys.stderr)
         sources = {m: Source(m, dirs[m]) for m in methods}
+        n_shards = min(len(s.urls) for s in sources.values())
+        if max(worker_counts) > n_shards:  # a worker without a shard: stock webdataset refuses
+            print(f"only {n_shards} shard(s): skipping --workers above {n_shards}", file=sys.stderr)
+            worker_counts = [w for w in worker_counts if w <= n_shards]
 
         kinds = ("a", "b_off", "b_on")
         best: dict[tuple, float] = {}
@@ -304,6 +309,9 @@ def main():
         print("| key | workers | (a) stock samples/s | (a) MB/s | (b) verify off samples/s | (b) off MB/s | b/a off "
               "| (b) verify on samples/s | (b) on MB/s | b/a on | on vs off | verify cost ms/MB |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        def busy_cores(m, w):  # cores the verify-off (b) process tree kept busy
+            return cpu_ms[m, w, "b_off"] * best[m, w, "b_off"] / 1e3
+
         misses_off, misses_on, not_rising, a_not_rising, costs = [], [], [], [], []
         for m, src in sources.items():
             mb_per_sample = src.bytes / src.samples / 1e6
@@ -312,7 +320,7 @@ def main():
                 a, off, on = (best[m, w, k] for k in kinds)
                 slow = 1 - on / off
                 cost_ms = (1 / (on * mb_per_sample) - 1 / (off * mb_per_sample)) * 1e3
-                spare = max(w, 1) < cores  # loading processes (the main one at 0 workers) < cores
+                spare = cores - busy_cores(m, w) >= SPARE_CORE  # the hash thread can have a core
                 print(f"| {m.upper()} M={BLOCK} | {w} | {a:.0f} | {a * mb_per_sample:.0f} | {off:.0f} | "
                       f"{off * mb_per_sample:.0f} | {off / a:.2f} | {on:.0f} | {on * mb_per_sample:.0f} | "
                       f"{on / a:.2f} | {-slow:+.1%} | {cost_ms:.2f} |")
@@ -330,16 +338,18 @@ def main():
                 prev = a, off
         print("\nCPU time per sample, main process + its DataLoader workers (least of the rounds; "
               "robust to other load, unlike the rates above):\n")
-        print("| key | workers | (a) stock ms | (b) verify off ms | (b) off / (a) | (b) verify on ms | (b) on / (a) |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
+        print("| key | workers | (a) stock ms | (b) verify off ms | (b) off / (a) | (b) verify on ms | (b) on / (a) "
+              "| cores busy, (b) off |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
         for m in sources:
             for w in worker_counts:
                 a, off, on = (cpu_ms[m, w, k] for k in kinds)
-                print(f"| {m.upper()} M={BLOCK} | {w} | {a:.3f} | {off:.3f} | {off / a:.2f} | {on:.3f} | {on / a:.2f} |")
+                print(f"| {m.upper()} M={BLOCK} | {w} | {a:.3f} | {off:.3f} | {off / a:.2f} | {on:.3f} | {on / a:.2f} "
+                      f"| {busy_cores(m, w):.2f} |")
         print()
         print("b/a ≥ 0.95 with verification off at every worker count: "
               + ("met" if not misses_off else "MISSED at " + ", ".join(f"{m} w={w} ({r:.2f})" for m, w, r in misses_off)))
-        print("verification on ≤ 5 % slower where a core is spare (workers ≤ 1 here): "
+        print(f"verification on ≤ 5 % slower where a core is spare (≥ {SPARE_CORE} core idle with it off): "
               + ("met" if not misses_on else "MISSED at " + ", ".join(f"{m} w={w} ({s:.1%})" for m, w, s in misses_on)))
         if costs:
             print("verification cost where no core is spare: "
