@@ -235,7 +235,9 @@ class ShardLoader:
             raise KeyshardError(f"read {seen} samples but the manifest lists {plan.samples} for this rank "
                                 "(shards changed? run `keyshard verify`)")
         pad = plan.target - seen
-        if not pad and not pending:
+        if not pad and len(pending) <= 1:  # nothing or one partial batch: no copy needed
+            for pixels, masks, ids in pending:
+                yield pixels, masks, ids, 0
             return
         shape = self._pad_shape(shape)
         dtype = pending[0][0].dtype if pending else torch.from_numpy(np.zeros(0, self.stream.dtype)).dtype
