@@ -24,6 +24,7 @@ REMOTE_SCHEMES = ("http://", "https://", "s3://")
 RETRIES = 3            # attempts per open on a transient error
 RETRY_BACKOFF_S = 0.25  # doubled after each failed attempt
 S3_BLOCK = 8 << 20      # s3fs read-ahead block: one ranged GET per 8 MiB
+HASH_CHUNK = 1 << 20    # bytes per hand-off to the hashing thread
 
 
 def is_url(source) -> bool:
@@ -124,8 +125,9 @@ class Stream:
         self._f = open_binary(location, size)
         self._sha = hashlib.sha256() if hash_bytes else None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="keyshard-hash") if hash_bytes else None
+        self._chunk, self._pos = b"", 0
 
-    def read(self, n: int = -1) -> bytes:
+    def _fetch(self, n: int) -> bytes:
         try:
             data = self._f.read(n)
         except KeyshardError:
@@ -135,6 +137,18 @@ class Stream:
         self.size += len(data)
         if self._pool is not None and data:
             self._pool.submit(self._sha.update, data)  # one thread: updates stay in order
+        return data
+
+    def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes.  With hashing, the source is read in ``HASH_CHUNK`` pieces, one hand-off
+        to the hashing thread each (per small read, the hand-off cost more than the hash)."""
+        if self._pool is None or n < 0:
+            rest, self._chunk, self._pos = self._chunk[self._pos:], b"", 0
+            return rest + self._fetch(n) if n < 0 or not rest else rest
+        if self._pos >= len(self._chunk):
+            self._chunk, self._pos = self._fetch(max(n, HASH_CHUNK)), 0
+        data = self._chunk[self._pos:self._pos + n]
+        self._pos += len(data)
         return data
 
     def finish(self) -> tuple[int, str | None]:
