@@ -343,7 +343,7 @@ def run(voc: str | None, out: str, key: Key | None, options: EncryptOptions, job
     labels, dataset, label_record = folders.check() if folders is not None else (None, None, {})
     _refuse_output(Path(out), resume)  # the usual mistake is reported before any worker starts
     with parallel_config(backend=backend, n_jobs=jobs), \
-            Parallel(return_as="generator_unordered", batch_size=1) as parallel:
+            Parallel(return_as=_result_mode(), batch_size=1) as parallel:
         # Start the workers before planning: each spends ~1 s loading torch, and that overlaps
         # with indexing the source, resume checks and the output directory set-up here.  (This
         # process never imports torch when workers do the encoding.)
@@ -351,7 +351,7 @@ def run(voc: str | None, out: str, key: Key | None, options: EncryptOptions, job
         fast_exit = backend == "loky"
         warming = (parallel(delayed(warm_up)(material, options.size, fast_exit, os.getpid())
                             for _ in range(n_workers))
-                   if n_workers > 1 else None)
+                   if n_workers > 1 and parallel.return_generator else None)
         try:
             # absolute paths: dask workers may run in another directory (or on another node)
             source = folders.open(options.split_seed) if folders is not None else VocSource.open(os.path.abspath(voc))
@@ -403,6 +403,16 @@ def run(voc: str | None, out: str, key: Key | None, options: EncryptOptions, job
     manifest_mod.write(out_path, doc)
     shutil.rmtree(partial, ignore_errors=True)
     return doc
+
+
+def _result_mode() -> str:
+    """Results as they finish where the active joblib backend can stream them (loky, threading,
+    dask, sequential); all at the end for ``multiprocessing``, which cannot (joblib refuses
+    ``generator_unordered`` there)."""
+    from joblib.parallel import get_active_backend
+
+    active, _ = get_active_backend()
+    return "generator_unordered" if getattr(active, "supports_return_generator", False) else "list"
 
 
 def _encode(parallel, delayed, todo, tasks, records, material, options, out_path, partial, key, progress,

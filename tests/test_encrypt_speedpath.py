@@ -297,3 +297,18 @@ def test_label_map_fast_path_on_toy_voc_masks(tmp_path):
         values = samples.unfiltered_png_values(data)
         assert values is not None
         assert np.array_equal(values, np.asarray(Image.open(io.BytesIO(data))))
+
+
+@pytest.mark.parametrize("backend", ["multiprocessing", "loky"])
+def test_process_backends_give_the_bytes_of_jobs_1(backend, tmp_path):
+    """Workers use the fast path (and loky's warm-up); multiprocessing cannot stream results."""
+    from keyshard import keys
+    from keyshard.pipeline import encrypt_job
+    from keyshard.pipeline.toy_voc import make_toy_voc
+
+    voc = make_toy_voc(tmp_path / "voc", images=10, seed=4, min_side=40, max_side=70, progress=False)
+    key = keys.generate("ffx", 4)
+    opts = encrypt_job.EncryptOptions(size=32, shard_size=3, augment_copies=1)
+    one = encrypt_job.run(str(voc), str(tmp_path / "one"), key, opts, jobs=1, progress=False)
+    two = encrypt_job.run(str(voc), str(tmp_path / "two"), key, opts, jobs=2, backend=backend, progress=False)
+    assert [(s["file"], s["sha256"]) for s in two["shards"]] == [(s["file"], s["sha256"]) for s in one["shards"]]
