@@ -157,7 +157,8 @@ def test_resize_matches_torchvision_without_avx2():
             "print(t._compare_all(step=4))")
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "PYTHONWARNINGS": "ignore"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root,
+                         check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     assert int(res.stdout.split()[-1]) > 30
 
@@ -178,7 +179,7 @@ def test_worker_never_imports_torchvision_or_plotting():
         "bad += [n for n in sys.modules if n.startswith('torch._dynamo')]\n"
         "assert not bad, bad\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
 
 
