@@ -12,6 +12,7 @@ from keyshard import keys, options, signing, sources
 from keyshard.errors import KeyshardError
 from keyshard.pipeline import MAX_PIXELS
 from keyshard.pipeline.splits import SPLITS
+from keyshard.pipeline.workers import BACKENDS, DEFAULT_BACKEND
 
 
 def _parse_splits(ctx, param, value):
@@ -92,10 +93,11 @@ def toy_voc(out, images, voc_sizes, make_tar, seed, min_side, max_side, classes)
 @click.option("--shard-size", type=click.IntRange(1, options.MAX_IMAGES), default=128, show_default=True, metavar="N",
               help="Samples per shard.")
 @click.option("--jobs", "-j", type=options.JOBS, default=-1, show_default=True,
-              help="Parallel workers (joblib): -1 = all cores, else 1 or more.")
-@click.option("--backend", type=click.Choice(["loky", "multiprocessing", "threading", "sequential", "dask"]),
-              default="loky", show_default=True,
-              help="joblib backend; dask needs dask[distributed].")
+              help="Parallel workers: -1 = all cores, else 1 or more.")
+@click.option("--backend", type=click.Choice(BACKENDS), default=DEFAULT_BACKEND, show_default=True,
+              help="processes: worker processes forked from this one (Linux; elsewhere loky). "
+                   "Or a joblib backend: loky, multiprocessing, threading, sequential, dask "
+                   "(dask needs dask[distributed]).")
 @click.option("--dask-scheduler", default=None, metavar="ADDRESS",
               help="With --backend dask: address of a running dask scheduler (tcp://host:8786). "
                    "Without it a local cluster is started.")

@@ -20,7 +20,6 @@ import shutil
 import sys
 import threading
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from keyshard.keys import Key, KeyMaterial
 from keyshard.transforms import compile_plan
 from keyshard.pipeline import MAX_PIXELS
 from keyshard.pipeline import manifest as manifest_mod
+from keyshard.pipeline import workers as workers_mod
 from keyshard.pipeline.samples import BadSample, load_torch, prepare, prepare_image, replica_seed
 from keyshard.pipeline.splits import SPLITS, split_ids
 from keyshard.pipeline.voc import SampleRef, VocSource
@@ -329,70 +329,46 @@ def finished_record(out: Path, partial: Path, name: str) -> dict | None:
 
 
 def run(voc: str | None, out: str, key: Key | None, options: EncryptOptions, jobs: int = -1,
-        backend: str = "loky", resume: bool = False, command: list[str] | None = None,
+        backend: str = workers_mod.DEFAULT_BACKEND, resume: bool = False, command: list[str] | None = None,
         progress: bool = True, folders=None) -> dict:
     """Run (or resume) an encryption job and return the manifest written to ``out``.
 
+    ``backend``: ``processes`` (forked local workers) or a joblib backend (``workers.BACKENDS``).
     ``folders``: a ``folders.FolderDataset`` (``--image-dir/--mask-dir``) or an
     ``image_folder.ImageFolderDataset`` (``--image-folder``) instead of ``voc``."""
-    from joblib import Parallel, delayed, effective_n_jobs, parallel_config
-
     if key is not None and options.size % key.block_size:
         raise KeyshardError(f"{key.path or 'key'}: block size {key.block_size} does not divide --size {options.size}")
     material = key.material if key is not None else None
     labels, dataset, label_record = folders.check() if folders is not None else (None, None, {})
     _refuse_output(Path(out), resume)  # the usual mistake is reported before any worker starts
-    with parallel_config(backend=backend, n_jobs=jobs), \
-            Parallel(return_as=_result_mode(), batch_size=1) as parallel:
-        # Start the workers before planning: each spends ~1 s loading torch, and that overlaps
-        # with indexing the source, resume checks and the output directory set-up here.  (This
-        # process never imports torch when workers do the encoding.)
-        n_workers = effective_n_jobs(jobs)
-        fast_exit = backend == "loky"
-        warming = (parallel(delayed(warm_up)(material, options.size, fast_exit, os.getpid())
-                            for _ in range(n_workers))
-                   if n_workers > 1 and parallel.return_generator else None)
-        try:
-            # absolute paths: dask workers may run in another directory (or on another node)
-            source = folders.open(options.split_seed) if folders is not None else VocSource.open(os.path.abspath(voc))
-            tasks, counts = plan_tasks(source, options)
-            out_path = Path(out)
-            identity = job_identity(source, key, options)
-            if folders is not None:  # what the labels mean and how they were mapped: part of the job
-                identity["source"].update(label_record)
-                identity["dataset"] = dataset
-            partial = prepare_output(out_path, identity, resume)
-            records = {}
-            todo = []
-            for task in tasks:
-                rec = finished_record(out_path, partial, task.name) if resume else None
-                if rec is not None:
-                    records[task.name] = rec
-                else:
-                    todo.append(task)
-            # Largest shards first: the short last shard of each split/replica then fills the
-            # end of the run instead of leaving a worker idle (bytes do not depend on order).
-            todo.sort(key=lambda t: len(t.refs), reverse=True)
-            for _ in warming or ():
-                pass
-        except Exception:
-            # Let the warm-up finish (about a second) rather than abort it: aborting while
-            # loky is still handing out the tasks races in its manager thread (KeyError there).
-            if warming is not None:
-                try:
-                    for _ in warming:
-                        pass
-                except Exception:
-                    pass
-            raise
-        except BaseException:  # Ctrl-C: stop the workers now
-            if warming is not None:
-                with warnings.catch_warnings():  # joblib warns that the warm-up was cancelled
-                    warnings.simplefilter("ignore")
-                    warming.close()
-            raise
-        _encode(parallel, delayed, todo, tasks, records, material, options, out_path, partial, key, progress,
-                labels)
+    backend = workers_mod.resolve_backend(backend)
+    warm_args = (material, options.size, backend == "loky", os.getpid())
+    # Start the workers before planning: each spends ~1 s loading torch, and that overlaps with
+    # indexing the source, resume checks and the output directory set-up here.  (This process
+    # never imports torch when workers do the encoding.)
+    with workers_mod.open_workers(backend, jobs, warm_up, warm_args) as workers:
+        # absolute paths: dask workers may run in another directory (or on another node)
+        source = folders.open(options.split_seed) if folders is not None else VocSource.open(os.path.abspath(voc))
+        tasks, counts = plan_tasks(source, options)
+        out_path = Path(out)
+        identity = job_identity(source, key, options)
+        if folders is not None:  # what the labels mean and how they were mapped: part of the job
+            identity["source"].update(label_record)
+            identity["dataset"] = dataset
+        partial = prepare_output(out_path, identity, resume)
+        records = {}
+        todo = []
+        for task in tasks:
+            rec = finished_record(out_path, partial, task.name) if resume else None
+            if rec is not None:
+                records[task.name] = rec
+            else:
+                todo.append(task)
+        # Largest shards first: the short last shard of each split/replica then fills the end of
+        # the run instead of leaving a worker idle (bytes do not depend on order).
+        todo.sort(key=lambda t: len(t.refs), reverse=True)
+        workers.ready()
+        _encode(workers, todo, tasks, records, material, options, out_path, partial, key, progress, labels)
 
     ordered = [records[t.name] for t in tasks]
     fsync_path(out_path)
@@ -405,19 +381,8 @@ def run(voc: str | None, out: str, key: Key | None, options: EncryptOptions, job
     return doc
 
 
-def _result_mode() -> str:
-    """Results as they finish where the active joblib backend can stream them (loky, threading,
-    dask, sequential); all at the end for ``multiprocessing``, which cannot (joblib refuses
-    ``generator_unordered`` there)."""
-    from joblib.parallel import get_active_backend
-
-    active, _ = get_active_backend()
-    return "generator_unordered" if getattr(active, "supports_return_generator", False) else "list"
-
-
-def _encode(parallel, delayed, todo, tasks, records, material, options, out_path, partial, key, progress,
-            labels=None):
-    """Run the shard tasks on ``parallel``; fsync each finished shard in the background."""
+def _encode(workers, todo, tasks, records, material, options, out_path, partial, key, progress, labels=None):
+    """Run the shard tasks on ``workers``; fsync each finished shard in the background."""
     from tqdm import tqdm
 
     total = sum(len(t.refs) for t in tasks)
@@ -431,8 +396,9 @@ def _encode(parallel, delayed, todo, tasks, records, material, options, out_path
     syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keyshard-fsync")
     synced = [syncer.submit(fsync_path, out_path / name) for name in records]
     try:
-        results = parallel(delayed(process_shard)(t, material, options, str(out_path.absolute()),
-                                                  str(partial.absolute()), os.getpid(), labels) for t in todo)
+        results = workers.run_unordered(process_shard, [
+            (t, material, options, str(out_path.absolute()), str(partial.absolute()), os.getpid(), labels)
+            for t in todo])
         for rec in results:
             records[rec["file"]] = rec
             synced.append(syncer.submit(fsync_path, out_path / rec["file"]))

@@ -158,15 +158,19 @@ def test_paper_split_sizes(tmp_path):
     assert holdout != [r.voc_id for t in other if t.split == "holdout" for r in t.refs]
 
 
-def test_kill_and_resume_is_byte_identical(toy, key_files, enc_ffx, tmp_path):
+def test_kill_and_resume_is_byte_identical(toy, key_files, tmp_path):
     out = tmp_path / "killed"
-    args = ["encrypt", "--voc", toy, "--key", key_files["ffx"], "-o", out, "--jobs", 1, *COMMON]
+    # one sample a shard: 24 shards, so a kill after the second still leaves most of the run undone
+    args = ["encrypt", "--voc", toy, "--key", key_files["ffx"], "-o", out, "--jobs", 1, *COMMON, "--shard-size", 1]
     import subprocess
     import sys
 
     proc = subprocess.Popen([sys.executable, "-c", "from keyshard.cli import main; main()", *map(str, args)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    reference = shard_bytes(enc_ffx)
+    ref = tmp_path / "ref"
+    assert invoke("encrypt", "--voc", toy, "--key", key_files["ffx"], "-o", ref, "--jobs", 1, *COMMON,
+                  "--shard-size", 1).exit_code == 0
+    reference = shard_bytes(ref)
     deadline = time.time() + 120
     while time.time() < deadline and len(list(out.glob("*.tar"))) < 2:
         time.sleep(0.01)
@@ -181,7 +185,7 @@ def test_kill_and_resume_is_byte_identical(toy, key_files, enc_ffx, tmp_path):
     res = invoke(*args, "--resume")
     assert res.exit_code == 0, res.output
     assert shard_bytes(out) == reference
-    assert load_manifest(out)["shards"] == load_manifest(enc_ffx)["shards"]
+    assert load_manifest(out)["shards"] == load_manifest(ref)["shards"]
     assert not (out / ".keyshard-partial").exists()
 
 
@@ -309,6 +313,39 @@ def test_workers_die_with_a_killed_parent_and_write_nothing_more(toy, key_files,
                   "--shard-size", 1).exit_code == 0
     assert shard_bytes(out) == shard_bytes(ref)
     assert load_manifest(out)["shards"] == load_manifest(ref)["shards"]
+
+
+def test_a_killed_worker_stops_the_run_with_one_line_and_resume_finishes(toy, key_files, tmp_path):
+    """SIGKILL one forked worker mid-run (as the OOM killer would): `encrypt` exits 1 with one
+    line, no traceback and no manifest, its other worker gone too; --resume is byte-identical."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    out = tmp_path / "oom"
+    args = ["encrypt", "--voc", toy, "--key", key_files["ffx"], "-o", out, "--jobs", 2, *COMMON, "--shard-size", 1]
+    proc = subprocess.Popen([sys.executable, "-c", "from keyshard.cli import main; main()", *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("*.tar")):
+        time.sleep(0.01)
+    workers = psutil.Process(proc.pid).children()
+    assert len(workers) == 2, workers
+    workers[0].kill()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "worker process ended abruptly" in lines[0] and "--resume" in lines[0], err
+    assert not (out / "manifest.json").exists()
+    time.sleep(1)
+    assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+    res = invoke(*args, "--resume")
+    assert res.exit_code == 0, res.output
+    ref = tmp_path / "ref"
+    assert invoke("encrypt", "--voc", toy, "--key", key_files["ffx"], "-o", ref, "--jobs", 1, *COMMON,
+                  "--shard-size", 1).exit_code == 0
+    assert shard_bytes(out) == shard_bytes(ref)
 
 
 def test_a_partial_dir_left_before_job_json_is_cleaned(toy, tmp_path):

@@ -300,9 +300,9 @@ def test_label_map_fast_path_on_toy_voc_masks(tmp_path):
         assert np.array_equal(values, np.asarray(Image.open(io.BytesIO(data))))
 
 
-@pytest.mark.parametrize("backend", ["multiprocessing", "loky"])
+@pytest.mark.parametrize("backend", ["processes", "multiprocessing", "loky"])
 def test_process_backends_give_the_bytes_of_jobs_1(backend, tmp_path):
-    """Workers use the fast path (and loky's warm-up); multiprocessing cannot stream results."""
+    """Workers use the fast path and the warm-up (forked processes, loky); multiprocessing cannot stream results."""
     from keyshard import keys
     from keyshard.pipeline import encrypt_job
     from keyshard.pipeline.toy_voc import make_toy_voc
