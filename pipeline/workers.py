@@ -1,17 +1,17 @@
 """Where an encryption job's shard tasks run: forked local processes, or any joblib backend.
 
-``processes`` (the default on Linux) is a ``concurrent.futures.ProcessPoolExecutor`` whose
+``processes`` (the default) is a ``concurrent.futures.ProcessPoolExecutor`` whose
 workers are forked from the ``encrypt`` process.  A forked worker starts in milliseconds with
 numpy, joblib and the job's modules already loaded; a loky worker starts a new interpreter and
 imports them again, ~0.25 s before it can even begin loading torch — about 9 % of a
 1,500-image run on two cores (``benchmarks/bench_encrypt.py``, part d).  The fork is the first
 thing the job does: this process has started no thread yet and never imports torch, so the
 workers inherit no held lock and no thread pool.  A worker that dies breaks the pool, and the
-run stops with one line; the workers ignore Ctrl-C, which this process handles.
+run stops with one line; the workers ignore Ctrl-C, which this process handles.  Where forking
+is not safe (``fork_is_safe``: not Linux, torch loaded, threads running) ``processes`` means loky.
 
 The joblib backends (``loky``, ``multiprocessing``, ``threading``, ``sequential``, ``dask``)
-run the same tasks through ``joblib.Parallel``; dask is how a job leaves this machine.  Where
-fork is not the platform's safe default (macOS, Windows) ``processes`` means ``loky``.
+run the same tasks through ``joblib.Parallel``; dask is how a job leaves this machine.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import multiprocessing
 import signal
 import sys
+import threading
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -31,11 +32,16 @@ BACKENDS = ("processes", "loky", "multiprocessing", "threading", "sequential", "
 
 
 def resolve_backend(backend: str) -> str:
-    """``processes`` where fork is safe (Linux), else loky; any other name is a joblib backend."""
-    if backend == "processes" and not (sys.platform.startswith("linux")
-                                       and "fork" in multiprocessing.get_all_start_methods()):
-        return "loky"
-    return backend
+    """``processes`` where forking this process is safe, else loky; any other name is a joblib backend."""
+    return "loky" if backend == "processes" and not fork_is_safe() else backend
+
+
+def fork_is_safe() -> bool:
+    """Linux, and this process has neither loaded torch (its thread pools and CUDA state do not
+    survive a fork) nor started a thread (one could hold a lock the child would inherit): true of
+    ``keyshard encrypt``; not of ``sweep`` or ``demo``, which train in the same process."""
+    return (sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+            and "torch" not in sys.modules and threading.active_count() == 1)
 
 
 def worker_count(jobs: int) -> int:

@@ -8,6 +8,7 @@ is checked here against the torchvision call it replaces, bit for bit.  No timin
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -300,16 +301,42 @@ def test_label_map_fast_path_on_toy_voc_masks(tmp_path):
         assert np.array_equal(values, np.asarray(Image.open(io.BytesIO(data))))
 
 
+_RUN_BACKEND = """
+import sys
+from keyshard import keys
+from keyshard.pipeline import encrypt_job, workers
+backend, voc, out, key = sys.argv[1:]
+assert workers.resolve_backend(backend) == backend  # a clean process: 'processes' really forks
+opts = encrypt_job.EncryptOptions(size=32, shard_size=3, augment_copies=1)
+encrypt_job.run(voc, out, keys.load(key), opts, jobs=2, backend=backend, progress=False)
+"""
+
+
 @pytest.mark.parametrize("backend", ["processes", "multiprocessing", "loky"])
 def test_process_backends_give_the_bytes_of_jobs_1(backend, tmp_path):
-    """Workers use the fast path and the warm-up (forked processes, loky); multiprocessing cannot stream results."""
+    """Workers use the fast path and the warm-up (forked processes, loky); multiprocessing cannot
+    stream results.  Run in a fresh process: this one has loaded torch, so it would not fork."""
     from keyshard import keys
     from keyshard.pipeline import encrypt_job
     from keyshard.pipeline.toy_voc import make_toy_voc
 
     voc = make_toy_voc(tmp_path / "voc", images=10, seed=4, min_side=40, max_side=70, progress=False)
     key = keys.generate("ffx", 4)
+    keys.save(key, tmp_path / "key.json")
     opts = encrypt_job.EncryptOptions(size=32, shard_size=3, augment_copies=1)
     one = encrypt_job.run(str(voc), str(tmp_path / "one"), key, opts, jobs=1, progress=False)
-    two = encrypt_job.run(str(voc), str(tmp_path / "two"), key, opts, jobs=2, backend=backend, progress=False)
+    res = subprocess.run([sys.executable, "-c", _RUN_BACKEND, backend, str(voc), str(tmp_path / "two"),
+                          str(tmp_path / "key.json")], capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr
+    two = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert [(s["file"], s["sha256"]) for s in two["shards"]] == [(s["file"], s["sha256"]) for s in one["shards"]]
+
+
+def test_processes_fork_only_from_a_clean_process():
+    """`processes` forks only a process without torch and without other threads (encrypt's own
+    CLI process); after either, it is loky (sweep and demo train in the process that encrypts)."""
+    code = ("import threading, time; from keyshard.pipeline import workers as w; r = [w.resolve_backend('processes')];"
+            "t = threading.Thread(target=time.sleep, args=(0.5,)); t.start(); r.append(w.resolve_backend('processes'));"
+            "t.join(); import torch; r.append(w.resolve_backend('processes')); print(*r)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert res.stdout.split() == ["processes", "loky", "loky"], res.stderr
