@@ -12,6 +12,7 @@ import datetime as _dt
 import hashlib
 import json
 import platform
+import zlib
 from importlib import metadata, resources
 from pathlib import Path
 
@@ -25,7 +26,8 @@ _LIBRARIES = ("numpy", "torch", "torchvision", "pillow", "webdataset", "pyffx", 
 
 
 def library_versions() -> dict:
-    out = {"python": platform.python_version()}
+    """What the output bytes depend on besides keyshard (zlib: the shard masks' compression)."""
+    out = {"python": platform.python_version(), "zlib": zlib.ZLIB_RUNTIME_VERSION}
     for name in _LIBRARIES:
         try:
             out[name] = metadata.version(name)

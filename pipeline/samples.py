@@ -3,7 +3,7 @@
 Images are decoded and resized with torchvision's uint8 kernels (libjpeg-turbo ``decode_jpeg``
 and antialiased bilinear resize): faster than PIL here and within ±1 of its output.  Label maps
 are class ids (palette indices), checked from their histogram and resized with nearest neighbour
-(PIL); plain PNGs — all of VOC's — are inflated with zlib directly (``unfiltered_png_values``),
+(PIL); plain PNGs — all of VOC's — are inflated with zlib directly (``label_png.plain_values``),
 any other file is decoded by PIL.
 Augmentation replicas (random resized crop + horizontal flip) are made here, in plain space,
 because they do not commute with a block key.
@@ -32,16 +32,15 @@ import io
 import math
 import os
 import platform
-import struct
 import sys
 import tempfile
 import threading
 import warnings
-import zlib
 
 import numpy as np
 from PIL import Image
 
+from keyshard import label_png
 from keyshard.pipeline import MAX_PIXELS
 from keyshard.shardformat import NUM_CLASSES, VOID, voc_palette
 RGB_MODE = 3  # torchvision.io.ImageReadMode.RGB.value (checked by the tests)
@@ -302,65 +301,6 @@ def _palette_mismatch(im: Image.Image) -> str | None:
     return "its last entry is cut short"
 
 
-_PNG_CHUNK = struct.Struct(">I4s")
-_PNG_CRC = struct.Struct(">I")
-_PNG_IHDR = struct.Struct(">IIBBBBB")
-
-
-def unfiltered_png_values(data: bytes) -> np.ndarray | None:
-    """The pixel values of a plain label-map PNG, inflated with zlib alone; None for any other PNG.
-
-    "Plain": chunks IHDR, PLTE (palette images only), IDAT..., IEND and nothing else, every CRC
-    right, 8-bit grayscale or palette, not interlaced, one complete zlib stream of exactly
-    height × (width + 1) bytes, and every row stored unfiltered — what libpng and Pillow write
-    for palette images (VOC's SegmentationClass, toy-voc).  Then the rows *are* the values, and
-    this costs about half of Pillow's decode (one pre-sized ``zlib.decompress``, no row loop).
-    Anything else returns None and Pillow decodes the file as before, so damaged or unusual
-    files meet exactly the old checks and messages (``tests/test_encrypt_speedpath.py``
-    compares both on mutated files).
-    """
-    if data[:8] != b"\x89PNG\r\n\x1a\n":
-        return None
-    view, n, pos = memoryview(data), len(data), 8
-    header, palette, idat = None, False, []
-    while True:
-        if pos + 12 > n:
-            return None
-        length, kind = _PNG_CHUNK.unpack_from(data, pos)
-        end = pos + 8 + length
-        if end + 4 > n:
-            return None
-        body = view[pos + 8:end]
-        if zlib.crc32(body, zlib.crc32(kind)) != _PNG_CRC.unpack_from(data, end)[0]:
-            return None
-        pos = end + 4
-        if header is None:
-            if kind != b"IHDR" or length != 13:
-                return None
-            header = _PNG_IHDR.unpack(body)
-        elif kind == b"IDAT":
-            idat.append(body)
-        elif kind == b"IEND":
-            break
-        elif kind == b"PLTE" and not idat and not palette and length % 3 == 0 and 3 <= length <= 768:
-            palette = True
-        else:  # anything else, or IHDR / PLTE again or after the image data
-            return None
-    width, height, depth, color, compression, filtering, interlace = header
-    if (pos != n or not idat or depth != 8 or compression or filtering or interlace or not width or not height
-            or (color, palette) not in ((0, False), (3, True))):
-        return None
-    size = height * (width + 1)
-    try:
-        raw = zlib.decompress(idat[0] if len(idat) == 1 else b"".join(idat), 15, size)
-    except zlib.error:
-        return None
-    if len(raw) != size:
-        return None
-    rows = np.frombuffer(raw, np.uint8).reshape(height, width + 1)
-    return None if rows[:, 0].any() else rows[:, 1:]
-
-
 def decode_label_map(data: bytes, label: str, max_pixels: int = MAX_PIXELS, voc: bool = True) -> Image.Image:
     """Palette/grayscale PNG → loaded PIL image of class ids; anything else is a BadSample.
 
@@ -374,7 +314,7 @@ def decode_label_map(data: bytes, label: str, max_pixels: int = MAX_PIXELS, voc:
     """
     try:
         ctx, im = _open_pil(data, label, "label map", max_pixels)
-        values = unfiltered_png_values(data) if im.format == "PNG" and im.mode in ("P", "L") else None
+        values = label_png.plain_values(data) if im.format == "PNG" and im.mode in ("P", "L") else None
         if values is None:
             with ctx:
                 im.load()

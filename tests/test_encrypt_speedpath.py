@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from keyshard import label_png
 from keyshard.pipeline import samples
 
 tv = pytest.importorskip("torchvision")
@@ -227,7 +228,7 @@ def _build(chunks) -> bytes:
 def _outcome(data: bytes, fast: bool, monkeypatch):
     with monkeypatch.context() as m:
         if not fast:
-            m.setattr(samples, "unfiltered_png_values", lambda data: None)
+            m.setattr(label_png, "plain_values", lambda data: None)
         try:
             im = samples.decode_label_map(data, "m.png")
         except samples.BadSample as exc:
@@ -286,7 +287,7 @@ def test_label_map_fast_path_matches_pillow(monkeypatch):
         want = _outcome(data, False, monkeypatch)
         got = _outcome(data, True, monkeypatch)
         assert got == want, (n, want[:2], got[:2])
-        fast_used += samples.unfiltered_png_values(data) is not None
+        fast_used += label_png.plain_values(data) is not None
     assert fast_used >= 8  # the plain files did take the fast path
 
 
@@ -296,7 +297,7 @@ def test_label_map_fast_path_on_toy_voc_masks(tmp_path):
     root = make_toy_voc(tmp_path / "voc", images=6, seed=3, min_side=40, max_side=90, progress=False)
     for png in sorted((root / "SegmentationClass").glob("*.png")):
         data = png.read_bytes()
-        values = samples.unfiltered_png_values(data)
+        values = label_png.plain_values(data)
         assert values is not None
         assert np.array_equal(values, np.asarray(Image.open(io.BytesIO(data))))
 
