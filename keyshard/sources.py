@@ -14,8 +14,9 @@ loop in a child process.
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from keyshard.errors import KeyshardError
@@ -25,6 +26,7 @@ RETRIES = 3            # attempts per open on a transient error
 RETRY_BACKOFF_S = 0.25  # doubled after each failed attempt
 S3_BLOCK = 8 << 20      # s3fs read-ahead block: one ranged GET per 8 MiB
 HASH_CHUNK = 1 << 20    # bytes per hand-off to the hashing thread
+HASH_BUFFERS = 4        # pieces in flight between a reader and its hashing thread
 
 
 def is_url(source) -> bool:
@@ -115,38 +117,87 @@ def open_binary(location: str, size: int | None = None):
     raise AssertionError("unreachable")
 
 
+class _Hasher:
+    """SHA-256 on one background thread (``hashlib`` releases the GIL while it hashes).
+
+    The source is read with ``readinto`` into a few reused ``HASH_CHUNK`` buffers that circulate
+    between the reading thread and this one through two ``SimpleQueue``s.  Measured on the loader
+    (``benchmarks/bench_loader.py``): a fresh 1 MiB ``bytes`` per piece is a fresh mmap that is
+    page-faulted in and unmapped again, which cost the reading thread more than the hashing did;
+    a ``ThreadPoolExecutor`` per piece added GIL switches.  Reused buffers also bound the memory:
+    the reader waits when the hashing is ``HASH_BUFFERS`` pieces behind."""
+
+    def __init__(self):
+        self._sha, self._todo, self._free = hashlib.sha256(), queue.SimpleQueue(), queue.SimpleQueue()
+        for _ in range(HASH_BUFFERS):
+            self._free.put(bytearray(HASH_CHUNK))
+        self._thread = threading.Thread(target=self._run, name="keyshard-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        update, get, free = self._sha.update, self._todo.get, self._free.put
+        while (item := get()) is not None:
+            buf, n = item
+            update(memoryview(buf)[:n])
+            free(buf)
+
+    def fill(self, readinto) -> memoryview:
+        """The next piece, read by ``readinto(buffer)`` and queued for hashing (one thread: in
+        order).  The view is valid until the next ``fill``."""
+        buf = self._free.get()
+        n = readinto(buf)
+        self._todo.put((buf, n)) if n else self._free.put(buf)
+        return memoryview(buf)[:n]
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._todo.put(None)
+            self._thread.join()
+
+    def hexdigest(self) -> str:
+        self.stop()
+        return self._sha.hexdigest()
+
+
 class Stream:
     """A location read front to back: counts bytes, optionally hashes them on a background thread
-    (``hashlib`` releases the GIL, so decoding goes on meanwhile), and turns read errors into one
-    line naming the location.  ``finish()`` drains the rest and returns (bytes, sha256 hex)."""
+    (``_Hasher``: decoding goes on meanwhile), and turns read errors into one line naming the
+    location.  ``finish()`` drains the rest and returns (bytes, sha256 hex)."""
 
     def __init__(self, location: str, hash_bytes: bool = True, size: int | None = None):
         self.location, self.size = location, 0
         self._f = open_binary(location, size)
-        self._sha = hashlib.sha256() if hash_bytes else None
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="keyshard-hash") if hash_bytes else None
+        self._hasher = _Hasher() if hash_bytes else None
         self._chunk, self._pos = b"", 0
 
-    def _fetch(self, n: int) -> bytes:
+    def _io(self, call, arg):
         try:
-            data = self._f.read(n)
+            return call(arg)
         except KeyshardError:
             raise
         except Exception as exc:  # noqa: BLE001 - every library error becomes one line
             raise KeyshardError(str(_classify(exc, self.location))) from None
-        self.size += len(data)
-        if self._pool is not None and data:
-            self._pool.submit(self._sha.update, data)  # one thread: updates stay in order
-        return data
 
-    def read(self, n: int = -1) -> bytes:
-        """Up to ``n`` bytes.  With hashing, the source is read in ``HASH_CHUNK`` pieces, one hand-off
-        to the hashing thread each (per small read, the hand-off cost more than the hash)."""
-        if self._pool is None or n < 0:
-            rest, self._chunk, self._pos = self._chunk[self._pos:], b"", 0
-            return rest + self._fetch(n) if n < 0 or not rest else rest
+    def _readinto(self, buf: bytearray) -> int:
+        n = self._io(self._f.readinto, buf) or 0
+        self.size += n
+        return n
+
+    def read(self, n: int = -1):
+        """Up to ``n`` bytes.  With hashing: a view of the current piece (``_Hasher.fill``), valid
+        until the next ``read`` — ``tarfile`` copies what it reads at once."""
+        if self._hasher is None:
+            data = self._io(self._f.read, n)
+            self.size += len(data)
+            return data
+        if n < 0:
+            parts = [bytes(self._chunk[self._pos:])]
+            while piece := self._hasher.fill(self._readinto):
+                parts.append(bytes(piece))
+            self._chunk, self._pos = b"", 0
+            return b"".join(parts)
         if self._pos >= len(self._chunk):
-            self._chunk, self._pos = self._fetch(max(n, HASH_CHUNK)), 0
+            self._chunk, self._pos = self._hasher.fill(self._readinto), 0
         data = self._chunk[self._pos:self._pos + n]
         self._pos += len(data)
         return data
@@ -155,11 +206,11 @@ class Stream:
         while self.read(1 << 20):
             pass
         self.close()
-        return self.size, self._sha.hexdigest() if self._sha is not None else None
+        return self.size, self._hasher.hexdigest() if self._hasher is not None else None
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        if self._hasher is not None:
+            self._hasher.stop()
         self._f.close()
 
     def __enter__(self):

@@ -126,3 +126,30 @@ def test_a_shard_with_a_wrong_sample_shape_is_named(shards, tmp_path):
     (tmp_path / "p" / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(KeyshardError, match=r"test-000000\.tar: sample \S+ is uint8 \(32, 32, 3\)"):
         list(keyshard.open_shards(str(tmp_path / "p"), "test", batch_size=4, shuffle=False, workers=1))
+
+
+@pytest.mark.parametrize("size", [0, 1, 999, 1000, 1001, 4 * 1000, 5 * 1000 + 3])
+def test_stream_hash_and_bytes_are_exact_across_piece_boundaries(size, tmp_path, monkeypatch):
+    """Stream reads into a few reused buffers for its hashing thread: whatever the read sizes,
+    the bytes served and the sha256 equal the file's (small pieces and 2 buffers to stress it)."""
+    import hashlib
+
+    from keyshard import sources
+
+    monkeypatch.setattr(sources, "HASH_CHUNK", 1000)
+    monkeypatch.setattr(sources, "HASH_BUFFERS", 2)
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    for sizes in ([1], [7, 512, 1000, 3], [4096], [333, -1]):
+        got, i = [], 0
+        with sources.Stream(str(path), hash_bytes=True) as stream:
+            while True:
+                n = sizes[i % len(sizes)]
+                i += 1
+                piece = bytes(stream.read(n))  # a view is valid until the next read: copy it now
+                got.append(piece)
+                if not piece and (n != -1 or len(b"".join(got)) == size):
+                    break
+            assert stream.finish() == (size, hashlib.sha256(data).hexdigest())
+        assert b"".join(got) == data, sizes
