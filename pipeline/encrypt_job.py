@@ -1,8 +1,9 @@
 """The encryption job: VOC → (plain or keyed) WebDataset shards + manifest, parallel and resumable.
 
-Work is cut into shards; each shard is one joblib task that reads, decodes, resizes, encrypts and
-writes its samples to a temporary file, then renames it into place and drops a small completion
-record.  A shard's bytes depend only on its inputs, the key material and the options, so the
+Work is cut into shards; each shard is one task (``workers.py`` runs them) that reads, decodes,
+resizes, encrypts and writes its samples to a temporary file; the job's own process then renames
+it into place and drops a small completion record, so a worker that outlives a killed job can
+never add a shard under a final name.  A shard's bytes depend only on its inputs, the key material and the options, so the
 output is byte-identical whatever ``--jobs`` or backend ran it, and a resumed run only redoes
 shards without a verified record.  The manifest is written last; a directory without one is an
 unfinished job.
@@ -17,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -104,11 +106,12 @@ PARENT_POLL_S = 0.25
 def exit_with_parent(owner: int | None) -> None:
     """In a worker process of this job: exit as soon as the process that started it is gone.
 
-    A worker's parent is the ``encrypt`` process (loky, multiprocessing); when that dies (even by
-    SIGKILL) the worker is re-parented, so a watchdog thread that sees ``getppid()`` change ends
-    the worker within ``PARENT_POLL_S`` — idle or busy — instead of living on for minutes and
-    renaming more shards into the output.  No-op in the main process and when the parent is not
-    the owner (a dask worker belongs to its cluster, not to the client).
+    A worker's parent is the ``encrypt`` process (forked workers, loky, multiprocessing); when that
+    dies (even by SIGKILL) the worker is re-parented, so a watchdog thread that sees ``getppid()``
+    change ends the worker within ``PARENT_POLL_S`` — idle or busy — instead of encoding on for
+    minutes (its shards could never be renamed into place: only the owner does that).  No-op in
+    the main process and when the parent is not the owner (a dask worker belongs to its cluster,
+    not to the client).
     """
     global _WATCHED_PARENT
     if owner is None or os.getpid() == owner or _WATCHED_PARENT is not None or os.getppid() != owner:
@@ -121,10 +124,6 @@ def exit_with_parent(owner: int | None) -> None:
         os._exit(70)
 
     threading.Thread(target=watch, name="keyshard-parent-watch", daemon=True).start()
-
-
-def _parent_gone() -> bool:
-    return _WATCHED_PARENT is not None and os.getppid() != _WATCHED_PARENT
 
 
 def warm_up(material: KeyMaterial | None, size: int, fast_exit: bool = False, owner: int | None = None) -> int:
@@ -147,12 +146,15 @@ def warm_up(material: KeyMaterial | None, size: int, fast_exit: bool = False, ow
 
 def process_shard(task: ShardTask, material: KeyMaterial | None, options: EncryptOptions,
                   out_dir: str, partial_dir: str, owner: int | None = None, labels=None) -> dict:
-    """Write one shard atomically and return (and persist) its completion record.
+    """Write one shard under a temporary name and return its completion record (with ``tmp``,
+    the temporary path, which ``commit_shard`` renames in the job's own process).
 
     ``labels``: a ``folders.LabelSpec`` (lookup table, class count, ignore index) for a folder
     dataset; None for VOC, whose masks meet VOC's own checks.  Refs with a ``cls`` (image folders,
     ``image_folder.ClassRef``) have no mask: their sample holds ``<key>.cls`` instead of ``<key>.mask.png``."""
     exit_with_parent(owner)
+    if os.environ.get("KEYSHARD_TEST_KILL_WORKER_AT") == task.name and owner not in (None, os.getpid()):
+        os.kill(os.getpid(), signal.SIGKILL)  # test hook: a worker dies (as by the OOM killer) at this shard
     _single_threaded_torch()
     plan = _plan_for(material, options.size)
     out, partial = Path(out_dir), Path(partial_dir)
@@ -196,17 +198,22 @@ def process_shard(task: ShardTask, material: KeyMaterial | None, options: Encryp
                           "json": shardformat.encode_meta({**meta, "class": cls})}
             writer.write(sample)
         stats = writer.close()
-    # Not fsynced here: rename is atomic, resume re-hashes every shard against its record, and
-    # run() fsyncs each finished shard in the background before it writes the manifest.
-    if _parent_gone():  # never rename into a job whose owner died (its watchdog is about to exit too)
-        tmp.unlink(missing_ok=True)
-        os._exit(70)
-    os.replace(tmp, out / task.name)
-    record = {"file": task.name, "split": task.split, "replica": task.replica,
-              "samples": stats.samples, "bytes": stats.bytes, "sha256": stats.sha256,
-              "inputs": inputs, "failed": failed}
+    # The shard stays under its temporary name: the process that owns the job renames it into
+    # place (``commit_shard``), so nothing appears under a final name once that process is gone.
+    return {"file": task.name, "split": task.split, "replica": task.replica,
+            "samples": stats.samples, "bytes": stats.bytes, "sha256": stats.sha256,
+            "inputs": inputs, "failed": failed, "tmp": str(tmp)}
+
+
+def commit_shard(out: Path, partial: Path, record: dict) -> dict:
+    """In the job's own process: rename a finished shard into place and record it as done.
+
+    Not fsynced here: rename is atomic, resume re-hashes every shard against its record, and
+    run() fsyncs each finished shard in the background before it writes the manifest."""
+    record = dict(record)
+    os.replace(record.pop("tmp"), out / record["file"])
     # the record is re-checked against the shard's hash on resume, so it need not be fsynced
-    write_json_atomic(partial / "done" / f"{task.name}.json", record, tmp_dir=partial / "tmp", durable=False)
+    write_json_atomic(partial / "done" / f"{record['file']}.json", record, tmp_dir=partial / "tmp", durable=False)
     return record
 
 
@@ -399,7 +406,11 @@ def _encode(workers, todo, tasks, records, material, options, out_path, partial,
         results = workers.run_unordered(process_shard, [
             (t, material, options, str(out_path.absolute()), str(partial.absolute()), os.getpid(), labels)
             for t in todo])
-        for rec in results:
+        kill_after = int(os.environ.get("KEYSHARD_TEST_KILL_AFTER_SHARDS", "0") or 0)
+        for committed, rec in enumerate(results, 1):
+            rec = commit_shard(out_path, partial, rec)
+            if committed == kill_after:  # test hook: the job dies at an exact point, workers still busy
+                os.kill(os.getpid(), signal.SIGKILL)
             records[rec["file"]] = rec
             synced.append(syncer.submit(fsync_path, out_path / rec["file"]))
             bar.update(rec["samples"] + len(rec["failed"]))

@@ -59,6 +59,14 @@ def enc_ffx(toy, key_files, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def enc_ffx_single(toy, key_files, tmp_path_factory):
+    """FFX shards of one sample each (24 shards): the kill tests stop a run part-way through."""
+    out = tmp_path_factory.mktemp("ffx1") / "out"
+    encrypt(toy, out, "--shard-size", 1, key=key_files["ffx"])
+    return out
+
+
 def test_jobs_1_and_2_give_byte_identical_shards(toy, key_files, enc_ffx, tmp_path):
     out2 = tmp_path / "j2"
     doc2 = encrypt(toy, out2, key=key_files["ffx"], jobs=2)
@@ -158,34 +166,31 @@ def test_paper_split_sizes(tmp_path):
     assert holdout != [r.voc_id for t in other if t.split == "holdout" for r in t.refs]
 
 
-def test_kill_and_resume_is_byte_identical(toy, key_files, tmp_path):
-    out = tmp_path / "killed"
-    # one sample a shard: 24 shards, so a kill after the second still leaves most of the run undone
-    args = ["encrypt", "--voc", toy, "--key", key_files["ffx"], "-o", out, "--jobs", 1, *COMMON, "--shard-size", 1]
+def test_kill_and_resume_is_byte_identical(toy, key_files, enc_ffx_single, tmp_path):
+    """SIGKILL `encrypt --jobs 1` right after its third shard (a test hook: an exact point, not a
+    race with a timer); --resume keeps those three and finishes byte-identical."""
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-c", "from keyshard.cli import main; main()", *map(str, args)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ref = tmp_path / "ref"
-    assert invoke("encrypt", "--voc", toy, "--key", key_files["ffx"], "-o", ref, "--jobs", 1, *COMMON,
-                  "--shard-size", 1).exit_code == 0
-    reference = shard_bytes(ref)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(out.glob("*.tar"))) < 2:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    out = tmp_path / "killed"
+    args = ["encrypt", "--voc", toy, "--key", key_files["ffx"], "-o", out, "--jobs", 1, *COMMON, "--shard-size", 1]
+    proc = subprocess.run([sys.executable, "-c", "from keyshard.cli import main; main()", *map(str, args)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120, check=False,
+                          env={**os.environ, "KEYSHARD_TEST_KILL_AFTER_SHARDS": "3"})
+    assert proc.returncode == -signal.SIGKILL
+    reference = shard_bytes(enc_ffx_single)
     finished = shard_bytes(out)
-    assert 2 <= len(finished) < len(reference), "kill came too late to test resume"
+    assert len(finished) == 3 < len(reference)
     for name, data in finished.items():  # nothing truncated under a final name
         assert data == reference[name], name
+    kept = {name: (out / name).stat().st_ino for name in finished}
     assert not (out / "manifest.json").exists()
     assert_user_error(invoke(*args), "--resume")
     res = invoke(*args, "--resume")
     assert res.exit_code == 0, res.output
+    assert {name: (out / name).stat().st_ino for name in finished} == kept  # not redone
     assert shard_bytes(out) == reference
-    assert load_manifest(out)["shards"] == load_manifest(ref)["shards"]
+    assert load_manifest(out)["shards"] == load_manifest(enc_ffx_single)["shards"]
     assert not (out / ".keyshard-partial").exists()
 
 
@@ -280,10 +285,11 @@ def test_dask_backend_without_dask_is_one_clear_line(toy, tmp_path, monkeypatch)
     assert not (tmp_path / "d").exists()
 
 
-def test_workers_die_with_a_killed_parent_and_write_nothing_more(toy, key_files, tmp_path):
-    """SIGKILL the `encrypt` process (not its group) mid-run: within 3 s none of its worker
-    processes is alive, no shard appeared under a final name after the kill, and --resume
-    finishes byte-identical."""
+def test_workers_die_with_a_killed_parent_and_write_nothing_more(toy, key_files, enc_ffx_single, tmp_path):
+    """SIGKILL the `encrypt` process (not its group) while its two workers are busy (a test hook
+    kills it right after its second shard): within 3 s none of its workers is alive, no shard
+    appeared under a final name after the kill (only the job's own process renames shards into
+    place), and --resume finishes byte-identical."""
     import subprocess
     import sys
 
@@ -292,32 +298,32 @@ def test_workers_die_with_a_killed_parent_and_write_nothing_more(toy, key_files,
     out = tmp_path / "orphans"
     args = ["encrypt", "--voc", toy, "--key", key_files["ffx"], "-o", out, "--jobs", 2, *COMMON, "--shard-size", 1]
     proc = subprocess.Popen([sys.executable, "-c", "from keyshard.cli import main; main()", *map(str, args)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    parent = psutil.Process(proc.pid)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(out.glob("*.tar")):
-        time.sleep(0.01)
-    workers = parent.children(recursive=True)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "KEYSHARD_TEST_KILL_AFTER_SHARDS": "2"})
+    parent, workers = psutil.Process(proc.pid), []
+    while proc.poll() is None:  # note the workers while the job lives
+        try:
+            workers = parent.children(recursive=True) or workers
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.005)
+    assert proc.wait() == -signal.SIGKILL
     at_kill = sorted(p.name for p in out.glob("*.tar"))
-    assert workers and at_kill
+    assert len(workers) == 2 and len(at_kill) == 2
     time.sleep(3)
     alive = [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
     assert not alive, [(w.pid, w.cmdline()[:3]) for w in alive]
     assert sorted(p.name for p in out.glob("*.tar")) == at_kill
     res = invoke(*args, "--resume")
     assert res.exit_code == 0, res.output
-    ref = tmp_path / "ref"
-    assert invoke("encrypt", "--voc", toy, "--key", key_files["ffx"], "-o", ref, "--jobs", 1, *COMMON,
-                  "--shard-size", 1).exit_code == 0
-    assert shard_bytes(out) == shard_bytes(ref)
-    assert load_manifest(out)["shards"] == load_manifest(ref)["shards"]
+    assert shard_bytes(out) == shard_bytes(enc_ffx_single)
+    assert load_manifest(out)["shards"] == load_manifest(enc_ffx_single)["shards"]
 
 
-def test_a_killed_worker_stops_the_run_with_one_line_and_resume_finishes(toy, key_files, tmp_path):
-    """SIGKILL one forked worker mid-run (as the OOM killer would): `encrypt` exits 1 with one
-    line, no traceback and no manifest, its other worker gone too; --resume is byte-identical."""
+def test_a_killed_worker_stops_the_run_with_one_line_and_resume_finishes(toy, key_files, enc_ffx_single, tmp_path):
+    """A forked worker SIGKILLed mid-run (as by the OOM killer; a test hook kills the one that
+    takes shard test-000003): `encrypt` exits 1 with one line, no traceback and no manifest, its
+    other worker gone too; --resume is byte-identical."""
     import subprocess
     import sys
 
@@ -326,26 +332,22 @@ def test_a_killed_worker_stops_the_run_with_one_line_and_resume_finishes(toy, ke
     out = tmp_path / "oom"
     args = ["encrypt", "--voc", toy, "--key", key_files["ffx"], "-o", out, "--jobs", 2, *COMMON, "--shard-size", 1]
     proc = subprocess.Popen([sys.executable, "-c", "from keyshard.cli import main; main()", *map(str, args)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(out.glob("*.tar")):
-        time.sleep(0.01)
-    workers = psutil.Process(proc.pid).children()
-    assert len(workers) == 2, workers
-    workers[0].kill()
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "KEYSHARD_TEST_KILL_WORKER_AT": "test-000003.tar"})
+    workers = []
+    while proc.poll() is None and not workers:
+        workers = psutil.Process(proc.pid).children()
+        time.sleep(0.005)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "worker process ended abruptly" in lines[0] and "--resume" in lines[0], err
     assert not (out / "manifest.json").exists()
     time.sleep(1)
-    assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+    assert workers and not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
     res = invoke(*args, "--resume")
     assert res.exit_code == 0, res.output
-    ref = tmp_path / "ref"
-    assert invoke("encrypt", "--voc", toy, "--key", key_files["ffx"], "-o", ref, "--jobs", 1, *COMMON,
-                  "--shard-size", 1).exit_code == 0
-    assert shard_bytes(out) == shard_bytes(ref)
+    assert shard_bytes(out) == shard_bytes(enc_ffx_single)
 
 
 def test_a_partial_dir_left_before_job_json_is_cleaned(toy, tmp_path):
