@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from keyshard.errors import KeyshardError
 
 DEFAULT_BACKEND = "processes"
+WORKER_DIED = "a worker process ended abruptly (killed, or out of memory?); continue with --resume"
 BACKENDS = ("processes", "loky", "multiprocessing", "threading", "sequential", "dask")
 
 
@@ -93,8 +94,7 @@ class ForkedWorkers:
             for future in as_completed(futures):
                 yield future.result()
         except BrokenProcessPool:
-            raise KeyshardError("a worker process ended abruptly (killed, or out of memory?); "
-                                "continue with --resume") from None
+            raise KeyshardError(WORKER_DIED) from None
         finally:
             for future in futures:
                 future.cancel()
@@ -127,8 +127,7 @@ class _JoblibWorkers:
         try:
             yield from self._parallel(self._delayed(fn)(*args) for args in arg_tuples)
         except BrokenProcessPool:  # loky's TerminatedWorkerError is one
-            raise KeyshardError("a worker process ended abruptly (killed, or out of memory?); "
-                                "continue with --resume") from None
+            raise KeyshardError(WORKER_DIED) from None
 
 
 @contextmanager

@@ -320,10 +320,12 @@ def test_workers_die_with_a_killed_parent_and_write_nothing_more(toy, key_files,
     assert load_manifest(out)["shards"] == load_manifest(enc_ffx_single)["shards"]
 
 
-def test_a_killed_worker_stops_the_run_with_one_line_and_resume_finishes(toy, key_files, enc_ffx_single, tmp_path):
-    """A forked worker SIGKILLed mid-run (as by the OOM killer; a test hook kills the one that
-    takes shard test-000003): `encrypt` exits 1 with one line, no traceback and no manifest, its
-    other worker gone too; --resume is byte-identical."""
+@pytest.mark.parametrize("backend", ["processes", "loky"])
+def test_a_killed_worker_stops_the_run_with_one_line_and_resume_finishes(backend, toy, key_files, enc_ffx_single,
+                                                                         tmp_path):
+    """A worker SIGKILLed mid-run (as by the OOM killer; a test hook kills the one that takes
+    shard test-000003): `encrypt` exits 1 with one line, no traceback and no manifest, its other
+    workers gone too; --resume is byte-identical."""
     import subprocess
     import sys
 
@@ -331,8 +333,8 @@ def test_a_killed_worker_stops_the_run_with_one_line_and_resume_finishes(toy, ke
 
     out = tmp_path / "oom"
     args = ["encrypt", "--voc", toy, "--key", key_files["ffx"], "-o", out, "--jobs", 2, *COMMON, "--shard-size", 1]
-    proc = subprocess.Popen([sys.executable, "-c", "from keyshard.cli import main; main()", *map(str, args)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([sys.executable, "-c", "from keyshard.cli import main; main()", *map(str, args),
+                             "--backend", backend], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "KEYSHARD_TEST_KILL_WORKER_AT": "test-000003.tar"})
     workers = []
     while proc.poll() is None and not workers:
