@@ -146,7 +146,10 @@ class _Hasher:
         order).  The view is valid until the next ``fill``."""
         buf = self._free.get()
         n = readinto(buf)
-        self._todo.put((buf, n)) if n else self._free.put(buf)
+        if n:
+            self._todo.put((buf, n))
+        else:
+            self._free.put(buf)
         return memoryview(buf)[:n]
 
     def stop(self) -> None:

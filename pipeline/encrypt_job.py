@@ -3,9 +3,9 @@
 Work is cut into shards; each shard is one task (``workers.py`` runs them) that reads, decodes,
 resizes, encrypts and writes its samples to a temporary file; the job's own process then renames
 it into place and drops a small completion record, so a worker that outlives a killed job can
-never add a shard under a final name.  A shard's bytes depend only on its inputs, the key material and the options, so the
-output is byte-identical whatever ``--jobs`` or backend ran it, and a resumed run only redoes
-shards without a verified record.  The manifest is written last; a directory without one is an
+never add a shard under a final name.  A shard's bytes depend only on its inputs, the key
+material and the options, so the output is byte-identical whatever ``--jobs`` or backend ran it,
+and a resumed run only redoes shards without a verified record.  The manifest is written last; a directory without one is an
 unfinished job.
 
 Workers receive the compiled key *material*, never the key file's secret.
