@@ -114,7 +114,7 @@ def score_on_split(model, configs: list, source, manifest: dict, device, batch_s
             pixels, masks = pixels.to(device), masks.to(device)
             grab = cap is not None and cap.wants(seen)
             if grab:
-                cap.add_images(seen, ids[:real], pixels[:real], masks[:real])
+                cap.add_images(seen, ids[:real], pixels[:real], masks[:real], info["ignore_index"])
             for i, ((tplan, divisor), conf) in enumerate(zip(configs, confusions)):
                 x = tplan.encrypt(pixels) if tplan is not None else pixels
                 pred = model(normalize_pixels(x, divisor))["out"].argmax(1)

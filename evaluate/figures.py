@@ -29,14 +29,20 @@ def display_pixels(x, divisor: int) -> np.ndarray:
     return np.clip(np.round(x.astype(np.float64) / divisor * 255), 0, 255).astype(np.uint8)
 
 
-def colorize(mask) -> np.ndarray:
-    """A label map (class ids, 255 void) in the VOC colour palette: H×W → H×W×3 uint8."""
-    from keyshard.shardformat import voc_palette
+def colorize(mask, ignore_index: int | None = None) -> np.ndarray:
+    """A label map (class ids) in the VOC colour palette: H×W → H×W×3 uint8.  Pixels equal to
+    ``ignore_index`` (the dataset's, e.g. 0 after --reduce-zero-label schemes; VOC's 255 is
+    already the palette's void) get VOC's void colour, not the colour of the class with that id."""
+    from keyshard.shardformat import VOID, voc_palette
 
     if hasattr(mask, "detach"):
         mask = mask.detach().cpu().numpy()
+    mask = np.asarray(mask, dtype=np.uint8)
     lut = np.asarray(voc_palette(), dtype=np.uint8).reshape(256, 3)
-    return lut[np.asarray(mask, dtype=np.uint8)]
+    out = lut[mask]
+    if ignore_index is not None and ignore_index != VOID:
+        out[mask == ignore_index] = lut[VOID]
+    return out
 
 
 def _font():

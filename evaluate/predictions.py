@@ -25,15 +25,17 @@ class Capture:
         self.labels: list[np.ndarray] = []   # ground truth, H×W uint8
         self.panels: dict[str, dict] = {}    # condition → {"input", "pred", "miou"} lists
         self.wrong_fingerprint: str | None = None
+        self.ignore_index: int | None = None  # the dataset's unlabelled value, drawn in VOC's void colour
 
     def wants(self, start: int) -> bool:
         """Whether a batch starting at real image ``start`` holds an image still to capture."""
         return start < self.n
 
-    def add_images(self, start: int, ids, pixels, masks) -> None:
+    def add_images(self, start: int, ids, pixels, masks, ignore_index: int | None = None) -> None:
         """Plain pixels and labels of a batch's real rows (kept once, from the first pass)."""
         if len(self.ids) != start or start >= self.n:
             return
+        self.ignore_index = ignore_index
         take = min(self.n - start, len(ids))
         self.ids += [str(i) for i in ids[:take]]
         self.images += list(pixels[:take].cpu().numpy())
@@ -70,7 +72,7 @@ def figure_png(capture: Capture, audit: dict) -> bytes:
     if audit.get("kind") == "baseline":
         cols = ["image", "ground truth", "prediction"]
         plain = capture.panels["plain"]
-        rows = [[(capture.images[i], None), (colorize(capture.labels[i]), None),
+        rows = [[(capture.images[i], None), (colorize(capture.labels[i], capture.ignore_index), None),
                  (colorize(plain["pred"][i]), _caption(plain["miou"][i]))] for i in range(n)]
         title = f"{audit['checkpoint']['model']} trained on plain images"
     else:
@@ -80,7 +82,7 @@ def figure_png(capture: Capture, audit: dict) -> bytes:
         rows = []
         for i in range(n):
             row = [(capture.images[i], None), (capture.panels["correct"]["input"][i], None),
-                   (colorize(capture.labels[i]), None)]
+                   (colorize(capture.labels[i], capture.ignore_index), None)]
             for name in ("correct", "plain", "wrong"):
                 p = capture.panels.get(name)
                 row.append(None if p is None or i >= len(p["pred"]) else (colorize(p["pred"][i]), _caption(p["miou"][i])))

@@ -261,3 +261,18 @@ def test_baseline_audit_has_per_image_scores_and_predictions(run, tmp_path):
     assert base["predictions"]["images"] == 2 and "wrong_key_fingerprint" not in base["predictions"]
     assert (tmp_path / "base" / "predictions.png").read_bytes()[:8] == PNG
     assert "mean per image" in (tmp_path / "base" / "audit.md").read_text()
+
+
+def test_colorize_draws_the_datasets_ignore_index_as_void():
+    """A dataset whose unlabelled value is not 255 (here 0): those pixels get VOC's void colour in
+    the figures, not the colour of class 0; other ids keep the palette's colours."""
+    from keyshard.evaluate.figures import colorize
+    from keyshard.shardformat import VOID, voc_palette
+
+    lut = np.asarray(voc_palette(), np.uint8).reshape(256, 3)
+    mask = np.array([[0, 1, 2], [VOID, 0, 7]], np.uint8)
+    assert np.array_equal(colorize(mask), lut[mask])  # VOC: 255 is the palette's own void colour
+    got = colorize(mask, ignore_index=0)
+    assert np.array_equal(got[mask == 0], np.tile(lut[VOID], (2, 1)))
+    assert np.array_equal(got[mask != 0], lut[mask[mask != 0]])
+    assert not np.array_equal(lut[0], lut[VOID])
