@@ -31,8 +31,8 @@ def display_pixels(x, divisor: int) -> np.ndarray:
 
 def colorize(mask, ignore_index: int | None = None) -> np.ndarray:
     """A label map (class ids) in the VOC colour palette: H×W → H×W×3 uint8.  Pixels equal to
-    ``ignore_index`` (the dataset's, e.g. 0 after --reduce-zero-label schemes; VOC's 255 is
-    already the palette's void) get VOC's void colour, not the colour of the class with that id."""
+    ``ignore_index`` (the dataset's, e.g. 10 with ``--num-classes 5 --ignore-index 10``; VOC's 255
+    is already the palette's void) get VOC's void colour, not the palette's colour for that id."""
     from keyshard.shardformat import VOID, voc_palette
 
     if hasattr(mask, "detach"):

@@ -264,15 +264,15 @@ def test_baseline_audit_has_per_image_scores_and_predictions(run, tmp_path):
 
 
 def test_colorize_draws_the_datasets_ignore_index_as_void():
-    """A dataset whose unlabelled value is not 255 (here 0): those pixels get VOC's void colour in
-    the figures, not the colour of class 0; other ids keep the palette's colours."""
+    """A dataset whose unlabelled value is not 255 (here 10, with 5 classes): those pixels get
+    VOC's void colour in the figures, not the palette's colour for id 10; class ids keep theirs."""
     from keyshard.evaluate.figures import colorize
     from keyshard.shardformat import VOID, voc_palette
 
     lut = np.asarray(voc_palette(), np.uint8).reshape(256, 3)
-    mask = np.array([[0, 1, 2], [VOID, 0, 7]], np.uint8)
+    mask = np.array([[10, 1, 2], [VOID, 10, 4]], np.uint8)
     assert np.array_equal(colorize(mask), lut[mask])  # VOC: 255 is the palette's own void colour
-    got = colorize(mask, ignore_index=0)
-    assert np.array_equal(got[mask == 0], np.tile(lut[VOID], (2, 1)))
-    assert np.array_equal(got[mask != 0], lut[mask[mask != 0]])
-    assert not np.array_equal(lut[0], lut[VOID])
+    got = colorize(mask, ignore_index=10)
+    assert np.array_equal(got[mask == 10], np.tile(lut[VOID], (2, 1)))
+    assert np.array_equal(got[mask != 10], lut[mask[mask != 10]])
+    assert not np.array_equal(lut[10], lut[VOID])
