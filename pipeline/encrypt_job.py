@@ -406,11 +406,16 @@ def _encode(workers, todo, tasks, records, material, options, out_path, partial,
         results = workers.run_unordered(process_shard, [
             (t, material, options, str(out_path.absolute()), str(partial.absolute()), os.getpid(), labels)
             for t in todo])
-        kill_after = int(os.environ.get("KEYSHARD_TEST_KILL_AFTER_SHARDS", "0") or 0)
+        # test hook "N" (SIGKILL this process) or "N:INT" (Ctrl-C to its process group) right after
+        # the N-th shard: the job stops at an exact point, its workers still busy
+        kill_after, _, how = os.environ.get("KEYSHARD_TEST_KILL_AFTER_SHARDS", "0").partition(":")
         for committed, rec in enumerate(results, 1):
             rec = commit_shard(out_path, partial, rec)
-            if committed == kill_after:  # test hook: the job dies at an exact point, workers still busy
-                os.kill(os.getpid(), signal.SIGKILL)
+            if committed == int(kill_after or 0):
+                if how == "INT":
+                    os.killpg(os.getpgid(0), signal.SIGINT)
+                else:
+                    os.kill(os.getpid(), signal.SIGKILL)
             records[rec["file"]] = rec
             synced.append(syncer.submit(fsync_path, out_path / rec["file"]))
             bar.update(rec["samples"] + len(rec["failed"]))

@@ -7,7 +7,7 @@ imports them again, ~0.25 s before it can even begin loading torch — about 9 %
 1,500-image run on two cores (``benchmarks/bench_encrypt.py``, part d).  The fork is the first
 thing the job does: this process has started no thread yet and never imports torch, so the
 workers inherit no held lock and no thread pool.  A worker that dies breaks the pool, and the
-run stops with one line; the workers ignore Ctrl-C, which this process handles.  Where forking
+run stops with one line; the workers never see Ctrl-C, which this process handles.  Where forking
 is not safe (``fork_is_safe``: not Linux, torch loaded, threads running) ``processes`` means loky.
 
 The joblib backends (``loky``, ``multiprocessing``, ``threading``, ``sequential``, ``dask``)
@@ -58,8 +58,8 @@ def open_workers(backend: str, jobs: int, initializer, initargs: tuple):
     while the caller plans the job.  Yields an object with ``ready()`` (wait for that warm-up)
     and ``run_unordered(fn, arg_tuples)`` (results as they finish)."""
     backend = resolve_backend(backend)
-    if backend == "processes" and worker_count(jobs) > 1:
-        workers = ForkedWorkers(worker_count(jobs), initializer, initargs)
+    if backend == "processes" and (n := worker_count(jobs)) > 1:
+        workers = ForkedWorkers(n, initializer, initargs)
         try:
             yield workers
         except BaseException:
@@ -72,9 +72,21 @@ def open_workers(backend: str, jobs: int, initializer, initargs: tuple):
         yield workers
 
 
-def _ignore_sigint_then(initializer, initargs):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent stops us
-    initializer(*initargs)
+@contextmanager
+def _children_ignore_ctrl_c():
+    """Worker processes forked inside never see SIGINT: it is blocked here, and the child keeps
+    the signal mask.  Ctrl-C reaches the whole process group; this process still gets one that
+    arrives meanwhile, as soon as the block ends, and stops its workers.  (The same block around
+    loky's start did not keep its workers from seeing it: a Ctrl-C while they import prints
+    their tracebacks.  loky is not the default.)"""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no process groups to worry about
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class ForkedWorkers:
@@ -82,8 +94,9 @@ class ForkedWorkers:
 
     def __init__(self, n: int, initializer, initargs: tuple):
         self._pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"),
-                                         initializer=_ignore_sigint_then, initargs=(initializer, initargs))
-        self._pool.submit(int)  # forks all n workers now, before this process starts any thread
+                                         initializer=initializer, initargs=initargs)
+        with _children_ignore_ctrl_c():
+            self._pool.submit(int)  # forks all n workers now, before this process starts any thread
 
     def ready(self) -> None:
         """Nothing to wait for: a worker runs its initializer before its first task."""
@@ -123,6 +136,12 @@ class _JoblibWorkers:
             pass
         self._warming = None
 
+    def cancel_warm_up(self) -> None:
+        if self._warming is not None:
+            with warnings.catch_warnings():  # joblib warns that the warm-up was cancelled
+                warnings.simplefilter("ignore")
+                self._warming.close()
+
     def run_unordered(self, fn, arg_tuples):
         try:
             yield from self._parallel(self._delayed(fn)(*args) for args in arg_tuples)
@@ -151,10 +170,7 @@ def _joblib_workers(backend: str, jobs: int, initializer, initargs: tuple):
                 pass
             raise
         except BaseException:  # Ctrl-C: stop the workers now
-            if workers._warming is not None:
-                with warnings.catch_warnings():  # joblib warns that the warm-up was cancelled
-                    warnings.simplefilter("ignore")
-                    workers._warming.close()
+            workers.cancel_warm_up()
             raise
 
 

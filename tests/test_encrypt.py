@@ -352,6 +352,38 @@ def test_a_killed_worker_stops_the_run_with_one_line_and_resume_finishes(backend
     assert shard_bytes(out) == shard_bytes(enc_ffx_single)
 
 
+def test_ctrl_c_stops_the_job_and_its_workers_with_one_line(toy, key_files, enc_ffx_single, tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it; a test hook sends it
+    right after the second shard): exit 130, one line, no traceback from the job or its forked
+    workers, none of them left; --resume finishes byte-identical."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    out = tmp_path / "ctrl-c"
+    args = ["encrypt", "--voc", toy, "--key", key_files["ffx"], "-o", out, "--jobs", 2, *COMMON, "--shard-size", 1]
+    proc = subprocess.Popen([sys.executable, "-c", "from keyshard.cli import main; main()", *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "KEYSHARD_TEST_KILL_AFTER_SHARDS": "2:INT"})
+    workers = []
+    while proc.poll() is None and len(workers) < 2:
+        try:
+            workers = psutil.Process(proc.pid).children()
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.005)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["keyshard: interrupted (an unfinished job can be continued with --resume)"]
+    assert not (out / "manifest.json").exists()
+    time.sleep(1)
+    assert len(workers) == 2 and not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+    res = invoke(*args, "--resume")
+    assert res.exit_code == 0, res.output
+    assert shard_bytes(out) == shard_bytes(enc_ffx_single)
+
+
 def test_a_partial_dir_left_before_job_json_is_cleaned(toy, tmp_path):
     """A run that died before recording its job (e.g. disk full at start) leaves only an empty
     .keyshard-partial/: a rerun cleans it instead of refusing forever; a real unfinished run is kept."""
