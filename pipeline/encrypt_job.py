@@ -145,7 +145,7 @@ def warm_up(material: KeyMaterial | None, size: int, fast_exit: bool = False, ow
 
 
 def process_shard(task: ShardTask, material: KeyMaterial | None, options: EncryptOptions,
-                  out_dir: str, partial_dir: str, owner: int | None = None, labels=None) -> dict:
+                  partial_dir: str, owner: int | None = None, labels=None) -> dict:
     """Write one shard under a temporary name and return its completion record (with ``tmp``,
     the temporary path, which ``commit_shard`` renames in the job's own process).
 
@@ -157,7 +157,7 @@ def process_shard(task: ShardTask, material: KeyMaterial | None, options: Encryp
         os.kill(os.getpid(), signal.SIGKILL)  # test hook: a worker dies (as by the OOM killer) at this shard
     _single_threaded_torch()
     plan = _plan_for(material, options.size)
-    out, partial = Path(out_dir), Path(partial_dir)
+    partial = Path(partial_dir)
     tmp = partial / "tmp" / f"{task.name}.{os.getpid()}"
     inputs, failed = [], []
     with open(tmp, "wb") as f:
@@ -404,7 +404,7 @@ def _encode(workers, todo, tasks, records, material, options, out_path, partial,
     synced = [syncer.submit(fsync_path, out_path / name) for name in records]
     try:
         results = workers.run_unordered(process_shard, [
-            (t, material, options, str(out_path.absolute()), str(partial.absolute()), os.getpid(), labels)
+            (t, material, options, str(partial.absolute()), os.getpid(), labels)
             for t in todo])
         # test hook "N" (SIGKILL this process) or "N:INT" (Ctrl-C to its process group) right after
         # the N-th shard: the job stops at an exact point, its workers still busy

@@ -82,7 +82,7 @@ def test_image_folder_partial_run_resumes(cls_data, tmp_path):
     identity["source"].update(record)
     identity["dataset"] = entry
     partial = encrypt_job.prepare_output(out, identity, resume=False)
-    encrypt_job.commit_shard(out, partial, encrypt_job.process_shard(tasks[0], key.material, opts, str(out), str(partial)))
+    encrypt_job.commit_shard(out, partial, encrypt_job.process_shard(tasks[0], key.material, opts, str(partial)))
     kept = (out / tasks[0].name).stat().st_ino
     args = _enc_args(cls_data, out, 1)
     assert_user_error(invoke(*args), "--resume")
