@@ -172,7 +172,6 @@ def table(root, pairs, args, work):
             if "np_us" not in row:
                 row["np_us"], row["torch_us"] = transform_us(key, args.size) if key else (float("nan"),) * 2
     rows = list(rows.values())
-    base = {j: max(v) for j, v in bases.items()}
     print(f"(a) and (b): each (b) paired with an (a) just before it; best b/a of {args.table_repeats} passes")
     print(f"baseline (a) PIL decode+resize, image+mask: 1 proc {min(bases[1]):.0f}-{max(bases[1]):.0f} img/s, "
           f"2 procs {min(bases[2]):.0f}-{max(bases[2]):.0f} img/s over the run\n")
@@ -182,7 +181,7 @@ def table(root, pairs, args, work):
         us = "| — | — |" if r["np_us"] != r["np_us"] else f"| {r['np_us']:.0f} | {r['torch_us']:.0f} |"
         print(f"| {r['config']} | {r['b1']:.0f} | {r['r1']:.2f} | {r['b2']:.0f} | {r['r2']:.2f} {us}")
     print(f"({load()})\n")
-    return {r["config"]: r for r in rows}, base
+    return {r["config"]: r for r in rows}
 
 
 # -- (c) per-stage breakdown ----------------------------------------------------------------
@@ -359,7 +358,7 @@ def main():
               f"{args.size}x{args.size}; {time.strftime('%Y-%m-%d %H:%M')}, {load()}\n", flush=True)
         measured, start = {}, None
         if "table" in parts:
-            measured, _ = table(root, pairs, args, work)
+            measured = table(root, pairs, args, work)
         if "startup" in parts:
             print(f"start-up, cold processes (best of {args.repeats}):")
             start = startup(args.repeats)
