@@ -266,3 +266,17 @@ def test_train_fraction_counts_the_subset(cls_data, tmp_path):
     sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=cfg.restart_epochs, eta_min=cfg.min_lr)
     sched.step(2.0)
     assert result["history"][-1]["lr"] == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
+
+
+def test_loader_workers_carry_class_indices(cls_data):
+    """Class targets (int64 scalars) come through the workers' shared-memory slots unchanged."""
+    import keyshard
+
+    doc = json.loads((cls_data / "enc" / "manifest.json").read_text())
+    labels = {key: int(files["cls"]) for s in doc["shards"] if s["split"] == "train"
+              for key, files in iter_tar_samples(cls_data / "enc" / s["file"])}
+    seen = {}
+    for pixels, targets, ids, _ in keyshard.open_shards(str(cls_data / "enc"), "train", batch_size=8, workers=2):
+        assert targets.dtype == torch.int64 and targets.shape == (len(ids),)
+        seen.update(zip(ids, targets.tolist()))
+    assert seen == labels

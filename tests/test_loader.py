@@ -153,3 +153,64 @@ def test_stream_hash_and_bytes_are_exact_across_piece_boundaries(size, tmp_path,
                     break
             assert stream.finish() == (size, hashlib.sha256(data).hexdigest())
         assert b"".join(got) == data, sizes
+
+
+def _stored(source: Path, split: str) -> dict:
+    """key → (pixels, mask) of every stored sample of a split, read with numpy and Pillow (not the
+    loader's own decoders)."""
+    import io
+
+    from PIL import Image
+
+    from keyshard.shardformat import iter_tar_samples
+
+    manifest = json.loads((source / "manifest.json").read_text())
+    return {key: (np.load(io.BytesIO(files["img.npy"])), np.asarray(Image.open(io.BytesIO(files["mask.png"]))))
+            for shard in manifest["shards"] if shard["split"] == split
+            for key, files in iter_tar_samples(source / shard["file"])}
+
+
+def test_worker_batches_are_exact_copies_the_caller_keeps(shards, monkeypatch):
+    """With workers, batches come through reused shared-memory slots: every batch the caller keeps
+    (over several epochs, one of them abandoned after a batch) still holds its own stored samples."""
+    from keyshard.train.batch_ring import BatchRing
+
+    stored = _stored(shards / "ffx4", "train")
+    took, take = [], BatchRing.take
+    monkeypatch.setattr(BatchRing, "take", lambda ring, batch, pin: took.append(batch.n) or take(ring, batch, pin))
+    loader = keyshard.open_shards(str(shards / "ffx4"), "train", batch_size=3, workers=2)
+    kept = []
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        kept += list(loader)
+    loader.set_epoch(2)
+    next(iter(loader))  # abandoned: the workers' slots still hold batches nobody will read
+    loader.set_epoch(3)
+    took.clear()
+    kept += list(loader)
+    assert len(took) >= len(loader) // 2  # the slots were reclaimed for the next epoch
+    for pixels, masks, ids, n_pad in kept:
+        assert pixels.dtype == torch.uint16 and not pixels.is_shared() and not masks.is_shared() and n_pad == 0
+        for i, key in enumerate(ids):
+            assert np.array_equal(pixels[i].numpy(), stored[key][0]) and np.array_equal(masks[i].numpy(), stored[key][1])
+    assert sum(len(ids) for *_, ids, _ in kept) == 3 * len(stored)
+
+
+def test_batch_ring_slots_are_reused_and_a_full_ring_says_so():
+    from keyshard.train.batch_ring import BatchRing
+
+    ring = BatchRing(2, 2, 4, (2, 2, 3), np.uint16, (2, 2), np.uint8)
+    rng = np.random.default_rng(0)
+    batches = [([f"k{i}", f"k{i}b"], list(rng.integers(0, 1 << 16, (2, 2, 2, 3), dtype=np.uint16)),
+                list(rng.integers(0, 256, (2, 2, 2), dtype=np.uint8))) for i in range(3)]
+    first, second = (ring.put(1, *b) for b in batches[:2])
+    assert (first.worker, first.slot, first.n, second.slot) == (1, 0, 2, 1)
+    assert ring.put(1, *batches[2]) is None  # both of worker 1's slots are in use
+    assert ring.put(0, *batches[2]).slot == 0  # worker 0 has its own
+    pixels, masks, ids = ring.take(first, pin=False)
+    assert ring.put(1, *batches[2]).slot == 0  # taken: free again, and overwriting it ...
+    assert ids == ["k0", "k0b"] and np.array_equal(pixels.numpy(), np.stack(batches[0][1]))  # ... spares the copy
+    assert np.array_equal(masks.numpy(), np.stack(batches[0][2]))
+    assert ring.put(0, ["a"], [np.zeros((3, 2, 3), np.uint16)], [np.zeros((3, 2), np.uint8)]) is None  # wrong shape
+    ring.reclaim(1)
+    assert ring.put(1, *batches[0]).slot == 0

@@ -6,7 +6,8 @@ replica, ``epoch mod (R+1)``, so an epoch stays one pass over the image ids).  S
 shuffled from ``(seed, epoch)``; rank r of W takes every W-th shard of that order and, inside
 it, DataLoader worker w of N every N-th (splitting is by shard, never extracting).  Samples pass
 through a seeded shuffle buffer, are decoded and **batched inside the workers** (one hand-off
-per batch, integer dtypes unchanged: uint8, or uint16 FFX codes), and the main process only
+per batch, integer dtypes unchanged: uint8, or uint16 FFX codes) straight into shared-memory
+slots allocated once (``batch_ring``), and the main process copies each batch out and only
 re-joins the few partial batches at the ends of the workers' streams.
 
 Ranks may get unequal sample counts; every rank computes all ranks' counts from the manifest
@@ -29,6 +30,7 @@ import webdataset as wds
 from keyshard import sources
 from keyshard.errors import KeyshardError
 from keyshard.shardformat import VOID, dataset_info, decode_mask, decode_npy, stream_shard
+from keyshard.train.batch_ring import BatchRing, SlotBatch
 from keyshard.train.device import pick_device
 from keyshard.transforms import normalize_pixels
 
@@ -80,6 +82,9 @@ class WorkerFailure:
     message: str
 
 
+PREFETCH = 4  # batches each DataLoader worker may have ready ahead (its ring has one slot more)
+
+
 def _collate(samples):
     keys, pixels, masks = zip(*samples)
     return torch.from_numpy(np.stack(pixels)), torch.from_numpy(np.stack(masks)), list(keys)
@@ -103,6 +108,13 @@ class _ShardStream(torch.utils.data.IterableDataset):
         self.classification = dataset_info(manifest)["task"] == "classification"  # targets: <key>.cls
         self.epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.keep = None  # classification --train-fraction: key -> bool (train/classify.py)
+        self.ring = None  # BatchRing when read by DataLoader workers (ShardLoader sets it)
+
+    def target_shape(self) -> tuple:
+        """One sample's target after augmentation: a class index, or an H×W mask."""
+        if self.classification:
+            return ()
+        return tuple(getattr(self.augment, "output_shape", lambda s: s)(self.shape)[:2])
 
     def plan(self) -> EpochPlan:
         return epoch_plan(self.source, self.manifest, self.split, int(self.epoch[0]), self.seed,
@@ -141,6 +153,15 @@ class _ShardStream(torch.utils.data.IterableDataset):
             return None
         return key, pixels, np.int64(label)
 
+    def _hand_over(self, samples, worker):
+        """A worker's batch into a shared-memory slot (a ``SlotBatch``), else as tensors."""
+        if worker is not None and self.ring is not None:
+            keys, pixels, targets = zip(*samples)
+            batch = self.ring.put(worker, keys, pixels, targets)
+            if batch is not None:
+                return batch
+        return _collate(samples)
+
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -157,7 +178,10 @@ class _ShardStream(torch.utils.data.IterableDataset):
             stream = map(self._decode, stream)
             if self.keep is not None:  # --train-fraction: a seeded subset of the samples
                 stream = (item for item in stream if item is not None)
-            yield from wds.batched(self.batch_size, collation_fn=_collate, partial=True)(stream)
+            if info is not None and self.ring is not None:
+                self.ring.reclaim(worker)
+            for samples in wds.batched(self.batch_size, collation_fn=list, partial=True)(stream):
+                yield self._hand_over(samples, worker if info is not None else None)
         except KeyshardError as exc:
             yield WorkerFailure(str(exc))
 
@@ -174,9 +198,14 @@ class ShardLoader:
         self.stream, self.batch_size = stream, batch_size
         self.manifest = stream.manifest
         self._kept = {}  # shard files -> how many of their samples the keep filter accepts
+        self._pin = pick_device().type == "cuda"
+        if workers:
+            shape = getattr(stream.augment, "output_shape", lambda s: s)(stream.shape)
+            stream.ring = BatchRing(workers, PREFETCH + 1, batch_size, shape, stream.dtype, stream.target_shape(),
+                                    np.int64 if stream.classification else np.uint8)
         self._loader = torch.utils.data.DataLoader(
             stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-            pin_memory=pick_device().type == "cuda", prefetch_factor=4 if workers else None)
+            pin_memory=self._pin, prefetch_factor=PREFETCH if workers else None)
 
     def set_epoch(self, epoch: int) -> None:
         self.stream.epoch[0] = epoch
@@ -217,6 +246,8 @@ class ShardLoader:
         for item in self._loader:
             if isinstance(item, WorkerFailure):
                 raise KeyshardError(item.message)
+            if isinstance(item, SlotBatch):
+                item = self.stream.ring.take(item, self._pin)
             pixels, masks, ids = item
             seen += len(ids)
             shape = tuple(pixels.shape[1:])
