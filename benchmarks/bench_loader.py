@@ -29,6 +29,11 @@ process and its DataLoader workers per sample — nearly independent of other lo
 second table — and how many cores other processes used meanwhile; a measurement during which
 they used more than ``--max-other-load`` cores is taken again (at most ``--retries`` times).
 
+A last table (``--step-ms``, default 5 and 20 ms) times (a) and (b) with verification on while
+the main process waits a fixed time after each batch, with no CPU used meanwhile — a stand-in
+for a training step on a GPU (no GPU here): there, workers overlap loading with the step, which
+the bare tables (a consumer that does nothing) cannot show at 1 worker.
+
     python benchmarks/bench_loader.py [--images 1500] [--epochs 3] [--workers 0,1,2]
 
 Shards: ``--images`` VOC-like photos (500×375 / 375×500 JPEG crops of scikit-image's bundled
@@ -136,8 +141,9 @@ def open_loader(kind: str, src: Source, workers: int, batch: int, shuffle_buffer
     return keyshard_loader(src, workers, batch, shuffle_buffer, verify=kind == "b_on")
 
 
-def run_epoch(loader, src: Source, epoch: int) -> int:
-    """Consume one epoch; return the number of samples (checked against the manifest)."""
+def run_epoch(loader, src: Source, epoch: int, step_s: float = 0.0) -> int:
+    """Consume one epoch; return the number of samples (checked against the manifest).
+    ``step_s``: wait that long after each batch, a stand-in for a training step on a device."""
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(epoch)
     n = 0
@@ -146,6 +152,8 @@ def run_epoch(loader, src: Source, epoch: int) -> int:
         if str(pixels.dtype) != f"torch.{src.dtype}":
             raise SystemExit(f"{src.method}: batch pixels are {pixels.dtype}, shards store {src.dtype}")
         n += len(pixels)
+        if step_s:
+            time.sleep(step_s)
     if n != src.samples:
         raise SystemExit(f"{src.method}: an epoch gave {n} samples, the split has {src.samples}")
     return n
@@ -184,7 +192,8 @@ def _busy_seconds() -> float:
     return (sum(fields[:8]) - fields[3] - fields[4]) / _TICK  # all but idle and iowait
 
 
-def measure(kind: str, src: Source, workers: int, batch: int, epochs: int, shuffle_buffer: int):
+def measure(kind: str, src: Source, workers: int, batch: int, epochs: int, shuffle_buffer: int,
+            step_s: float = 0.0):
     """(samples/s, CPU ms per sample of the main process and its workers, other processes' CPU
     load in cores) over ``epochs`` timed epochs after one warm-up epoch, one loader throughout.
     CPU time hardly depends on what else the machine runs; wall-clock rates do."""
@@ -193,7 +202,7 @@ def measure(kind: str, src: Source, workers: int, batch: int, epochs: int, shuff
         run_epoch(loader, src, 0)  # warm-up: worker start, imports, page cache
         pids = _worker_pids(loader)
         c0, b0, t = time.process_time() + _cpu_seconds(pids), _busy_seconds(), time.perf_counter()
-        n = sum(run_epoch(loader, src, e) for e in range(1, epochs + 1))
+        n = sum(run_epoch(loader, src, e, step_s) for e in range(1, epochs + 1))
         wall = time.perf_counter() - t
         cpu = time.process_time() + _cpu_seconds(pids) - c0
         other = max(0.0, _busy_seconds() - b0 - cpu) / wall
@@ -239,6 +248,9 @@ def main():
     ap.add_argument("--keep", default=None, help="make the shards in this (new or empty) directory and keep them")
     ap.add_argument("--tar-read-chunk", type=int, default=None, metavar="BYTES",
                     help="override keyshard.shardformat.TAR_READ_CHUNK for (b), to evaluate a change")
+    ap.add_argument("--step-ms", default="5,20", metavar="MS,...",
+                    help="also time (a) and (b) verify on with the main process waiting this long per batch, a "
+                         "stand-in for a training step on a device (no CPU used meanwhile); '' = skip")
     ap.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
                     help="cProfile at 0 workers: where b/a < 0.95 (auto), always, or never")
     args = ap.parse_args()
@@ -358,6 +370,23 @@ def main():
               + ("met" if not not_rising else "MISSED at " + ", ".join(f"{m} w={w}" for m, w in not_rising))
               + "; for comparison, (a) rises: "
               + ("yes" if not a_not_rising else "no at " + ", ".join(f"{m} w={w}" for m, w in a_not_rising)))
+
+        steps = [float(x) for x in args.step_ms.split(",") if x]
+        if steps:
+            print("\nWith a stand-in for a training step: the main process waits STEP ms after each batch (as it "
+                  "would for a device; no CPU used meanwhile), so the loader's work overlaps the step only in "
+                  f"workers. One round, {args.epochs} timed epochs after 1 warm-up; bound = batch / STEP.\n")
+            print("| key | step ms/batch | bound samples/s | workers | (a) stock samples/s | (a) / bound "
+                  "| (b) verify on samples/s | (b) / bound |")
+            print("|---|---:|---:|---:|---:|---:|---:|---:|")
+            for m in methods:
+                for step in steps:
+                    bound = args.batch / (step / 1e3)
+                    for w in worker_counts:
+                        a, b = (measure(kind, sources[m], w, args.batch, args.epochs, args.shuffle_buffer,
+                                        step / 1e3)[0] for kind in ("a", "b_on"))
+                        print(f"| {m.upper()} M={BLOCK} | {step:g} | {bound:.0f} | {w} | {a:.0f} | {a / bound:.2f} "
+                              f"| {b:.0f} | {b / bound:.2f} |", flush=True)
 
         todo = {m for m, _, _ in misses_off} if args.profile == "auto" else set(methods) if args.profile == "always" else set()
         for m in sorted(todo):
