@@ -214,3 +214,25 @@ def test_batch_ring_slots_are_reused_and_a_full_ring_says_so():
     assert ring.put(0, ["a"], [np.zeros((3, 2, 3), np.uint16)], [np.zeros((3, 2), np.uint8)]) is None  # wrong shape
     ring.reclaim(1)
     assert ring.put(1, *batches[0]).slot == 0
+
+
+def test_too_little_shared_memory_is_one_line_and_leaves_nothing(shards):
+    """In a mount namespace with a 1 MB /dev/shm: the batch slots do not fit — one line, no file
+    left there (also when torch itself runs out: it leaves its failed segment's name behind)."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
+        pytest.skip("needs `unshare -m` (root) to give the test a small /dev/shm")
+    code = ("import os, keyshard; from keyshard.errors import KeyshardError; from keyshard.train import batch_ring\n"
+            "for free in (batch_ring._shm_free, lambda: None):\n"
+            "    batch_ring._shm_free = free\n"
+            "    try:\n"
+            f"        keyshard.open_shards({str(shards / 'ffx4')!r}, 'train', batch_size=64, workers=2)\n"
+            "    except KeyshardError as exc:\n"
+            "        print(exc)\n"
+            "print('left:', os.listdir('/dev/shm'))\n")
+    script = 'mount -t tmpfs -o size=1m tmpfs /dev/shm && exec "$0" -c "$1"'
+    res = subprocess.run(["unshare", "-m", "sh", "-c", script, sys.executable, code], capture_output=True, text=True)
+    lines = res.stdout.splitlines()
+    assert res.returncode == 0 and res.stderr == "" and len(lines) == 3, res
+    assert lines[0].startswith("/dev/shm: no room for the loader's batch slots (5 MB for 2 worker(s); 1 MB free)")
+    assert lines[1].startswith("/dev/shm: no room") and "No space left on device" in lines[1]
+    assert lines[2] == "left: []"

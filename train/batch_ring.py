@@ -12,16 +12,20 @@ is its own tensor; nothing it keeps can be overwritten.
 A worker that finds none of its slots free (DataLoader may give one worker more than
 ``prefetch_factor`` batches to do when another has finished) hands that batch over the stock way,
 so nothing ever waits on a slot.  Slot states change under one lock, which also orders the
-main process's copy before the worker's next write into that slot.
+main process's copy before the worker's next write into that slot.  Too little ``/dev/shm`` for
+the slots is one ``KeyshardError`` line before any worker starts (docker's default is 64 MB).
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from keyshard.errors import KeyshardError
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,16 @@ class BatchRing:
         def shared(shape, dtype):
             return torch.from_numpy(np.zeros((workers, slots, batch_size, *shape), dtype)).share_memory_()
 
-        self.pixels, self.targets = shared(pixel_shape, pixel_dtype), shared(target_shape, target_dtype)
+        size = workers * slots * batch_size * (np.prod(pixel_shape, dtype=int) * np.dtype(pixel_dtype).itemsize
+                                               + np.prod(target_shape, dtype=int) * np.dtype(target_dtype).itemsize)
+        free = _shm_free()
+        if free is not None and size > free:
+            raise _no_room(size, workers, f"{free / 1e6:.0f} MB free")
+        try:
+            self.pixels, self.targets = shared(pixel_shape, pixel_dtype), shared(target_shape, target_dtype)
+        except RuntimeError as exc:  # torch: "unable to allocate shared memory(shm) for file </torch_…>: …"
+            _remove_left_behind(str(exc))
+            raise _no_room(size, workers, str(exc).rpartition(": ")[2] or type(exc).__name__) from None
         self.busy = torch.zeros((workers, slots), dtype=torch.uint8).share_memory_()
         self.lock = multiprocessing.get_context().Lock()
 
@@ -86,3 +99,31 @@ def _copy(src: torch.Tensor, pin: bool) -> torch.Tensor:
     dst = torch.empty(src.shape, dtype=src.dtype, pin_memory=pin)
     np.copyto(dst.numpy(), src.numpy())
     return dst
+
+
+SHM = "/dev/shm"
+
+
+def _shm_free() -> int | None:
+    """Bytes free in POSIX shared memory, where it is a file system (Linux); else None."""
+    try:
+        st = os.statvfs(SHM)
+    except (OSError, AttributeError):
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _no_room(size: int, workers: int, reason: str) -> KeyshardError:
+    return KeyshardError(f"{SHM}: no room for the loader's batch slots ({size / 1e6:.0f} MB for {workers} "
+                         f"worker(s); {reason}); use fewer workers or a smaller batch, or give the machine more "
+                         "shared memory (docker: --shm-size)")
+
+
+def _remove_left_behind(message: str) -> None:
+    """torch leaves the segment it failed to allocate in /dev/shm (no data, but a name): remove ours."""
+    name = message.partition("</")[2].partition(">")[0]
+    if name.startswith(f"torch_{os.getpid()}_") and "/" not in name:
+        try:
+            os.unlink(os.path.join(SHM, name))
+        except OSError:
+            pass
