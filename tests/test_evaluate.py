@@ -197,6 +197,18 @@ def test_evaluate_writes_the_audit_and_report(audited, tmp_path):
     assert rep.exit_code == 0, rep.output
     assert "| FFX | 4 | small | 20 |" in rep.output and "not full-scale" in rep.output
     assert (tmp_path / "t.csv").read_text().splitlines()[0].startswith("method,block_size")
+    # 2 workers read alternate shards; the audit (per-image list and figure order included) is the same
+    res = invoke("evaluate", "--checkpoint", audited / "run" / "best.pt", "--key", audited / "key.json",
+                 "--test", audited / "plain", "--wrong-keys", 4, "--seed", 7, "--out", tmp_path / "w2",
+                 "--workers", 2, "--save-predictions", 8, "-q")
+    assert res.exit_code == 0, res.output
+    again = json.loads((tmp_path / "w2" / "audit.json").read_text())
+    per_image = again["results"]["correct"]["per_image"]
+    assert len({p["id"] for p in per_image}) == len(per_image) == 20
+    assert [p["id"] for p in per_image] == [p["id"] for p in audit["results"]["correct"]["per_image"]]
+    assert again["predictions"]["ids"] == [p["id"] for p in per_image][:8]
+    assert {k: v for k, v in again.items() if k not in ("created_utc", "predictions")} == \
+        {k: v for k, v in audit.items() if k != "created_utc"}
 
 
 def test_evaluate_refuses_mismatches(audited, tmp_path):

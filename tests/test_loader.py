@@ -236,3 +236,20 @@ def test_too_little_shared_memory_is_one_line_and_leaves_nothing(shards):
     assert lines[0].startswith("/dev/shm: no room for the loader's batch slots (5 MB for 2 worker(s); 1 MB free)")
     assert lines[1].startswith("/dev/shm: no room") and "No space left on device" in lines[1]
     assert lines[2] == "left: []"
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_unshuffled_batches_are_the_same_at_any_worker_count(shards, rank):
+    """shuffle=False is manifest order: 2 and 3 workers give the batches 0 workers gives — same
+    ids in the same order, same rows, same padding (2 ranks: the shorter one pads)."""
+    def batches(workers):
+        return list(keyshard.open_shards(str(shards / "ffx4"), "train", batch_size=3, shuffle=False, workers=workers,
+                                         rank=rank, world=2))
+
+    reference = batches(0)
+    assert sum(len(ids) for *_, ids, _ in reference) > 3 * 3
+    for workers in (2, 3):
+        got = batches(workers)
+        assert [(ids, n) for *_, ids, n in got] == [(ids, n) for *_, ids, n in reference], workers
+        for (p, m, _, _), (rp, rm, _, _) in zip(got, reference):
+            assert torch.equal(p, rp) and torch.equal(m, rm)

@@ -20,6 +20,7 @@ same one-line ``KeyshardError``, not DataLoader's wrapped traceback.
 
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import dataclass
 
@@ -154,13 +155,14 @@ class _ShardStream(torch.utils.data.IterableDataset):
         return key, pixels, np.int64(label)
 
     def _hand_over(self, samples, worker):
-        """A worker's batch into a shared-memory slot (a ``SlotBatch``), else as tensors."""
+        """A worker's batch into a shared-memory slot (a ``SlotBatch``), else as tensors
+        ``(pixels, targets, keys, worker)``."""
         if worker is not None and self.ring is not None:
             keys, pixels, targets = zip(*samples)
             batch = self.ring.put(worker, keys, pixels, targets)
             if batch is not None:
                 return batch
-        return _collate(samples)
+        return (*_collate(samples), worker)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -195,7 +197,7 @@ class ShardLoader:
     """
 
     def __init__(self, stream: _ShardStream, batch_size: int, workers: int):
-        self.stream, self.batch_size = stream, batch_size
+        self.stream, self.batch_size, self.workers = stream, batch_size, workers
         self.manifest = stream.manifest
         self._kept = {}  # shard files -> how many of their samples the keep filter accepts
         self._pin = pick_device().type == "cuda"
@@ -240,14 +242,49 @@ class ShardLoader:
         shape = self.stream.shape
         return getattr(self.stream.augment, "output_shape", lambda s: s)(shape)
 
-    def __iter__(self):
-        plan, bs = self.plan, self.batch_size
-        pending, n_pending, seen, shape = [], 0, 0, None
+    def _received(self):
+        """The workers' batches as ``(pixels, targets, ids, worker)``: slots copied out, failures raised."""
         for item in self._loader:
             if isinstance(item, WorkerFailure):
                 raise KeyshardError(item.message)
-            if isinstance(item, SlotBatch):
-                item = self.stream.ring.take(item, self._pin)
+            yield (*self.stream.ring.take(item, self._pin), item.worker) if isinstance(item, SlotBatch) else item
+
+    def _in_plan_order(self, received, plan: EpochPlan):
+        """Rows re-sequenced into the plan's shard order, for ``shuffle=False`` with several workers:
+        worker w reads shards w, w+N, ..., and DataLoader hands their batches over in turn, so
+        without this the order (and what an audit lists first) would depend on the worker count.
+        Yields ``(pixels, targets, ids)`` pieces; ``__iter__`` joins them into batches."""
+        queues = [collections.deque() for _ in range(self.workers)]
+        for i, shard in enumerate(plan.shards):
+            queue, need = queues[i % self.workers], shard["samples"]
+            while need:
+                while not queue:
+                    item = next(received, None)
+                    if item is None:  # a worker ended early: the caller's count check names it
+                        return
+                    queues[item[3]].append([*item[:3], 0])
+                head = queue[0]
+                pixels, masks, ids, start = head
+                take = min(need, len(ids) - start)
+                yield pixels[start:start + take], masks[start:start + take], ids[start:start + take]
+                head[3], need = start + take, need - take
+                if head[3] == len(ids):
+                    queue.popleft()
+        for queue in queues:  # more rows than the manifest lists: let the count check see them
+            for pixels, masks, ids, start in queue:
+                yield pixels[start:], masks[start:], ids[start:]
+        for pixels, masks, ids, _ in received:
+            yield pixels, masks, ids
+
+    def __iter__(self):
+        plan, bs = self.plan, self.batch_size
+        pending, n_pending, seen, shape = [], 0, 0, None
+        received = self._received()
+        if not self.stream.shuffle and self.workers > 1 and self.stream.keep is None:
+            received = self._in_plan_order(received, plan)
+        else:
+            received = (item[:3] for item in received)
+        for item in received:
             pixels, masks, ids = item
             seen += len(ids)
             shape = tuple(pixels.shape[1:])
@@ -326,7 +363,8 @@ def open_shards(source, split: str = "train", *, batch_size: int, epoch: int = 0
     """Batches of one split of a shard directory or URL base for this rank (see ``ShardLoader``).
 
     ``rank``/``world`` default to the initialised ``torch.distributed`` group (else 0 of 1).
-    ``shuffle=False`` reads shards in manifest order with no shuffle buffer (evaluation).
+    ``shuffle=False`` reads shards in manifest order with no shuffle buffer (evaluation): the same
+    batches, in the same order, at any worker count.
     ``augment(pixels, mask, key) -> (pixels, mask)`` runs per sample in the workers on numpy
     arrays (its ``set_epoch(epoch)``, if it has one, is called at the start of every epoch).  ``manifest`` skips re-reading it when the caller already has it.
     """
