@@ -29,7 +29,8 @@ process and its DataLoader workers per sample — nearly independent of other lo
 second table — and how many cores other processes used meanwhile; a measurement during which
 they used more than ``--max-other-load`` cores is taken again (at most ``--retries`` times).
 
-A last table (``--step-ms``, default 5 and 20 ms) times (a) and (b) with verification on while
+A table of reading alone (tar members streamed, no decoding, verification off and on) gives the
+ceiling the tar reading and one core's SHA-256 put on any loader.  A last table (``--step-ms``, default 5 and 20 ms) times (a) and (b) with verification on while
 the main process waits a fixed time after each batch, with no CPU used meanwhile — a stand-in
 for a training step on a GPU (no GPU here): there, workers overlap loading with the step, which
 the bare tables (a consumer that does nothing) cannot show at 1 worker.
@@ -212,6 +213,22 @@ def measure(kind: str, src: Source, workers: int, batch: int, epochs: int, shuff
         gc.collect()
 
 
+def read_alone(src: Source, verify: bool, repeats: int = 3) -> float:
+    """Seconds to stream every shard's members (no decoding), best of ``repeats``: the ceiling the
+    tar reading and, with ``verify``, one core's SHA-256 put on any loader."""
+    from keyshard.shardformat import stream_shard
+
+    shards = [s for s in src.manifest["shards"] if s["split"] == SPLIT]
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for url, shard in zip(src.urls, shards):
+            for _ in stream_shard(url, shard, verify):
+                pass
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def profile(kind: str, src: Source, batch: int, shuffle_buffer: int, top: int) -> tuple[float, str]:
     """cProfile of one epoch at 0 workers (after a warm-up epoch); (seconds, top-by-tottime text)."""
     loader = open_loader(kind, src, 0, batch, shuffle_buffer)
@@ -370,6 +387,14 @@ def main():
               + ("met" if not not_rising else "MISSED at " + ", ".join(f"{m} w={w}" for m, w in not_rising))
               + "; for comparison, (a) rises: "
               + ("yes" if not a_not_rising else "no at " + ", ".join(f"{m} w={w}" for m, w in a_not_rising)))
+
+        print("\nReading alone: every shard's tar members through keyshard.shardformat.stream_shard, no "
+              "decoding, one process (best of 3):\n")
+        print("| key | verify off GB/s | verify on GB/s | on / off |")
+        print("|---|---:|---:|---:|")
+        for m, src in sources.items():
+            off, on = (src.bytes / read_alone(src, verify) / 1e9 for verify in (False, True))
+            print(f"| {m.upper()} M={BLOCK} | {off:.2f} | {on:.2f} | {on / off:.2f} |")
 
         steps = [float(x) for x in args.step_ms.split(",") if x]
         if steps:
