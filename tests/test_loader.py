@@ -253,3 +253,23 @@ def test_unshuffled_batches_are_the_same_at_any_worker_count(shards, rank):
         assert [(ids, n) for *_, ids, n in got] == [(ids, n) for *_, ids, n in reference], workers
         for (p, m, _, _), (rp, rm, _, _) in zip(got, reference):
             assert torch.equal(p, rp) and torch.equal(m, rm)
+
+
+class _HalfScale:
+    """An augment that changes dtypes (uint16 codes → float32 halves, masks → int64): its batches
+    cannot use the workers' slots and must come through unchanged all the same."""
+
+    def __call__(self, pixels, mask, key):
+        return pixels.astype(np.float32) / 2, mask.astype(np.int64)
+
+
+def test_an_augment_that_changes_dtypes_gives_the_same_batches_with_workers(shards):
+    def batches(workers):
+        return list(keyshard.open_shards(str(shards / "ffx4"), "train", batch_size=4, shuffle=False,
+                                         workers=workers, augment=_HalfScale()))
+
+    reference, got = batches(0), batches(2)
+    assert reference[0][0].dtype == torch.float32 and reference[0][1].dtype == torch.int64
+    assert [ids for *_, ids, _ in got] == [ids for *_, ids, _ in reference]
+    for (p, m, _, _), (rp, rm, _, _) in zip(got, reference):
+        assert p.dtype == rp.dtype and m.dtype == rm.dtype and torch.equal(p, rp) and torch.equal(m, rm)

@@ -18,6 +18,7 @@ the slots is one ``KeyshardError`` line before any worker starts (docker's defau
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 from dataclasses import dataclass
@@ -26,6 +27,9 @@ import numpy as np
 import torch
 
 from keyshard.errors import KeyshardError
+
+
+LOCK_WAIT_S = 5.0  # a lock held longer than this means its holder died inside a few-line critical section
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,10 @@ class BatchRing:
                                                + np.prod(target_shape, dtype=int) * np.dtype(target_dtype).itemsize)
         free = _shm_free()
         if free is not None and size > free:
-            raise _no_room(size, workers, f"{free / 1e6:.0f} MB free")
+            gc.collect()  # a loader that ended in an error can hold its slots until the cycle collector runs
+            free = _shm_free()
+            if size > free:
+                raise _no_room(size, workers, f"{free / 1e6:.0f} MB free")
         try:
             self.pixels, self.targets = shared(pixel_shape, pixel_dtype), shared(target_shape, target_dtype)
         except RuntimeError as exc:  # torch: "unable to allocate shared memory(shm) for file </torch_…>: …"
@@ -63,25 +70,32 @@ class BatchRing:
     def reclaim(self, worker: int) -> None:
         """Free all of a worker's slots: at the start of its epoch nothing sent before is read any more
         (DataLoader drops what an abandoned epoch left in flight before the next epoch starts)."""
-        with self.lock:
-            self.busy[worker] = 0
+        if self.lock.acquire(timeout=LOCK_WAIT_S):
+            try:
+                self.busy[worker] = 0
+            finally:
+                self.lock.release()
 
     def put(self, worker: int, keys, pixels, targets) -> SlotBatch | None:
         """Stack one batch (sequences of numpy arrays) into a free slot; None when no slot is free
-        or the arrays do not fit one (the caller then hands the batch over the stock way)."""
+        or the arrays are not exactly the slot's shape and dtype (an ``augment`` may change them;
+        the caller then hands the batch over the stock way, which keeps them as they are)."""
         n = len(keys)
-        slot_pixels, slot_targets = self.pixels[worker], self.targets[worker]
-        if (n > slot_pixels.shape[1] or pixels[0].shape != tuple(slot_pixels.shape[2:])
-                or np.shape(targets[0]) != tuple(slot_targets.shape[2:])):
+        slot_pixels, slot_targets = self.pixels[worker].numpy(), self.targets[worker].numpy()
+        if n > slot_pixels.shape[1] or not (_all_like(pixels, slot_pixels) and _all_like(targets, slot_targets)):
             return None
-        with self.lock:
+        if not self.lock.acquire(timeout=LOCK_WAIT_S):  # the main process died inside take(): don't hang
+            return None
+        try:
             free = np.flatnonzero(self.busy[worker].numpy() == 0)
             if not free.size:
                 return None
             slot = int(free[0])
             self.busy[worker, slot] = 1
-        np.stack(pixels, out=slot_pixels[slot, :n].numpy())
-        np.stack(targets, out=slot_targets[slot, :n].numpy())
+        finally:
+            self.lock.release()
+        np.stack(pixels, out=slot_pixels[slot, :n])
+        np.stack(targets, out=slot_targets[slot, :n])
         return SlotBatch(worker, slot, n, list(keys))
 
     # --- in the main process ------------------------------------------------------------------
@@ -91,6 +105,12 @@ class BatchRing:
         with self.lock:
             self.busy[batch.worker, batch.slot] = 0
         return pixels, targets, batch.keys
+
+
+def _all_like(arrays, slots: np.ndarray) -> bool:
+    """Every array has exactly one slot row's shape and dtype."""
+    shape, dtype = slots.shape[2:], slots.dtype
+    return all(np.shape(a) == shape and np.asarray(a).dtype == dtype for a in arrays)
 
 
 def _copy(src: torch.Tensor, pin: bool) -> torch.Tensor:
@@ -120,7 +140,10 @@ def _no_room(size: int, workers: int, reason: str) -> KeyshardError:
 
 
 def _remove_left_behind(message: str) -> None:
-    """torch leaves the segment it failed to allocate in /dev/shm (no data, but a name): remove ours."""
+    """torch leaves the segment it failed to allocate in /dev/shm (no data, but a name): remove it —
+    only after a failed allocation, where this process has just created that name itself."""
+    if not message.startswith("unable to allocate shared memory"):
+        return
     name = message.partition("</")[2].partition(">")[0]
     if name.startswith(f"torch_{os.getpid()}_") and "/" not in name:
         try:

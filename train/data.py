@@ -201,7 +201,7 @@ class ShardLoader:
         self.manifest = stream.manifest
         self._kept = {}  # shard files -> how many of their samples the keep filter accepts
         self._pin = pick_device().type == "cuda"
-        if workers:
+        if workers:  # slots are reclaimed per epoch, which needs persistent workers (batch_ring)
             shape = getattr(stream.augment, "output_shape", lambda s: s)(stream.shape)
             stream.ring = BatchRing(workers, PREFETCH + 1, batch_size, shape, stream.dtype, stream.target_shape(),
                                     np.int64 if stream.classification else np.uint8)
@@ -242,6 +242,14 @@ class ShardLoader:
         shape = self.stream.shape
         return getattr(self.stream.augment, "output_shape", lambda s: s)(shape)
 
+    def _join(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Rows of several pieces as one new tensor (pinned under CUDA, like the slots' copies),
+        copied by numpy: torch's ``cat`` would wake its OpenMP threads (see ``batch_ring``)."""
+        out = torch.empty((sum(len(p) for p in parts), *parts[0].shape[1:]), dtype=parts[0].dtype,
+                          pin_memory=self._pin)
+        np.concatenate([p.numpy() for p in parts], out=out.numpy())
+        return out
+
     def _received(self):
         """The workers' batches as ``(pixels, targets, ids, worker)``: slots copied out, failures raised."""
         for item in self._loader:
@@ -258,11 +266,10 @@ class ShardLoader:
         for i, shard in enumerate(plan.shards):
             queue, need = queues[i % self.workers], shard["samples"]
             while need:
-                while not queue:
-                    item = next(received, None)
-                    if item is None:  # a worker ended early: the caller's count check names it
-                        return
+                while not queue and (item := next(received, None)) is not None:
                     queues[item[3]].append([*item[:3], 0])
+                if not queue:  # a worker ended early: the caller's count check names it
+                    break
                 head = queue[0]
                 pixels, masks, ids, start = head
                 take = min(need, len(ids) - start)
@@ -294,7 +301,7 @@ class ShardLoader:
             pending.append(item)
             n_pending += len(ids)
             if n_pending >= bs:  # re-join the partial batches from the ends of the workers' streams
-                pixels, masks = torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending])
+                pixels, masks = self._join([p[0] for p in pending]), self._join([p[1] for p in pending])
                 ids = [k for p in pending for k in p[2]]
                 yield pixels[:bs], masks[:bs], ids[:bs], 0
                 pending = [(pixels[bs:], masks[bs:], ids[bs:])] if n_pending > bs else []
@@ -309,13 +316,13 @@ class ShardLoader:
             return
         shape = self._pad_shape(shape)
         dtype = pending[0][0].dtype if pending else torch.from_numpy(np.zeros(0, self.stream.dtype)).dtype
-        pixels = torch.cat([p[0] for p in pending] + [torch.zeros((pad, *shape), dtype=dtype)])
+        pixels = self._join([p[0] for p in pending] + [torch.zeros((pad, *shape), dtype=dtype)])
         if self.stream.classification:  # padding targets are never scored (train_step skips padding rows)
             fill = torch.full((pad,), -100, dtype=torch.int64)
         else:
             ignore = dataset_info(self.manifest)["ignore_index"]  # every padding pixel is ignored
             fill = torch.full((pad, *shape[:2]), VOID if ignore is None else ignore, dtype=torch.uint8)
-        masks = torch.cat([p[1] for p in pending] + [fill])
+        masks = self._join([p[1] for p in pending] + [fill])
         ids = [k for p in pending for k in p[2]] + [""] * pad
         for i in range(0, len(ids), bs):
             n = len(ids[i:i + bs])
@@ -364,7 +371,8 @@ def open_shards(source, split: str = "train", *, batch_size: int, epoch: int = 0
 
     ``rank``/``world`` default to the initialised ``torch.distributed`` group (else 0 of 1).
     ``shuffle=False`` reads shards in manifest order with no shuffle buffer (evaluation): the same
-    batches, in the same order, at any worker count.
+    batches, in the same order, at any worker count (the main process holds up to about
+    (workers − 1) shards' rows to put them back in order; not with a ``set_keep`` subset).
     ``augment(pixels, mask, key) -> (pixels, mask)`` runs per sample in the workers on numpy
     arrays (its ``set_epoch(epoch)``, if it has one, is called at the start of every epoch).  ``manifest`` skips re-reading it when the caller already has it.
     """
