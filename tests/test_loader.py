@@ -238,6 +238,7 @@ def test_too_little_shared_memory_is_one_line_and_leaves_nothing(shards):
     assert lines[2] == "left: []"
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")  # 3 workers on 2 cores: on purpose
 @pytest.mark.parametrize("rank", [0, 1])
 def test_unshuffled_batches_are_the_same_at_any_worker_count(shards, rank):
     """shuffle=False is manifest order: 2 and 3 workers give the batches 0 workers gives — same
