@@ -111,11 +111,13 @@ class _ShardStream(torch.utils.data.IterableDataset):
         self.keep = None  # classification --train-fraction: key -> bool (train/classify.py)
         self.ring = None  # BatchRing when read by DataLoader workers (ShardLoader sets it)
 
+    def output_shape(self) -> tuple:
+        """One sample's pixels after augmentation (H×W×3)."""
+        return tuple(getattr(self.augment, "output_shape", lambda s: s)(self.shape))
+
     def target_shape(self) -> tuple:
         """One sample's target after augmentation: a class index, or an H×W mask."""
-        if self.classification:
-            return ()
-        return tuple(getattr(self.augment, "output_shape", lambda s: s)(self.shape)[:2])
+        return () if self.classification else self.output_shape()[:2]
 
     def plan(self) -> EpochPlan:
         return epoch_plan(self.source, self.manifest, self.split, int(self.epoch[0]), self.seed,
@@ -156,8 +158,8 @@ class _ShardStream(torch.utils.data.IterableDataset):
 
     def _hand_over(self, samples, worker):
         """A worker's batch into a shared-memory slot (a ``SlotBatch``), else as tensors
-        ``(pixels, targets, keys, worker)``."""
-        if worker is not None and self.ring is not None:
+        ``(pixels, targets, keys, worker)``; ``worker`` None: in the main process (no slots)."""
+        if worker is not None:
             keys, pixels, targets = zip(*samples)
             batch = self.ring.put(worker, keys, pixels, targets)
             if batch is not None:
@@ -180,10 +182,11 @@ class _ShardStream(torch.utils.data.IterableDataset):
             stream = map(self._decode, stream)
             if self.keep is not None:  # --train-fraction: a seeded subset of the samples
                 stream = (item for item in stream if item is not None)
-            if info is not None and self.ring is not None:
-                self.ring.reclaim(worker)
+            slot_worker = worker if info is not None and self.ring is not None else None
+            if slot_worker is not None:
+                self.ring.reclaim(slot_worker)
             for samples in wds.batched(self.batch_size, collation_fn=list, partial=True)(stream):
-                yield self._hand_over(samples, worker if info is not None else None)
+                yield self._hand_over(samples, slot_worker)
         except KeyshardError as exc:
             yield WorkerFailure(str(exc))
 
@@ -202,9 +205,8 @@ class ShardLoader:
         self._kept = {}  # shard files -> how many of their samples the keep filter accepts
         self._pin = pick_device().type == "cuda"
         if workers:  # slots are reclaimed per epoch, which needs persistent workers (batch_ring)
-            shape = getattr(stream.augment, "output_shape", lambda s: s)(stream.shape)
-            stream.ring = BatchRing(workers, PREFETCH + 1, batch_size, shape, stream.dtype, stream.target_shape(),
-                                    np.int64 if stream.classification else np.uint8)
+            stream.ring = BatchRing(workers, PREFETCH + 1, batch_size, stream.output_shape(), stream.dtype,
+                                    stream.target_shape(), np.int64 if stream.classification else np.uint8)
         self._loader = torch.utils.data.DataLoader(
             stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
             pin_memory=self._pin, prefetch_factor=PREFETCH if workers else None)
@@ -237,10 +239,7 @@ class ShardLoader:
         return math.ceil(self.plan.target / self.batch_size)
 
     def _pad_shape(self, seen_shape):
-        if seen_shape is not None:
-            return seen_shape
-        shape = self.stream.shape
-        return getattr(self.stream.augment, "output_shape", lambda s: s)(shape)
+        return seen_shape if seen_shape is not None else self.stream.output_shape()
 
     def _join(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """Rows of several pieces as one new tensor (pinned under CUDA, like the slots' copies),
