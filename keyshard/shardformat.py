@@ -19,6 +19,7 @@ from PIL import Image
 
 from keyshard import label_png
 from keyshard.errors import KeyshardError
+from keyshard.sources import READ_CHUNK
 
 
 NUM_CLASSES = 21  # VOC: background + 20 object classes
@@ -163,8 +164,9 @@ class ShardWriter:
         return ShardStats(self.samples, self._hf.size, self._hf.sha.hexdigest())
 
 
-TAR_READ_CHUNK = 64 << 10  # tarfile's read size: 64 KiB (its default 10 KB costs many calls; 1 MiB made
-# tarfile re-copy up to 2 MB of buffer per small read — measured with benchmarks/bench_loader.py)
+TAR_READ_CHUNK = READ_CHUNK  # tarfile's read size, 64 KiB: its default 10 KB costs many calls, 1 MiB made it
+# re-copy up to 2 MB of buffer per small read (benchmarks/bench_loader.py); a verifying Stream hands over
+# chunks of exactly this size without copying them
 
 
 def iter_tar_samples(fileobj):

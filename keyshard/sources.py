@@ -13,6 +13,7 @@ loop in a child process.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import queue
 import threading
@@ -25,8 +26,9 @@ REMOTE_SCHEMES = ("http://", "https://", "s3://")
 RETRIES = 3            # attempts per open on a transient error
 RETRY_BACKOFF_S = 0.25  # doubled after each failed attempt
 S3_BLOCK = 8 << 20      # s3fs read-ahead block: one ranged GET per 8 MiB
-HASH_CHUNK = 1 << 20    # bytes per hand-off to the hashing thread
-HASH_BUFFERS = 4        # pieces in flight between a reader and its hashing thread
+READ_PIECE = 1 << 20    # bytes read and handed to the hashing thread at a time (_HashAhead)
+READ_AHEAD = 3          # pieces read ahead of the decoding (buffers in circulation)
+READ_CHUNK = 64 << 10   # what the hashing thread hands back per read: tarfile's read size
 
 
 def is_url(source) -> bool:
@@ -117,61 +119,119 @@ def open_binary(location: str, size: int | None = None):
     raise AssertionError("unreachable")
 
 
-class _Hasher:
-    """SHA-256 on one background thread (``hashlib`` releases the GIL while it hashes).
+class _HashAhead:
+    """Hashes a stream on a background thread that also reads ahead whenever it is idle.
 
-    The source is read with ``readinto`` into a few reused ``HASH_CHUNK`` buffers that circulate
-    between the reading thread and this one through two ``SimpleQueue``s.  Measured on the loader
-    (``benchmarks/bench_loader.py``): a fresh 1 MiB ``bytes`` per piece is a fresh mmap that is
-    page-faulted in and unmapped again, which cost the reading thread more than the hashing did;
-    a ``ThreadPoolExecutor`` per piece added GIL switches.  Reused buffers also bound the memory:
-    the reader waits when the hashing is ``HASH_BUFFERS`` pieces behind."""
+    The stream is read in ``READ_PIECE`` immutable ``bytes``, in order, by whichever thread
+    gets there first: the background thread reads up to ``READ_AHEAD`` pieces ahead when it
+    has nothing to hash, and the decoding thread reads a piece itself when none is ready.
+    Every piece is hashed by the background thread in file order (``hashlib`` releases the
+    GIL), and the decoding thread gets ``READ_CHUNK`` views (tarfile's read size) of the same
+    immutable bytes: what is decoded is exactly what is hashed, never rewritten.
 
-    def __init__(self):
-        self._sha, self._todo, self._free = hashlib.sha256(), queue.SimpleQueue(), queue.SimpleQueue()
-        for _ in range(HASH_BUFFERS):
-            self._free.put(bytearray(HASH_CHUNK))
+    Why both may read (measured with ``benchmarks/bench_loader.py``): with cheap-to-hash data
+    (NP, 1 byte per value) the background thread keeps up with reading and hashing, and the
+    decoding thread makes no system calls at all; with FFX's uint16 codes hashing alone takes
+    most of a core, a thread that must also read falls behind, and the decoding thread reading
+    for itself was faster.  Memory stays bounded: at most ``READ_AHEAD`` pieces read ahead and
+    ``READ_AHEAD`` pieces waiting to be hashed."""
+
+    def __init__(self, read):
+        self._read = read  # read(n) -> bytes; raises KeyshardError
+        self._sha = hashlib.sha256()
+        self._changed = threading.Condition()
+        self._reading = threading.Lock()  # one reader at a time: pieces enter the queues in order
+        self._ahead, self._unhashed = collections.deque(), collections.deque()
+        self._eof, self._error, self._stop = False, None, False
+        self._view, self._pos = memoryview(b""), 0
         self._thread = threading.Thread(target=self._run, name="keyshard-hash", daemon=True)
         self._thread.start()
 
+    def _read_piece(self, keep_ahead: bool):
+        """Read the next piece (holding ``_reading``) and queue it for hashing; ``keep_ahead``
+        (the background thread) also queues it for the decoding thread, else it is returned."""
+        with self._reading:
+            if not keep_ahead:
+                with self._changed:
+                    if self._ahead:  # the background thread read it while this one waited
+                        return self._ahead.popleft()
+            if self._eof:
+                return None
+            data = self._read(READ_PIECE)
+            with self._changed:
+                if not data:
+                    self._eof = True
+                else:
+                    self._unhashed.append(data)
+                    if keep_ahead:
+                        self._ahead.append(data)
+                self._changed.notify_all()
+            return data
+
     def _run(self) -> None:
-        update, get, free = self._sha.update, self._todo.get, self._free.put
-        while (item := get()) is not None:
-            buf, n = item
-            update(memoryview(buf)[:n])
-            free(buf)
+        update = self._sha.update
+        while True:
+            with self._changed:
+                while not (self._stop or self._unhashed or (not self._eof and self._error is None
+                                                            and len(self._ahead) < READ_AHEAD)):
+                    self._changed.wait()
+                if self._stop and not self._unhashed:
+                    return
+                data = self._unhashed[0] if self._unhashed else None
+            if data is not None:
+                update(data)
+                with self._changed:
+                    self._unhashed.popleft()
+                    self._changed.notify_all()
+                continue
+            try:
+                self._read_piece(keep_ahead=True)
+            except BaseException as exc:  # noqa: BLE001 - the decoding thread raises it
+                with self._changed:
+                    self._error = exc
+                    self._changed.notify_all()
 
-    def fill(self, readinto) -> memoryview:
-        """The next piece, read by ``readinto(buffer)`` and queued for hashing (one thread: in
-        order).  The view is valid until the next ``fill``."""
-        buf = self._free.get()
-        n = readinto(buf)
-        if n:
-            self._todo.put((buf, n))
-        else:
-            self._free.put(buf)
-        return memoryview(buf)[:n]
+    def _next_piece(self) -> bytes:
+        with self._changed:
+            while len(self._unhashed) >= READ_AHEAD and not self._ahead:  # hashing is behind: wait
+                self._changed.wait()
+            if self._ahead:
+                return self._ahead.popleft()
+            if self._error is not None:
+                raise self._error
+        return self._read_piece(keep_ahead=False) or b""
 
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            self._todo.put(None)
-            self._thread.join()
+    def chunk(self) -> memoryview | bytes:
+        """The next chunk of the stream, ``b""`` at its end."""
+        if self._pos >= len(self._view):
+            data = self._next_piece()
+            if not data:
+                return b""
+            self._view, self._pos = memoryview(data), 0
+        self._pos += READ_CHUNK
+        return self._view[self._pos - READ_CHUNK:self._pos]
 
     def hexdigest(self) -> str:
-        self.stop()
+        self.close()
         return self._sha.hexdigest()
+
+    def close(self) -> None:
+        with self._changed:
+            self._stop = True
+            self._changed.notify_all()
+        self._thread.join()
 
 
 class Stream:
-    """A location read front to back: counts bytes, optionally hashes them on a background thread
-    (``_Hasher``: decoding goes on meanwhile), and turns read errors into one line naming the
-    location.  ``finish()`` drains the rest and returns (bytes, sha256 hex)."""
+    """A location read front to back: counts bytes, optionally hashes them (``_HashAhead``: on a
+    background thread while decoding goes on), and turns read errors into one
+    line naming the location.  ``finish()`` drains the rest and returns (bytes, sha256 hex)."""
 
     def __init__(self, location: str, hash_bytes: bool = True, size: int | None = None):
         self.location, self.size = location, 0
         self._f = open_binary(location, size)
-        self._hasher = _Hasher() if hash_bytes else None
-        self._chunk, self._pos = b"", 0
+        self._ahead = _HashAhead(self._read_raw) if hash_bytes else None
+        self._left = b""
 
     def _io(self, call, arg):
         try:
@@ -181,39 +241,42 @@ class Stream:
         except Exception as exc:  # noqa: BLE001 - every library error becomes one line
             raise KeyshardError(str(_classify(exc, self.location))) from None
 
-    def _readinto(self, buf: bytearray) -> int:
-        n = self._io(self._f.readinto, buf) or 0
-        self.size += n
-        return n
+    def _read_raw(self, n: int) -> bytes:
+        data = self._io(self._f.read, n)
+        self.size += len(data)
+        return data
 
-    def read(self, n: int = -1):
-        """Up to ``n`` bytes.  With hashing: a view of the current piece (``_Hasher.fill``), valid
-        until the next ``read`` — ``tarfile`` copies what it reads at once."""
-        if self._hasher is None:
+    def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (all the rest for ``n < 0``); ``b""`` at the end.  With hashing,
+        a read of ``READ_CHUNK`` bytes (tarfile's) returns the next chunk itself, without a copy."""
+        if self._ahead is None:
             data = self._io(self._f.read, n)
             self.size += len(data)
             return data
         if n < 0:
-            parts = [bytes(self._chunk[self._pos:])]
-            while piece := self._hasher.fill(self._readinto):
-                parts.append(bytes(piece))
-            self._chunk, self._pos = b"", 0
+            parts = [self._left]
+            while chunk := self._ahead.chunk():
+                parts.append(chunk)
+            self._left = b""
             return b"".join(parts)
-        if self._pos >= len(self._chunk):
-            self._chunk, self._pos = self._hasher.fill(self._readinto), 0
-        data = self._chunk[self._pos:self._pos + n]
-        self._pos += len(data)
+        data = self._left or self._ahead.chunk()
+        if len(data) > n:
+            data, self._left = data[:n], data[n:]
+        else:
+            self._left = b""
         return data
 
     def finish(self) -> tuple[int, str | None]:
-        while self.read(1 << 20):
+        """Read to the end; (bytes read, their sha256 hex or None without hashing)."""
+        while self.read(READ_CHUNK if self._ahead is not None else 1 << 20):
             pass
+        digest = self._ahead.hexdigest() if self._ahead is not None else None
         self.close()
-        return self.size, self._hasher.hexdigest() if self._hasher is not None else None
+        return self.size, digest
 
     def close(self) -> None:
-        if self._hasher is not None:
-            self._hasher.stop()
+        if self._ahead is not None:
+            self._ahead.close()
         self._f.close()
 
     def __enter__(self):

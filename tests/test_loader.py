@@ -1,5 +1,6 @@
 """The public API: lazy exports, the README's own-loop example, corrupt shards stop every reader."""
 
+import io
 import json
 import re
 import shutil
@@ -130,29 +131,59 @@ def test_a_shard_with_a_wrong_sample_shape_is_named(shards, tmp_path):
 
 @pytest.mark.parametrize("size", [0, 1, 999, 1000, 1001, 4 * 1000, 5 * 1000 + 3])
 def test_stream_hash_and_bytes_are_exact_across_piece_boundaries(size, tmp_path, monkeypatch):
-    """Stream reads into a few reused buffers for its hashing thread: whatever the read sizes,
-    the bytes served and the sha256 equal the file's (small pieces and 2 buffers to stress it)."""
+    """A verifying Stream reads in pieces that two threads share: whatever the read sizes, the
+    bytes served and the sha256 equal the file's — also when the caller keeps every piece it
+    was given until the end (tarfile joins several reads into one member), with small pieces
+    and a short read-ahead to stress it."""
     import hashlib
 
     from keyshard import sources
 
-    monkeypatch.setattr(sources, "HASH_CHUNK", 1000)
-    monkeypatch.setattr(sources, "HASH_BUFFERS", 2)
+    monkeypatch.setattr(sources, "READ_PIECE", 1000)
+    monkeypatch.setattr(sources, "READ_CHUNK", 300)
+    monkeypatch.setattr(sources, "READ_AHEAD", 2)
     data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
     path = tmp_path / "f.bin"
     path.write_bytes(data)
-    for sizes in ([1], [7, 512, 1000, 3], [4096], [333, -1]):
+    for sizes in ([1], [7, 512, 1000, 3], [300], [4096], [333, -1]):
         got, i = [], 0
         with sources.Stream(str(path), hash_bytes=True) as stream:
             while True:
                 n = sizes[i % len(sizes)]
                 i += 1
-                piece = bytes(stream.read(n))  # a view is valid until the next read: copy it now
+                piece = stream.read(n)  # kept as given, not copied
                 got.append(piece)
-                if not piece and (n != -1 or len(b"".join(got)) == size):
+                if not piece and (n != -1 or sum(map(len, got)) == size):
                     break
             assert stream.finish() == (size, hashlib.sha256(data).hexdigest())
         assert b"".join(got) == data, sizes
+
+
+def test_verified_members_larger_than_the_read_ahead_are_exact(tmp_path):
+    """Regression: members of several MB (a 1024² FFX image is 6 MB) came out of a verifying
+    stream with later bytes in them while the hash still matched — tarfile joins a member from
+    many reads, and the buffers behind the first ones were reused meanwhile."""
+    import hashlib
+    import tarfile
+
+    from keyshard import sources
+    from keyshard.shardformat import stream_shard
+
+    rng = np.random.default_rng(5)
+    members = {"a.img.npy": (6 << 20) + 5, "a.mask.png": 700, "b.img.npy": 3 * sources.READ_PIECE, "b.mask.png": 1}
+    members = {name: rng.integers(0, 256, n, dtype=np.uint8).tobytes() for name, n in members.items()}
+    path = tmp_path / "s.tar"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    raw = path.read_bytes()
+    expected = {"samples": 2, "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    for verify in (True, False):
+        got = {f"{key}.{ext}": bytes(value) for key, files in stream_shard(str(path), expected, verify)
+               for ext, value in files.items()}
+        assert got == members, verify
 
 
 def _stored(source: Path, split: str) -> dict:
