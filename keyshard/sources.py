@@ -246,9 +246,10 @@ class Stream:
         self.size += len(data)
         return data
 
-    def read(self, n: int = -1) -> bytes:
-        """Up to ``n`` bytes (all the rest for ``n < 0``); ``b""`` at the end.  With hashing,
-        a read of ``READ_CHUNK`` bytes (tarfile's) returns the next chunk itself, without a copy."""
+    def read(self, n: int = -1) -> bytes | memoryview:
+        """Up to ``n`` bytes (all the rest for ``n < 0``); ``b""`` at the end.  With hashing, a
+        read of ``READ_CHUNK`` bytes (tarfile's) returns a view of the next chunk of an immutable
+        piece, without a copy; it stays valid for as long as the caller keeps it."""
         if self._ahead is None:
             data = self._io(self._f.read, n)
             self.size += len(data)
