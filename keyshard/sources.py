@@ -149,15 +149,23 @@ class _HashAhead:
 
     def _read_piece(self, keep_ahead: bool):
         """Read the next piece (holding ``_reading``) and queue it for hashing; ``keep_ahead``
-        (the background thread) also queues it for the decoding thread, else it is returned."""
+        (the background thread) also queues it for the decoding thread, else it is returned.
+        After a failed read nobody reads on: the position in the stream is unknown."""
         with self._reading:
-            if not keep_ahead:
+            with self._changed:
+                if self._error is not None:
+                    raise self._error
+                if not keep_ahead and self._ahead:  # the background thread read it meanwhile
+                    return self._ahead.popleft()
+                if self._eof:
+                    return None
+            try:
+                data = self._read(READ_PIECE)
+            except BaseException as exc:
                 with self._changed:
-                    if self._ahead:  # the background thread read it while this one waited
-                        return self._ahead.popleft()
-            if self._eof:
-                return None
-            data = self._read(READ_PIECE)
+                    self._error = exc
+                    self._changed.notify_all()
+                raise
             with self._changed:
                 if not data:
                     self._eof = True
@@ -168,37 +176,37 @@ class _HashAhead:
                 self._changed.notify_all()
             return data
 
+    def _can_read_ahead(self) -> bool:
+        return not self._eof and self._error is None and len(self._ahead) < READ_AHEAD
+
     def _run(self) -> None:
         update = self._sha.update
-        while True:
-            with self._changed:
-                while not (self._stop or self._unhashed or (not self._eof and self._error is None
-                                                            and len(self._ahead) < READ_AHEAD)):
-                    self._changed.wait()
-                if self._stop and not self._unhashed:
-                    return
-                data = self._unhashed[0] if self._unhashed else None
-            if data is not None:
+        try:
+            while True:
+                with self._changed:
+                    while not (self._stop or self._unhashed or self._can_read_ahead()):
+                        self._changed.wait()
+                    if self._stop and not self._unhashed:
+                        return
+                    data = self._unhashed[0] if self._unhashed else None
+                if data is None:
+                    self._read_piece(keep_ahead=True)
+                    continue
                 update(data)
                 with self._changed:
                     self._unhashed.popleft()
                     self._changed.notify_all()
-                continue
-            try:
-                self._read_piece(keep_ahead=True)
-            except BaseException as exc:  # noqa: BLE001 - the decoding thread raises it
-                with self._changed:
-                    self._error = exc
-                    self._changed.notify_all()
+        except BaseException as exc:  # noqa: BLE001 - the decoding thread raises it
+            with self._changed:
+                self._error = self._error or exc
+                self._changed.notify_all()
 
     def _next_piece(self) -> bytes:
         with self._changed:
-            while len(self._unhashed) >= READ_AHEAD and not self._ahead:  # hashing is behind: wait
-                self._changed.wait()
+            while len(self._unhashed) >= READ_AHEAD and not self._ahead and self._error is None:
+                self._changed.wait()  # hashing is behind: bounded memory
             if self._ahead:
                 return self._ahead.popleft()
-            if self._error is not None:
-                raise self._error
         return self._read_piece(keep_ahead=False) or b""
 
     def chunk(self) -> memoryview | bytes:
@@ -213,6 +221,8 @@ class _HashAhead:
 
     def hexdigest(self) -> str:
         self.close()
+        if self._error is not None:
+            raise self._error
         return self._sha.hexdigest()
 
     def close(self) -> None:

@@ -186,6 +186,48 @@ def test_verified_members_larger_than_the_read_ahead_are_exact(tmp_path):
         assert got == members, verify
 
 
+@pytest.mark.parametrize("fail_at", [0, 2500, 9000])
+def test_verified_stream_read_error_is_one_line_and_stops_cleanly(fail_at, tmp_path, monkeypatch):
+    """A read that fails in the middle of a verifying stream (either thread may hit it) is one
+    KeyshardError naming the location, raised only after the bytes before it; nobody reads on
+    past it, and an abandoned stream's hashing thread ends."""
+    import threading
+
+    from keyshard import sources
+
+    monkeypatch.setattr(sources, "READ_PIECE", 1000)
+    monkeypatch.setattr(sources, "READ_CHUNK", 250)
+    data = bytes(range(256)) * 40
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+
+    class Failing:
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, n):
+            if self.f.tell() + n > fail_at:
+                raise OSError(5, "Input/output error")
+            return self.f.read(n)
+
+        def close(self):
+            self.f.close()
+
+    real_open = sources.open_binary
+    monkeypatch.setattr(sources, "open_binary", lambda location, size=None: Failing(real_open(location, size)))
+    got = []
+    with pytest.raises(KeyshardError) as err:
+        with sources.Stream(str(path), hash_bytes=True) as stream:
+            while piece := stream.read(250):
+                got.append(bytes(piece))
+    assert str(err.value) == f"{path}: cannot read (Input/output error)"
+    assert b"".join(got) == data[:len(b"".join(got))] and len(b"".join(got)) <= fail_at
+    monkeypatch.setattr(sources, "open_binary", real_open)
+    with sources.Stream(str(path), hash_bytes=True) as stream:  # abandoned after one read
+        assert bytes(stream.read(250)) == data[:250]
+    assert not [t for t in threading.enumerate() if t.name == "keyshard-hash"]
+
+
 def _stored(source: Path, split: str) -> dict:
     """key → (pixels, mask) of every stored sample of a split, read with numpy and Pillow (not the
     loader's own decoders)."""
