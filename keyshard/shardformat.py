@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import tarfile
 from dataclasses import dataclass
 
@@ -83,7 +84,18 @@ def encode_npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_npy(data: bytes) -> np.ndarray:
+def decode_npy(data: bytes, copy: bool = True) -> np.ndarray:
+    """An ``.npy`` member as an array.  ``copy=False``: a read-only view of ``data`` itself (format
+    1.0, which ``encode_npy`` writes; anything else is read the copying way), for readers that copy
+    it into a batch anyway — numpy's own reader copies the bytes twice (measured with
+    ``benchmarks/bench_loader.py``)."""
+    if not copy:
+        f = io.BytesIO(data)
+        if np.lib.format.read_magic(f) == (1, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
+            if not dtype.hasobject:
+                flat = np.frombuffer(data, dtype, count=math.prod(shape), offset=f.tell())
+                return flat.reshape(shape, order="F" if fortran_order else "C")
     return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
 
 

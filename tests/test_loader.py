@@ -228,6 +228,35 @@ def test_verified_stream_read_error_is_one_line_and_stops_cleanly(fail_at, tmp_p
     assert not [t for t in threading.enumerate() if t.name == "keyshard-hash"]
 
 
+def test_decode_npy_without_copy_is_numpys_array_as_a_read_only_view():
+    """The loader's ``decode_npy(copy=False)`` gives numpy's own reading of the member, as a view
+    of its bytes (format 1.0; anything else, and bad members, go numpy's copying way)."""
+    from keyshard.shardformat import decode_npy, encode_npy
+
+    rng = np.random.default_rng(3)
+    arrays = [rng.integers(0, 256, (5, 7, 3), dtype=np.uint8), rng.integers(0, 65536, (4, 6, 3), dtype=np.uint16),
+              np.asfortranarray(rng.integers(0, 256, (3, 5, 3), dtype=np.uint8)), np.zeros((0, 4, 3), np.uint8)]
+    members = [encode_npy(a) for a in arrays]
+    fortran = io.BytesIO()
+    np.lib.format.write_array(fortran, arrays[2])  # kept in Fortran order, as another writer may
+    v2 = io.BytesIO()
+    np.lib.format.write_array(v2, arrays[1], version=(2, 0))
+    members += [fortran.getvalue(), v2.getvalue()]
+    for data in members:
+        expected = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+        view = decode_npy(data, copy=False)
+        assert view.dtype == expected.dtype and view.shape == expected.shape
+        np.testing.assert_array_equal(view, expected)
+        assert decode_npy(data).flags.writeable
+    view = decode_npy(members[0], copy=False)
+    assert not view.flags.writeable and np.shares_memory(view, np.frombuffer(members[0], np.uint8))
+    pickled = io.BytesIO()
+    np.lib.format.write_array(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    for bad in (members[0][:-1], b"not an npy member", pickled.getvalue()):
+        with pytest.raises(ValueError):
+            decode_npy(bad, copy=False)
+
+
 def _stored(source: Path, split: str) -> dict:
     """key → (pixels, mask) of every stored sample of a split, read with numpy and Pillow (not the
     loader's own decoders)."""

@@ -133,7 +133,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
         if self.classification:
             return self._decode_class(location, key, files)
         try:
-            pixels, mask = decode_npy(files["img.npy"]), decode_mask(files["mask.png"])
+            pixels, mask = decode_npy(files["img.npy"], copy=self.augment is not None), decode_mask(files["mask.png"])
         except (KeyError, ValueError, OSError, SyntaxError) as exc:
             raise KeyshardError(f"{location}: sample {key} cannot be decoded ({exc})") from None
         if pixels.shape != self.shape or pixels.dtype != self.dtype or mask.shape != self.shape[:2]:
@@ -146,7 +146,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
     def _decode_class(self, location, key, files):
         """A classification sample: the image and its class index (``<key>.cls``) as an int64 scalar."""
         try:
-            pixels, label = decode_npy(files["img.npy"]), int(files["cls"].decode("ascii").strip())
+            pixels, label = decode_npy(files["img.npy"], copy=False), int(files["cls"].decode("ascii").strip())
         except (KeyError, ValueError, OSError, UnicodeDecodeError) as exc:
             raise KeyshardError(f"{location}: sample {key} cannot be decoded ({exc})") from None
         if pixels.shape != self.shape or pixels.dtype != self.dtype:
