@@ -363,8 +363,11 @@ def test_ctrl_c_stops_the_job_and_its_workers_with_one_line(toy, key_files, enc_
 
     out = tmp_path / "ctrl-c"
     args = ["encrypt", "--voc", toy, "--key", key_files["ffx"], "-o", out, "--jobs", 2, *COMMON, "--shard-size", 1]
+    # as from a terminal: Ctrl-C enabled (a shell without job control starts `cmd &` with SIGINT
+    # ignored, and the job inherits that — so did this test when CI was run in the background)
     proc = subprocess.Popen([sys.executable, "-c", "from keyshard.cli import main; main()", *map(str, args)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             env={**os.environ, "KEYSHARD_TEST_KILL_AFTER_SHARDS": "2:INT"})
     workers = []
     while proc.poll() is None and len(workers) < 2:
