@@ -119,6 +119,9 @@ def open_binary(location: str, size: int | None = None):
     raise AssertionError("unreachable")
 
 
+_RETRY = object()  # _read_piece: the queues changed meanwhile, decide again
+
+
 class _HashAhead:
     """Hashes a stream on a background thread that also reads ahead whenever it is idle.
 
@@ -149,16 +152,22 @@ class _HashAhead:
 
     def _read_piece(self, keep_ahead: bool):
         """Read the next piece (holding ``_reading``) and queue it for hashing; ``keep_ahead``
-        (the background thread) also queues it for the decoding thread, else it is returned.
-        After a failed read nobody reads on: the position in the stream is unknown."""
+        (the background thread) also queues it for the decoding thread, else it is returned;
+        ``_RETRY`` when the queues changed while it waited for ``_reading``.  After a failed read
+        nobody reads on: the position in the stream is unknown."""
         with self._reading:
             with self._changed:
                 if self._error is not None:
                     raise self._error
                 if not keep_ahead and self._ahead:  # the background thread read it meanwhile
+                    self._changed.notify_all()
                     return self._ahead.popleft()
                 if self._eof:
                     return None
+                # decided before holding _reading: check again, so the queues stay within READ_AHEAD
+                full = len(self._unhashed) >= READ_AHEAD
+                if full or (keep_ahead and (self._unhashed or len(self._ahead) >= READ_AHEAD)):
+                    return _RETRY
             try:
                 data = self._read(READ_PIECE)
             except BaseException as exc:
@@ -202,12 +211,16 @@ class _HashAhead:
                 self._changed.notify_all()
 
     def _next_piece(self) -> bytes:
-        with self._changed:
-            while len(self._unhashed) >= READ_AHEAD and not self._ahead and self._error is None:
-                self._changed.wait()  # hashing is behind: bounded memory
-            if self._ahead:
-                return self._ahead.popleft()
-        return self._read_piece(keep_ahead=False) or b""
+        while True:
+            with self._changed:
+                while len(self._unhashed) >= READ_AHEAD and not self._ahead and self._error is None:
+                    self._changed.wait()  # hashing is behind: bounded memory
+                if self._ahead:
+                    self._changed.notify_all()  # room to read ahead again
+                    return self._ahead.popleft()
+            data = self._read_piece(keep_ahead=False)
+            if data is not _RETRY:
+                return data or b""
 
     def chunk(self) -> memoryview | bytes:
         """The next chunk of the stream, ``b""`` at its end."""
