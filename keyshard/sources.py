@@ -275,9 +275,7 @@ class Stream:
         read of ``READ_CHUNK`` bytes (tarfile's) returns a view of the next chunk of an immutable
         piece, without a copy; it stays valid for as long as the caller keeps it."""
         if self._ahead is None:
-            data = self._io(self._f.read, n)
-            self.size += len(data)
-            return data
+            return self._read_raw(n)
         if n < 0:
             parts = [self._left]
             while chunk := self._ahead.chunk():
@@ -293,7 +291,7 @@ class Stream:
 
     def finish(self) -> tuple[int, str | None]:
         """Read to the end; (bytes read, their sha256 hex or None without hashing)."""
-        while self.read(READ_CHUNK if self._ahead is not None else 1 << 20):
+        while self.read(1 << 20):
             pass
         digest = self._ahead.hexdigest() if self._ahead is not None else None
         self.close()

@@ -101,7 +101,8 @@ class BatchRing:
     # --- in the main process ------------------------------------------------------------------
     def take(self, batch: SlotBatch, pin: bool) -> tuple[torch.Tensor, torch.Tensor, list]:
         """The batch's rows as new tensors (pinned when ``pin``); its slot is free again."""
-        pixels, targets = (_copy(src[batch.worker, batch.slot, :batch.n], pin) for src in (self.pixels, self.targets))
+        pixels, targets = (join_rows([src[batch.worker, batch.slot, :batch.n]], pin)
+                           for src in (self.pixels, self.targets))
         with self.lock:
             self.busy[batch.worker, batch.slot] = 0
         return pixels, targets, batch.keys
@@ -113,12 +114,13 @@ def _all_like(arrays, slots: np.ndarray) -> bool:
     return all(np.shape(a) == shape and np.asarray(a).dtype == dtype for a in arrays)
 
 
-def _copy(src: torch.Tensor, pin: bool) -> torch.Tensor:
-    """A copy of ``src`` in new (pinned) memory, made by numpy on the calling thread: torch's
-    ``copy_`` would wake its OpenMP threads, whose spinning took a core from the workers here."""
-    dst = torch.empty(src.shape, dtype=src.dtype, pin_memory=pin)
-    np.copyto(dst.numpy(), src.numpy())
-    return dst
+def join_rows(parts: list[torch.Tensor], pin: bool) -> torch.Tensor:
+    """The rows of ``parts`` as one tensor in new (pinned) memory, copied by numpy on the calling
+    thread: torch's ``copy_``/``cat`` would wake its OpenMP threads, whose spinning took a core
+    from the workers here."""
+    out = torch.empty((sum(len(p) for p in parts), *parts[0].shape[1:]), dtype=parts[0].dtype, pin_memory=pin)
+    np.concatenate([p.numpy() for p in parts], out=out.numpy())
+    return out
 
 
 SHM = "/dev/shm"

@@ -31,7 +31,7 @@ import webdataset as wds
 from keyshard import sources
 from keyshard.errors import KeyshardError
 from keyshard.shardformat import VOID, dataset_info, decode_mask, decode_npy, stream_shard
-from keyshard.train.batch_ring import BatchRing, SlotBatch
+from keyshard.train.batch_ring import BatchRing, SlotBatch, join_rows
 from keyshard.train.device import pick_device
 from keyshard.transforms import normalize_pixels
 
@@ -242,12 +242,8 @@ class ShardLoader:
         return seen_shape if seen_shape is not None else self.stream.output_shape()
 
     def _join(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        """Rows of several pieces as one new tensor (pinned under CUDA, like the slots' copies),
-        copied by numpy: torch's ``cat`` would wake its OpenMP threads (see ``batch_ring``)."""
-        out = torch.empty((sum(len(p) for p in parts), *parts[0].shape[1:]), dtype=parts[0].dtype,
-                          pin_memory=self._pin)
-        np.concatenate([p.numpy() for p in parts], out=out.numpy())
-        return out
+        """Rows of several pieces as one new tensor, pinned under CUDA like the slots' copies."""
+        return join_rows(parts, self._pin)
 
     def _received(self):
         """The workers' batches as ``(pixels, targets, ids, worker)``: slots copied out, failures raised."""
