@@ -12,10 +12,11 @@
 3. **Loader alone** — the ceiling this machine's cores put on it: ``keyshard.open_shards`` (train
    split, batch 256, shuffle buffer 256, verification on), each batch copied to the device and
    normalised there (``keyshard.model_input``), per worker count.
-4. **Together** — the loader feeding ``train_step``, per worker count: the training rate, and
-   which of (2) and (3) it reaches.
+4. **Together** — the loader feeding ``train_step``, per worker count: the training rate with
+   the slot copy on the caller's thread (as before ``train/copy_ahead.py``) and ahead on its
+   thread (keyshard), and which of (2) and (3) limits it.
 5. **The command** — ``keyshard train --preset paper --amp --channels-last`` for ``--cli-epochs``
-   epochs at the best worker count, its own samples/s per epoch.
+   epochs at the worker count that trained fastest in (4), its own samples/s per epoch.
 
 Every rate is samples (images) per second over ``--epochs`` timed epochs after one warm-up
 epoch (worker start-up, cuDNN's algorithm search).  On a machine without CUDA it runs on the CPU
@@ -155,6 +156,19 @@ def model_alone(recipe: Recipe, pixels, masks, steps: int, bare: bool) -> float:
     return steps * len(pixels) / (time.perf_counter() - t)
 
 
+class _Inline:
+    """The slot copy on the caller's thread, as before ``train/copy_ahead.py`` (for comparison)."""
+
+    def __init__(self, items, depth: int = 1):
+        self._items = items
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def join(self) -> None:
+        pass
+
+
 def timed_epochs(loader, epochs: int, per_batch, device) -> tuple[float, int]:
     """One warm-up epoch, then ``epochs`` timed ones; (samples/s, samples per epoch)."""
     rate, n = 0.0, 0
@@ -234,37 +248,48 @@ def run(args, work: Path, device) -> None:
     for label, rate in rows:
         print(f"| {label:<48} | {rate:8.0f} |")
     model_rate = rows[0][1]
-    torch.backends.cudnn.benchmark = False  # as `train` runs (the table says what it would give)
+    torch.backends.cudnn.benchmark = False  # as `train` runs (two runs on an H200: +3 % and -3 % with it)
 
-    # 3 and 4. the loader alone, then feeding the model
+    # 3 and 4. the loader alone, then feeding the model, with the slot copy on the caller's thread
+    # (as before train/copy_ahead.py) and on the copy-ahead thread
+    import keyshard.train.data as data_mod
+    from keyshard.train.copy_ahead import CopyAhead
+
     table = []
     for m in methods:
         manifest = manifests[m]
         recipe = Recipe(manifest, device, args.model, amp=True, channels_last=True)
         for w in worker_counts:
-            feed = keyshard.open_shards(dirs[m], "train", batch_size=256, workers=w, manifest=manifest)
             def copy_in(pixels, masks, _n_pad, manifest=manifest):
                 keyshard.model_input(pixels, manifest, device)
                 masks.to(device, non_blocking=True)
 
-            alone, n = timed_epochs(feed, args.epochs, copy_in, device)
-            both, _ = timed_epochs(feed, args.epochs, recipe.step, device)
-            del feed
-            table.append((m, w, alone, both))
-            print(f"{m} workers={w}: loader alone {alone:.0f}, training {both:.0f} images/s",
-                  file=sys.stderr, flush=True)
+            rates = []
+            for ahead in (CopyAhead, _Inline, CopyAhead):
+                data_mod.CopyAhead = ahead
+                feed = keyshard.open_shards(dirs[m], "train", batch_size=256, workers=w, manifest=manifest)
+                rates.append(timed_epochs(feed, args.epochs, copy_in if not rates else recipe.step, device)[0])
+                del feed
+            data_mod.CopyAhead = CopyAhead
+            table.append((m, w, *rates))
+            print(f"{m} workers={w}: loader alone {rates[0]:.0f}, training {rates[1]:.0f} (copy on the caller's "
+                  f"thread), {rates[2]:.0f} (copy ahead) images/s", file=sys.stderr, flush=True)
+    n = manifests[methods[0]]["splits"]["counts"]["train"]
     print(f"\nloader (open_shards, train split {n} samples, batch 256, shuffle buffer 256, verification on, "
-          f"copied to the device) and training fed by it; {args.epochs} epochs after a warm-up\n")
-    print("| method | workers | loader alone, images/s | training, images/s | training / model alone | limited by |")
-    print("|---|---:|---:|---:|---:|---|")
-    for m, w, alone, both in table:
-        limit = "loader" if alone < model_rate * 1.05 else "GPU"
-        print(f"| {m.upper()} | {w} | {alone:.0f} | {both:.0f} | {both / model_rate:.2f} | {limit} |")
+          f"copied to the device) and training fed by it; {args.epochs} epochs after a warm-up; model alone "
+          f"{model_rate:.0f} images/s (as `train` runs it)\n")
+    print("| method | workers | loader alone | training, copy on the caller's thread | training, copy ahead "
+          "| copy ahead / model alone | limited by |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for m, w, alone, inline, ahead in table:
+        limit = ("loader" if alone < 1.05 * model_rate else "GPU" if ahead >= 0.95 * model_rate
+                 else "the hand-over (neither alone)")
+        print(f"| {m.upper()} | {w} | {alone:.0f} | {inline:.0f} | {ahead:.0f} | {ahead / model_rate:.2f} | {limit} |")
 
     # 5. the command itself
     if args.cli_epochs:
         m = methods[0]
-        w = min((w for mm, w, alone, _ in table if mm == m and alone >= 1.5 * model_rate), default=max(worker_counts))
+        w = max((row for row in table if row[0] == m), key=lambda row: row[4])[1]  # the fastest training
         cmd = [sys.executable, "-m", "keyshard.cli", "train", "--shards", dirs[m], "--out", str(work / "run"),
                "--preset", "paper", "--epochs", str(args.cli_epochs), "--workers", str(w), "--amp",
                "--channels-last"]

@@ -298,6 +298,20 @@ def test_worker_batches_are_exact_copies_the_caller_keeps(shards, monkeypatch):
     assert sum(len(ids) for *_, ids, _ in kept) == 3 * len(stored)
 
 
+def test_with_workers_the_slot_copy_runs_off_the_callers_thread(shards, monkeypatch):
+    """Each batch is copied out of its slot on the copy-ahead thread, not between the caller's steps."""
+    import threading
+
+    from keyshard.train.batch_ring import BatchRing
+
+    threads, take = set(), BatchRing.take
+    monkeypatch.setattr(BatchRing, "take",
+                        lambda ring, batch, pin: threads.add(threading.get_ident()) or take(ring, batch, pin))
+    loader = keyshard.open_shards(str(shards / "ffx4"), "train", batch_size=3, workers=2)
+    n = sum(len(ids) - n_pad for _, _, ids, n_pad in loader)
+    assert n == loader.plan.samples and threads and threading.get_ident() not in threads
+
+
 def test_batch_ring_slots_are_reused_and_a_full_ring_says_so():
     from keyshard.train.batch_ring import BatchRing
 

@@ -32,6 +32,7 @@ from keyshard import sources
 from keyshard.errors import KeyshardError
 from keyshard.shardformat import VOID, dataset_info, decode_mask, decode_npy, stream_shard
 from keyshard.train.batch_ring import BatchRing, SlotBatch, join_rows
+from keyshard.train.copy_ahead import CopyAhead
 from keyshard.train.device import pick_device
 from keyshard.transforms import normalize_pixels
 
@@ -204,6 +205,7 @@ class ShardLoader:
         self.manifest = stream.manifest
         self._kept = {}  # shard files -> how many of their samples the keep filter accepts
         self._pin = pick_device().type == "cuda"
+        self._ahead: CopyAhead | None = None  # the epoch's copy-out thread (with workers)
         if workers:  # slots are reclaimed per epoch, which needs persistent workers (batch_ring)
             stream.ring = BatchRing(workers, PREFETCH + 1, batch_size, stream.output_shape(), stream.dtype,
                                     stream.target_shape(), np.int64 if stream.classification else np.uint8)
@@ -246,8 +248,19 @@ class ShardLoader:
         return join_rows(parts, self._pin)
 
     def _received(self):
-        """The workers' batches as ``(pixels, targets, ids, worker)``: slots copied out, failures raised."""
-        for item in self._loader:
+        """The workers' batches as ``(pixels, targets, ids, worker)``: slots copied out, failures
+        raised; with workers, on a thread one batch ahead of the caller (``copy_ahead``)."""
+        if self._ahead is not None:  # an abandoned epoch's thread may still be inside the DataLoader
+            self._ahead.join()
+            self._ahead = None
+        batches = iter(self._loader)  # on the caller's thread: DataLoader forks its workers here
+        if not self.workers:
+            return self._taken(batches)
+        self._ahead = CopyAhead(self._taken(batches))
+        return iter(self._ahead)
+
+    def _taken(self, batches):
+        for item in batches:
             if isinstance(item, WorkerFailure):
                 raise KeyshardError(item.message)
             yield (*self.stream.ring.take(item, self._pin), item.worker) if isinstance(item, SlotBatch) else item
