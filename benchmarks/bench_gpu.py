@@ -265,12 +265,14 @@ def run(args, work: Path, device) -> None:
                 masks.to(device, non_blocking=True)
 
             rates = []
-            for ahead in (CopyAhead, _Inline, CopyAhead):
-                data_mod.CopyAhead = ahead
-                feed = keyshard.open_shards(dirs[m], "train", batch_size=256, workers=w, manifest=manifest)
-                rates.append(timed_epochs(feed, args.epochs, copy_in if not rates else recipe.step, device)[0])
-                del feed
-            data_mod.CopyAhead = CopyAhead
+            try:
+                for ahead in (CopyAhead, _Inline, CopyAhead):
+                    data_mod.CopyAhead = ahead
+                    feed = keyshard.open_shards(dirs[m], "train", batch_size=256, workers=w, manifest=manifest)
+                    rates.append(timed_epochs(feed, args.epochs, copy_in if not rates else recipe.step, device)[0])
+                    del feed
+            finally:
+                data_mod.CopyAhead = CopyAhead
             table.append((m, w, *rates))
             print(f"{m} workers={w}: loader alone {rates[0]:.0f}, training {rates[1]:.0f} (copy on the caller's "
                   f"thread), {rates[2]:.0f} (copy ahead) images/s", file=sys.stderr, flush=True)

@@ -1,9 +1,12 @@
 """The loader's copy-out thread: order, bounded read-ahead, errors where they belong, early stops."""
 
+import gc
 import threading
 import time
+import weakref
 
 import pytest
+from keyshard.errors import KeyshardError
 from keyshard.train.copy_ahead import CopyAhead
 
 
@@ -26,8 +29,8 @@ def test_items_arrive_in_order_from_another_thread_at_most_depth_ahead(depth):
     for i in CopyAhead(_counted(12, produced), depth):
         time.sleep(0.02)  # a slow caller: the producer fills the queue and waits
         got.append(i)
-        # received i + 1; at most `depth` more wait in the queue and one more in the producer's hand
-        assert len(produced) <= i + 1 + depth + 1
+        assert len(produced) <= i + 1 + depth  # received i + 1; at most `depth` more exist
+
     assert got == list(range(12))
     assert set(produced) == {produced[0]} and produced[0] != threading.get_ident()
 
@@ -47,4 +50,43 @@ def test_a_caller_that_stops_early_stops_the_thread_and_closes_the_source():
     assert next(items) == 0
     items.close()  # what `break` or an exception in the caller's loop does
     ahead.join()
-    assert closed.is_set() and len(produced) <= 1 + 2 + 1
+    assert closed.is_set() and len(produced) <= 1 + 2
+
+
+def test_an_iterator_of_a_joined_instance_says_so_instead_of_waiting_for_ever():
+    ahead = CopyAhead(iter(range(100)))
+    items = iter(ahead)
+    assert next(items) == 0
+    ahead.join()  # what the loader does when the next epoch starts
+    with pytest.raises(KeyshardError, match="started another epoch"):
+        next(items)
+
+
+def test_an_error_leaves_nothing_that_keeps_the_source_alive():
+    """The exception handed over must not tie the caller's frame into a cycle: the loader the items
+    come from (its workers, slots) is freed when the caller drops it, without the cycle collector."""
+
+    class Source:
+        def items(self):
+            yield 1
+            raise ValueError("bad shard")
+
+    source = Source()
+    alive = weakref.ref(source)
+    gc.disable()
+    try:
+        ahead = CopyAhead(source.items())
+        try:
+            list(ahead)
+        except ValueError:
+            pass
+        ahead.join()
+        del ahead, source
+        assert alive() is None
+    finally:
+        gc.enable()
+
+
+def test_depth_below_one_is_refused():
+    with pytest.raises(ValueError, match="at least 1"):
+        CopyAhead(iter(()), depth=0)

@@ -15,62 +15,86 @@ from __future__ import annotations
 import queue
 import threading
 
+from keyshard.errors import KeyshardError
+
 _END = object()
-_POLL_S = 0.05  # how often a producer waiting on a full queue looks whether the caller has gone
+_POLL_S = 0.05  # how often a waiting thread looks whether the other side has gone
 
 
 class CopyAhead:
     """Iterate ``items`` on a thread, at most ``depth`` items ahead of the caller.
 
-    An exception raised while producing reaches the caller where the sequence ends.  A caller
-    that stops early (``break``, an exception, the generator closed) stops the thread after the
-    item it is producing; ``join()`` waits for that, and must come before anything else uses
-    what ``items`` uses (the next epoch's DataLoader iterator).
+    The thread takes the next item only when fewer than ``depth`` wait, so at most ``depth``
+    exist beyond the one the caller holds.  An exception raised while producing reaches the
+    caller where the sequence ends.  A caller that stops early (``break``, an exception, the
+    generator closed) stops the thread after the item it is producing; ``join()`` waits for
+    that, and must come before anything else uses what ``items`` uses (the next epoch's
+    DataLoader iterator).  Iterating an instance that was joined before its end raises one line.
     """
 
     def __init__(self, items, depth: int = 1):
+        if depth < 1:
+            raise ValueError("depth must be at least 1")
         self._items = items
-        self._queue: queue.Queue = queue.Queue(depth)
+        self._room = threading.Semaphore(depth)  # items the thread may still take ahead
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, name="keyshard-copy-ahead", daemon=True)
         self._thread.start()
 
-    def _put(self, entry) -> bool:
+    def _wait_for_room(self) -> bool:
         while not self._stop.is_set():
-            try:
-                self._queue.put(entry, timeout=_POLL_S)
+            if self._room.acquire(timeout=_POLL_S):
                 return True
-            except queue.Full:
-                pass
         return False
 
     def _produce(self) -> None:
         items = iter(self._items)
         try:
-            for item in items:
-                if not self._put((item, None)):
+            while self._wait_for_room():
+                try:
+                    item = next(items)
+                except StopIteration:
+                    self._queue.put((_END, None))
                     return
-            self._put((_END, None))
+                self._queue.put((item, None))
         except BaseException as exc:  # noqa: BLE001 - handed over and raised on the caller's thread
-            self._put((_END, exc))
+            self._queue.put((_END, exc))
         finally:
             close = getattr(items, "close", None)
             if close is not None:
                 close()
+            self._items = None  # what the items came from (the loader) is not kept alive by us
+
+    def _get(self):
+        while True:
+            try:
+                return self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise KeyshardError("this loader has started another epoch: iterate one epoch "
+                                        "at a time") from None
 
     def __iter__(self):
         try:
             while True:
-                item, exc = self._queue.get()
+                item, exc = self._get()
+                self._room.release()
                 if item is _END:
                     if exc is not None:
-                        raise exc
+                        try:
+                            raise exc
+                        finally:  # no frame -> exception -> traceback -> frame cycle keeping the loader
+                            exc = None
                     return
                 yield item
         finally:
             self._stop.set()
 
     def join(self) -> None:
-        """Stop producing (if the caller stopped early) and wait for the thread to end."""
+        """Stop producing (if the caller stopped early), wait for the thread to end, and drop what
+        it left copied."""
         self._stop.set()
         self._thread.join()
+        while not self._queue.empty():
+            self._queue.get()
