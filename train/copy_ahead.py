@@ -5,7 +5,8 @@ FFX samples at 256², into fresh pages) ran on the caller's thread between two t
 with the GPU idle.  numpy's copy releases the GIL and a training step mostly waits on the
 device, so on a thread the two overlap.  Measured, same run, copy on the caller's thread vs
 here: FCN-ResNet50 on an H200 fed at 2/4/8 workers −1 to +13 % (mean +5 %, 6 pairs;
-``benchmarks/bench_gpu.py``); on 2 cores with a 20 ms step stand-in +4 to +8 % (12 of 12 pairs).
+``benchmarks/bench_gpu.py``, with a first version that could hold one batch more); on 2 cores
+with a 20 ms step stand-in, 1 and 2 workers, best of three +1 to +7 % (11 of 12 pairs faster).
 With a consumer that does nothing but take batches it costs up to 8 % at 2 workers on 2 cores
 (no core left for the thread).  At most ``depth`` batches wait copied: one batch more memory.
 """
