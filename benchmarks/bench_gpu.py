@@ -97,8 +97,6 @@ class Recipe:
         from keyshard.train.loop import TrainConfig
         from keyshard.train.models import build_model
 
-        import keyshard
-
         cfg = TrainConfig.from_preset("paper", model=model_name, amp=amp, channels_last=channels_last)
         self.cfg, self.manifest, self.device = cfg, manifest, device
         torch.manual_seed(0)
@@ -110,16 +108,11 @@ class Recipe:
                                    weight_decay=cfg.weight_decay)
         self.amp = amp and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        self.model_input = keyshard.model_input
 
     def forward(self, pixels):
-        import torch
+        from keyshard.train.step import forward_stored
 
-        x = self.model_input(pixels, self.manifest, self.device)
-        if self.cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, enabled=self.amp):
-            return self.model(x)
+        return forward_stored(self.model, pixels, self.manifest, self.device, self.cfg.channels_last, self.amp)
 
     def step(self, pixels, masks, n_pad: int) -> None:
         """As ``train`` does it (``train_step``: micro-batches, valid-pixel count, loss read back)."""

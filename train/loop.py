@@ -25,10 +25,10 @@ from keyshard.pipeline.manifest import load_trusted
 from keyshard.train import checkpoint
 from keyshard.train.augment import KeySafeAugment
 from keyshard.shardformat import VOID, dataset_info
-from keyshard.train.data import model_input, open_shards
+from keyshard.train.data import open_shards
 from keyshard.train.device import dist_backend, pick_device
 from keyshard.train.models import build_model
-from keyshard.train.step import segmentation_loss, train_step
+from keyshard.train.step import forward_stored, segmentation_loss, train_step
 
 CLASSIFY_MODELS = {"demo": "patch_vit", "paper": "resnet18"}  # the presets' classifiers
 PRESETS = {
@@ -282,11 +282,8 @@ class Trainer:
         return loader.plan, loader
 
     def _forward(self, pixels, model=None):
-        x = model_input(pixels, self.manifest, self.device)
-        if self.cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, enabled=self.cfg.amp and self.device.type == "cuda"):
-            return (model or self.ddp)(x)
+        return forward_stored(model or self.ddp, pixels, self.manifest, self.device, self.cfg.channels_last,
+                              self.cfg.amp)
 
     def train_epoch(self, epoch: int) -> dict:
         from tqdm import tqdm

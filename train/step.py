@@ -23,6 +23,18 @@ import torch
 from torch.nn import functional as F
 
 from keyshard.shardformat import VOID
+from keyshard.train.data import model_input
+
+
+def forward_stored(model, pixels: torch.Tensor, manifest: dict, device: torch.device,
+                   channels_last: bool = False, amp: bool = False) -> dict:
+    """``model`` on stored pixels as ``train`` runs it: normalised on the device (``model_input``),
+    in channels_last memory format and under autocast (CUDA only) when asked."""
+    x = model_input(pixels, manifest, device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+        return model(x)
 
 
 def segmentation_loss(outputs: dict, masks: torch.Tensor, aux_weight: float,
