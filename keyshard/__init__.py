@@ -10,7 +10,15 @@ webdataset; each name imports its module on first use.
 * ``load_key(path)``, ``encrypt_image(array, key)``, ``decrypt_image(array, key)``.
 """
 
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # the same names for type checkers and the API docs; at run time see __getattr__
+    from keyshard.keys import load as load_key
+    from keyshard.pipeline.manifest import load as read_manifest
+    from keyshard.train.data import model_input, open_shards
+    from keyshard.transforms import decrypt_image, encrypt_image
 
 _EXPORTS = {
     "read_manifest": ("keyshard.pipeline.manifest", "load"),
