@@ -51,7 +51,8 @@ def known_plaintext(plain_dir, enc_dir, output, true_key):
 
 
 @attack.command("search")
-@click.option("--checkpoint", "ckpt", required=True, type=click.Path(dir_okay=False))
+@click.option("--checkpoint", "ckpt", required=True, type=click.Path(dir_okay=False),
+              help="The protected (stolen) model whose key is searched for.")
 @click.option("--labelled-shards", "labelled_dir", required=True, type=click.Path(),
               help="The attacker's PLAIN labelled shards (directory or URL base).")
 @click.option("--labelled-split", type=click.Choice(["holdout", "train"]), default="holdout", show_default=True,
@@ -69,11 +70,14 @@ def known_plaintext(plain_dir, enc_dir, output, true_key):
               help="Model evaluations for hill-climbing.")
 @click.option("--exhaustive-limit", type=click.IntRange(1, options.MAX_EVALUATIONS), default=5000, show_default=True,
               help="Try every key when there are at most this many.")
-@click.option("--top", type=click.IntRange(1, 1000), default=5, show_default=True)
-@click.option("--seed", type=options.SEED, default=0, show_default=True)
-@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
+@click.option("--top", type=click.IntRange(1, 1000), default=5, show_default=True,
+              help="How many of the best keys found are scored on the test split and reported.")
+@click.option("--seed", type=options.SEED, default=0, show_default=True,
+              help="Seed of the hill-climb (its starting key and its proposals).")
+@options.output_option(default=None, type=click.Path(dir_okay=False), metavar="FILE",
+                       help="Also write the JSON report to FILE (it is always printed on stdout).")
 def search_command(ckpt, labelled_dir, labelled_split, n_labelled, test_dir, true_key, ffx_password,
-                   ffx_password_file, budget, exhaustive_limit, top, seed, out_path):
+                   ffx_password_file, budget, exhaustive_limit, top, seed, output):
     """Search the key space against the model with a few labelled plain images.
 
     Exhaustive where the space is small (NP/FFX at M=2: 924 masks), hill-climbing otherwise.
@@ -85,13 +89,13 @@ def search_command(ckpt, labelled_dir, labelled_split, n_labelled, test_dir, tru
 
     password, _ = keys.ffx_password_from(ffx_password, ffx_password_file)  # one way only, never echoed
     ffx_password = None if password is None else password.decode("utf-8", "surrogateescape")
-    if out_path:
-        check_output(out_path)  # before the search, not after minutes of it
+    if output:
+        check_output(output)  # before the search, not after minutes of it
     report = run_search(ckpt, labelled_dir, labelled_split, n_labelled, test_dir, true_key, ffx_password, budget,
                         exhaustive_limit, top, seed)
     text = json.dumps(report, indent=2)
-    if out_path:
-        write_output(out_path, (text + "\n").encode())
+    if output:
+        write_output(output, (text + "\n").encode())
     click.echo(text)
 
 
@@ -99,13 +103,18 @@ def search_command(ckpt, labelled_dir, labelled_split, n_labelled, test_dir, tru
 @click.option("--checkpoint", "ckpt", required=True, type=click.Path(dir_okay=False), help="The protected model.")
 @click.option("--plain-train", "train_dir", required=True, type=click.Path(), help="PLAIN shards with a train split (directory or URL base).")
 @click.option("--test", "test_dir", required=True, type=click.Path(), help="PLAIN shards with a test split (directory or http(s)/s3 URL base).")
-@click.option("--fraction", default="0.01,0.05,0.1", show_default=True, help="Fractions of the train ids to use.")
-@click.option("--epochs", type=options.EPOCHS, default=10, show_default=True)
-@click.option("--lr", type=options.POSITIVE, default=0.02, show_default=True)
-@click.option("--batch-size", type=options.BATCH, default=8, show_default=True)
-@click.option("--seed", type=options.SEED, default=0, show_default=True)
-@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
-def finetune_command(ckpt, train_dir, test_dir, fraction, epochs, lr, batch_size, seed, out_path):
+@click.option("--fraction", default="0.01,0.05,0.1", show_default=True,
+              help="Comma-separated fractions (0 < F <= 1) of the train ids to use, one experiment each.")
+@click.option("--epochs", type=options.EPOCHS, default=10, show_default=True,
+              help="Training epochs of both the fine-tuned and the from-scratch model.")
+@click.option("--lr", type=options.POSITIVE, default=0.02, show_default=True,
+              help="Learning rate of both (SGD, momentum 0.9; > 0).")
+@click.option("--batch-size", type=options.BATCH, default=8, show_default=True, help="Images per optimiser step.")
+@click.option("--seed", type=options.SEED, default=0, show_default=True,
+              help="Seed of the chosen subsets, the shuffling and the from-scratch model's weights.")
+@options.output_option(default=None, type=click.Path(dir_okay=False), metavar="FILE",
+                       help="Also write the report as JSON to FILE (the table is printed either way).")
+def finetune_command(ckpt, train_dir, test_dir, fraction, epochs, lr, batch_size, seed, output):
     """Fine-tune the protected model on a little plain data vs. training from scratch on it.
 
     A stolen model that beats scratch training by a wide margin (> 0.1 mIoU) leaks what it
@@ -113,8 +122,8 @@ def finetune_command(ckpt, train_dir, test_dir, fraction, epochs, lr, batch_size
     """
     from keyshard.evaluate.finetune_attack import parse_fractions, run
 
-    if out_path:
-        check_output(out_path)
+    if output:
+        check_output(output)
     report = run(ckpt, train_dir, test_dir, parse_fractions(fraction), epochs, lr, batch_size, seed)
     click.echo(f"\nprotected model on plain test images, before any fine-tuning: {report['plain_miou_before']:.4f} mIoU\n")
     click.echo("| fraction | images | fine-tuned stolen model | from scratch | head start |")
@@ -125,5 +134,5 @@ def finetune_command(ckpt, train_dir, test_dir, fraction, epochs, lr, batch_size
     if any(r["weak"] for r in report["rows"]):
         click.echo("\nWEAK: with a little plain data the stolen model beats training from scratch by more than "
                    "0.1 mIoU — its weights carry usable knowledge without the key.")
-    if out_path:
-        write_output(out_path, (json.dumps(report, indent=2) + "\n").encode())
+    if output:
+        write_output(output, (json.dumps(report, indent=2) + "\n").encode())

@@ -15,7 +15,8 @@ MAX_PREDICTIONS = 64  # evaluate --save-predictions: rows of predictions.png
 
 
 @click.command("evaluate")
-@click.option("--checkpoint", "ckpt", required=True, type=click.Path(dir_okay=False), help="RUN/best.pt")
+@click.option("--checkpoint", "ckpt", required=True, type=click.Path(dir_okay=False),
+              help="The model to audit: a checkpoint from `keyshard train` (RUN/best.pt) or `keyshard protect`.")
 @click.option("--key", "key_file", default=None, type=click.Path(dir_okay=False),
               help="The key the model was trained with (omit for a model trained on plain images: the baseline).")
 @click.option("--test", "test_dir", required=True, type=click.Path(), help="PLAIN shards with a test split (directory or http(s)/s3 URL base).")
@@ -23,10 +24,13 @@ MAX_PREDICTIONS = 64  # evaluate --save-predictions: rows of predictions.png
               help="Random wrong keys to score; they are drawn and scored a chunk at a time, so memory "
                    "stays flat whatever the count.")
 @click.option("--seed", type=options.SEED, default=0, show_default=True, help="Seed of the wrong keys (independent of the key).")
-@click.option("--out", default=None, type=click.Path(file_okay=False),
-              help="Directory for audit.json/.md/.png (default: <checkpoint dir>/audit).")
-@click.option("--batch-size", type=options.BATCH, default=32, show_default=True)
-@click.option("--workers", type=options.WORKERS, default=2, show_default=True)
+@options.output_option(default=None, type=click.Path(file_okay=False), metavar="DIR",
+                       help="Directory for audit.json/.md/.png (default: <checkpoint dir>/audit); it must not "
+                            "hold an audit yet.")
+@click.option("--batch-size", type=options.BATCH, default=32, show_default=True,
+              help="Test images per forward pass.")
+@click.option("--workers", type=options.WORKERS, default=2, show_default=True,
+              help="DataLoader workers reading the test shards (0: read in this process).")
 @click.option("--ignore-fingerprint", is_flag=True, help="Audit even if the key's fingerprint differs (reported).")
 @click.option("--randomize-ffx-password", is_flag=True,
               help="FFX: wrong keys also get random passwords (default: keep the password, vary the mask).")
@@ -39,11 +43,12 @@ MAX_PREDICTIONS = 64  # evaluate --save-predictions: rows of predictions.png
               help="Public signing key of the test data's publisher: refuse the test shards unless their "
                    "manifest.json.sig verifies. The audit records the result.")
 @click.option("--save-predictions", "save_predictions", type=click.IntRange(0, MAX_PREDICTIONS), default=0,
-              metavar="N", help="Also write OUT/predictions.png (the paper's Fig. 5) for the first N test images: "
-                                "the model's input, ground truth and the predictions with the correct key, plain "
-                                "images and one wrong key, each with its per-image mIoU (from the same pass).")
-@click.option("--quiet", "-q", is_flag=True)
-def evaluate(ckpt, key_file, test_dir, wrong_keys, seed, out, batch_size, workers, ignore_fingerprint,
+              show_default=True, metavar="N",
+              help="Also write predictions.png (the paper's Fig. 5) into the output directory for the first N "
+                   "test images: the model's input, ground truth and the predictions with the correct key, plain "
+                   "images and one wrong key, each with its per-image mIoU (from the same pass). 0: none.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def evaluate(ckpt, key_file, test_dir, wrong_keys, seed, output, batch_size, workers, ignore_fingerprint,
              randomize_ffx_password, near_miss, near_miss_keys, trust, save_predictions, quiet):
     """Audit a protected model: mIoU with the correct key, plain images and N random wrong keys.
 
@@ -58,10 +63,10 @@ def evaluate(ckpt, key_file, test_dir, wrong_keys, seed, out, batch_size, worker
 
     from keyshard.fsutil import check_output
 
-    out = Path(out) if out else Path(ckpt).parent / "audit"
+    out = Path(output) if output else Path(ckpt).parent / "audit"
     if (out / "audit.json").exists():
-        raise KeyshardError(f"{out}: already holds an audit; choose another --out")
-    check_output(out, directory=True)  # an unwritable --out is refused before the audit, not after it
+        raise KeyshardError(f"{out}: already holds an audit; choose another --output")
+    check_output(out, directory=True)  # an unwritable --output is refused before the audit, not after it
     ckpt_state = load_checkpoint(ckpt)
     plain_model = ckpt_state["data"]["plain"]
     from keyshard.train.checkpoint import model_task

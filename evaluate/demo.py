@@ -32,18 +32,27 @@ def demo_secret(key_seed: int) -> bytes:
 @click.command("demo")
 @click.option("--workdir", default="keyshard-demo", show_default=True, type=click.Path(file_okay=False),
               help="New directory for every artifact of the demo.")
-@click.option("--images", type=click.IntRange(16, options.MAX_IMAGES), default=240, show_default=True)
-@click.option("--size", type=options.IMAGE_SIZE, default=64, show_default=True, help="Image size (reduced for the CPU).")
-@click.option("--method", type=click.Choice(["shf", "np", "ffx"]), default=DEFAULT_METHOD, show_default=True)
-@click.option("--block-size", "-M", type=options.BLOCK_SIZE, default=DEFAULT_BLOCK, show_default=True)
-@click.option("--epochs", type=options.EPOCHS, default=15, show_default=True)
-@click.option("--wrong-keys", type=click.IntRange(1, MAX_WRONG_KEYS), default=100, show_default=True)
-@click.option("--jobs", "-j", type=options.JOBS, default=-1, show_default=True, help="-1 = all cores.")
+@click.option("--images", type=click.IntRange(16, options.MAX_IMAGES), default=240, show_default=True, metavar="N",
+              help="Images of the synthetic VOC (split about evenly into train and val/test).")
+@options.image_size_option(default=64, show_default=True, metavar="SIZE",
+                           help="Images are resized to SIZE x SIZE pixels (small, for the CPU); --block-size must "
+                                "divide it.")
+@click.option("--method", type=click.Choice(["shf", "np", "ffx"]), default=DEFAULT_METHOD, show_default=True,
+              help="Encryption method of the demo key: shf (pixel shuffling), np (negative/positive flipping) or "
+                   "ffx (FFX format-preserving encryption).")
+@click.option("--block-size", "-M", type=options.BLOCK_SIZE, default=DEFAULT_BLOCK, show_default=True,
+              help="Block size M of the demo key (pixels per block side).")
+@click.option("--epochs", type=options.EPOCHS, default=15, show_default=True,
+              help="Training epochs of the demo network (the rest of its recipe is `train --preset demo`'s).")
+@click.option("--wrong-keys", type=click.IntRange(1, MAX_WRONG_KEYS), default=100, show_default=True,
+              help="Random wrong keys the audit scores.")
+@click.option("--jobs", "-j", type=options.JOBS, default=-1, show_default=True,
+              help="Encryption worker processes: -1 = all cores, else 1 or more.")
 @click.option("--key-seed", type=options.SEED, default=None,
               help="Derive the demo key from this number instead of a fresh random secret, so the whole "
                    "run is reproducible (the toy data and training are seeded already). Such a key is "
                    "public: never protect real data with it.")
-def demo(workdir, images, size, method, block_size, epochs, wrong_keys, jobs, key_seed):
+def demo(workdir, images, image_size, method, block_size, epochs, wrong_keys, jobs, key_seed):
     """Run the whole chain on synthetic data and show that the model needs its key.
 
     Default: NP with M=8.  The paper reports that SHF and NP at small block sizes still work
@@ -80,10 +89,10 @@ def demo(workdir, images, size, method, block_size, epochs, wrong_keys, jobs, ke
     click.echo("[3/8] encrypt: plain test/holdout shards (the audit encrypts them itself), keyed "
                "train/holdout shards with 1 augmentation replica, read from the tar")
     plain_dir, enc_dir = work / "shards-plain", work / "shards-enc"
-    encrypt_job.run(str(voc), str(plain_dir), None, encrypt_job.EncryptOptions(size=size, shard_size=32, splits=("holdout", "test")),
+    encrypt_job.run(str(voc), str(plain_dir), None, encrypt_job.EncryptOptions(size=image_size, shard_size=32, splits=("holdout", "test")),
                     jobs=jobs, command=["keyshard", "demo"])
     encrypt_job.run(str(work / "toy-voc" / TAR_NAME), str(enc_dir), key,
-                    encrypt_job.EncryptOptions(size=size, shard_size=32, augment_copies=1, splits=("train", "holdout")),
+                    encrypt_job.EncryptOptions(size=image_size, shard_size=32, augment_copies=1, splits=("train", "holdout")),
                     jobs=jobs, command=["keyshard", "demo"])
     click.echo("[4/8] verify both shard sets; decrypt a keyed sample back to its plain image")
     for d in (plain_dir, enc_dir):
@@ -91,8 +100,8 @@ def demo(workdir, images, size, method, block_size, epochs, wrong_keys, jobs, ke
         if problems:
             raise KeyshardError(f"{d}: verify failed: {problems[0]}")
     name, files = next(iter_tar_samples(enc_dir / load(enc_dir)["shards"][0]["file"]))
-    restored = compile_plan(key.material, size, size).decrypt(decode_npy(files["img.npy"]))
-    if restored.dtype != np.uint8 or restored.shape != (size, size, 3):
+    restored = compile_plan(key.material, image_size, image_size).decrypt(decode_npy(files["img.npy"]))
+    if restored.dtype != np.uint8 or restored.shape != (image_size, image_size, 3):
         raise KeyshardError("decrypted sample has the wrong shape (this is a bug)")
     click.echo(f"[5/8] train the demo network on the keyed shards ({epochs} epochs, CPU)")
     run_dir = work / "run"
@@ -107,7 +116,7 @@ def demo(workdir, images, size, method, block_size, epochs, wrong_keys, jobs, ke
     recovered, kpa, _ = known_plaintext.attack(plain_dir, enc_dir)
     keys.save(recovered, work / "recovered-key.json")
     model, _ = load_model(str(run_dir / "best.pt"), "cpu")
-    recovered_miou = score_on_split(model, [(compile_plan(recovered.material, size, size).to_torch("cpu"),
+    recovered_miou = score_on_split(model, [(compile_plan(recovered.material, image_size, image_size).to_torch("cpu"),
                                              recovered.material.divisor)], str(plain_dir), load(plain_dir), "cpu",
                                     progress=False)[0]["miou"]
     click.echo("[8/8] report")

@@ -192,7 +192,7 @@ def _csv(kind):
               help="With --voc: block sizes, one column each; each must divide --image-size  "
                    "[default: 2,4,8,16 and the image size, those that divide it]")
 @click.option("--image-size", type=options.IMAGE_SIZE, default=None,
-              help="With --voc: resize to this size as encrypt --size does  [default: 256]")
+              help="With --voc: resize to this size as encrypt --image-size does  [default: 256]")
 @click.option("--key-seed", type=options.SEED, default=None,
               help="With --voc: derive the keys from this number (repeatable pictures; such keys are public) "
                    "instead of fresh random ones.")

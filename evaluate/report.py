@@ -210,7 +210,7 @@ def write_audit(audit: dict, out: Path, capture=None) -> list[Path]:
     (``evaluate --save-predictions``)."""
     out = Path(out)
     if (out / "audit.json").exists():
-        raise KeyshardError(f"{out}: already holds an audit; choose another --out")
+        raise KeyshardError(f"{out}: already holds an audit; choose another --output")
     check_output(out, directory=True)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,7 @@ import click
 from keyshard import options
 from keyshard.errors import KeyshardError
 from keyshard.evaluate.wrong_keys import MAX_COUNT as MAX_WRONG_KEYS
+from keyshard.train.presets import by_preset
 
 METHODS = ("shf", "np", "ffx")
 PAPER_BLOCK_SIZES = (2, 4, 8, 16, 32, 64, 128, 256)
@@ -163,7 +164,7 @@ class Sweep:
         check_output(self.out, directory=True)
         record = self.out / "sweep.json"
         if self.out.is_dir() and any(self.out.iterdir()) and not record.is_file():
-            raise KeyshardError(f"{self.out}: exists, is not empty and holds no sweep.json; choose a new --out")
+            raise KeyshardError(f"{self.out}: exists, is not empty and holds no sweep.json; choose a new --output")
         if record.is_file():
             try:
                 previous = json.loads(record.read_text())
@@ -175,7 +176,7 @@ class Sweep:
             changed = [k for k in FIXED_SETTINGS if previous.get("settings", {}).get(k) != now[k]]
             if changed:
                 raise KeyshardError(f"{self.out}: was started with different {', '.join(changed)}; every cell of a "
-                                    "sweep shares them (use the original settings or a new --out)")
+                                    "sweep shares them (use the original settings or a new --output)")
 
     def write_record(self) -> None:
         from keyshard import __version__
@@ -199,7 +200,7 @@ class Sweep:
         opts = encrypt_job.EncryptOptions(size=self.cfg.image_size, splits=splits,
                                           augment_copies=self.cfg.augment_copies)
         encrypt_job.run(self.cfg.voc, str(out), key, opts, jobs=self.cfg.jobs, resume=resume,
-                        command=["keyshard", "sweep", "--out", str(self.out)], progress=False)
+                        command=["keyshard", "sweep", "--output", str(self.out)], progress=False)
         return True
 
     def train(self, shards: Path, run: Path, fresh: bool, label: str) -> None:
@@ -481,19 +482,21 @@ def fig6(audits: list[tuple[dict, Path]], baseline: tuple[dict, Path] | None) ->
 
 # -- command -----------------------------------------------------------------------------------
 
-@click.command("sweep")
+@click.command("sweep", short_help="Reproduce the paper's Table 1 and Fig. 6.")
 @click.option("--voc", required=True, type=click.Path(exists=True),
               help="VOC2012 source: VOCdevkit/VOC2012 (or a folder above it) or the official tar.")
-@click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Sweep directory (created; a rerun continues it).")
+@options.output_option(required=True, type=click.Path(file_okay=False), metavar="DIR",
+                       help="Sweep directory (created; a rerun continues it).")
 @click.option("--methods", default="shf,np,ffx", show_default=True, callback=lambda c, p, v: parse_methods(v),
               help="Comma-separated methods.")
 @click.option("--block-sizes", default=",".join(map(str, PAPER_BLOCK_SIZES)), show_default=True,
               callback=lambda c, p, v: parse_block_sizes(v), help="Comma-separated block sizes M; each must divide --image-size.")
 @click.option("--preset", type=click.Choice(["paper", "demo"]), default="paper", show_default=True,
               help="Training preset of every model (see `keyshard train --help`).")
-@click.option("--image-size", type=options.IMAGE_SIZE, default=256, show_default=True)
-@click.option("--epochs", type=options.EPOCHS, default=None, help="Training epochs (default: the preset's).")
+@click.option("--image-size", type=options.IMAGE_SIZE, default=256, show_default=True, metavar="SIZE",
+              help="Images and masks are resized to SIZE x SIZE pixels (as `encrypt --image-size`).")
+@click.option("--epochs", type=options.EPOCHS, default=None,
+              help=f"Training epochs of every model. Default: {by_preset('epochs')}.")
 @click.option("--augment-copies", type=click.IntRange(0, 1000), default=0, show_default=True,
               help="Augmented replicas of each train image (random resized crop + flip, before encryption).")
 @click.option("--wrong-keys", type=click.IntRange(1, MAX_WRONG_KEYS), default=100, show_default=True,
@@ -513,7 +516,7 @@ def fig6(audits: list[tuple[dict, Path]], baseline: tuple[dict, Path] | None) ->
 @click.option("--workers", type=options.WORKERS, default=2, show_default=True, help="DataLoader workers.")
 @click.option("--jobs", "-j", type=options.JOBS, default=-1, show_default=True, help="Encryption processes; -1 = all cores.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or log lines; only the table at the end.")
-def sweep(voc, out, methods, block_sizes, preset, image_size, epochs, augment_copies, wrong_keys, ffx_password,
+def sweep(voc, output, methods, block_sizes, preset, image_size, epochs, augment_copies, wrong_keys, ffx_password,
           ffx_password_file, weights, seed, key_seed, workers, jobs, quiet):
     """Table 1 and Fig. 6: per (method, M) a new key, encrypt, train, audit; plus the plain baseline.
 
@@ -529,7 +532,7 @@ def sweep(voc, out, methods, block_sizes, preset, image_size, epochs, augment_co
     from keyshard import keys
 
     password, _ = keys.ffx_password_from(ffx_password, ffx_password_file, use_env="ffx" in methods)
-    cfg = SweepConfig(voc=voc, out=Path(out), methods=methods, block_sizes=block_sizes, preset=preset,
+    cfg = SweepConfig(voc=voc, out=Path(output), methods=methods, block_sizes=block_sizes, preset=preset,
                       image_size=image_size, epochs=epochs, augment_copies=augment_copies, wrong_keys=wrong_keys,
                       seed=seed, key_seed=key_seed, ffx_password=password, weights=weights, workers=workers, jobs=jobs,
                       progress=not quiet)

@@ -13,7 +13,38 @@ from keyshard import __version__
 from keyshard.errors import KeyshardError
 
 
+# The sections of `keyshard --help`, in order, each with its commands in order.  A command that is
+# not listed here still shows, under OTHER_SECTION (a new command never disappears from the help).
+COMMAND_SECTIONS = (
+    ("Prepare", ("keygen", "key-info", "signing-key", "encrypt", "verify", "decrypt", "preview")),
+    ("Train", ("train", "protect")),
+    ("Audit", ("evaluate", "report", "attack")),
+    ("Reproduce", ("sweep", "demo")),
+    ("Sample data", ("toy-voc", "toy-classes")),
+)
+OTHER_SECTION = "Other"
+
+
 class _Group(click.Group):
+    def format_commands(self, ctx, formatter):
+        """One help section per entry of COMMAND_SECTIONS (then OTHER_SECTION) instead of one list."""
+        commands = {}
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                commands[name] = command
+        if not commands:
+            return
+        listed = {name for _, names in COMMAND_SECTIONS for name in names}
+        sections = [(title, [n for n in names if n in commands]) for title, names in COMMAND_SECTIONS]
+        sections.append((OTHER_SECTION, [n for n in commands if n not in listed]))
+        width = max(len(name) for name in commands)  # one column width for every section
+        limit = formatter.width - 6 - width
+        for title, names in sections:
+            if names:
+                with formatter.section(title):
+                    formatter.write_dl([(n.ljust(width), commands[n].get_short_help_str(limit)) for n in names])
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -42,8 +73,8 @@ def cli():
       keyshard encrypt --voc toy/ --key key.json -o shards/enc --augment-copies 1
       keyshard encrypt --voc toy/ --plain -o shards/plain
       keyshard verify shards/enc
-      keyshard train --shards shards/enc --out run --preset demo
-      keyshard evaluate --checkpoint run/best.pt --key key.json --test shards/plain
+      keyshard train --shards shards/enc -o run --preset demo
+      keyshard evaluate --checkpoint run/best.pt --key key.json --test shards/plain -o run/audit
       keyshard attack known-plaintext --plain shards/plain --encrypted shards/enc -o recovered.json
     """
 

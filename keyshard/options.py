@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 
 import click
+from click.core import ParameterSource
 
 from keyshard.keys import MAX_BLOCK_SIZE
 
-MAX_IMAGE_SIZE = 4096      # --size, --image-size: a 4096² SHF plan is already ~400 MB
+MAX_IMAGE_SIZE = 4096      # --image-size: a 4096² SHF plan is already ~400 MB
 MAX_JOBS = 1024            # worker processes (encrypt, demo)
 MAX_WORKERS = 256          # DataLoader workers
 MAX_EPOCHS = 100_000
@@ -59,3 +60,82 @@ class Jobs(click.ParamType):
 JOBS = Jobs()
 POSITIVE = FiniteFloat(min=0, min_open=True)   # learning rates
 NON_NEGATIVE = FiniteFloat(min=0)              # weight decay, minimum lr, loss weights
+
+
+# -- renamed options ---------------------------------------------------------------------------
+#
+# One vocabulary for every command (``-o/--output`` for what a command writes, ``--image-size``
+# for the square size images are resized to).  An old name stays as a hidden, deprecated alias:
+# it still works, prints one ``keyshard: warning: ...`` line on stderr, and is merged into the
+# real parameter before the real one is checked (so a required ``--output`` given as ``--out`` is
+# not "missing").  Giving both names with different values is a usage error.
+
+
+def _flags(decls) -> str:
+    """``("--output", "-o", "name")`` → ``"-o/--output"`` (short flags first, as help shows them)."""
+    flags = [d for d in decls if d.startswith("-")]
+    return "/".join(sorted(flags, key=lambda d: (d.startswith("--"), d)))
+
+
+def deprecation_line(old: str, new: str) -> str:
+    """The one stderr line a deprecated alias prints."""
+    return f"keyshard: warning: {old} is deprecated; use {new}"
+
+
+class RenamedOption(click.Option):
+    """An option that also takes the value of its hidden deprecated alias (see :func:`option`)."""
+
+    def __init__(self, *args, alias: str, alias_name: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.alias, self.alias_name = alias, alias_name
+
+    def consume_value(self, ctx, opts):
+        value, source = super().consume_value(ctx, opts)
+        if self.alias_name not in opts:  # the parser records only what the command line gave
+            return value, source
+        old = opts[self.alias_name]
+        if source != ParameterSource.COMMANDLINE:
+            return old, ParameterSource.COMMANDLINE
+        if not self._same(ctx, value, old):
+            new = _flags(self.opts)
+            raise click.UsageError(f"{self.alias} {old} and {new} {value} disagree; give only {new}", ctx)
+        return value, source
+
+    def _same(self, ctx, a, b) -> bool:
+        if a == b:
+            return True
+        try:
+            return self.type_cast_value(ctx, a) == self.type_cast_value(ctx, b)
+        except click.BadParameter:
+            return False
+
+
+def option(*param_decls, alias: str, **attrs):
+    """``click.option(*param_decls, **attrs)`` plus the hidden deprecated flag ``alias``.
+
+    The alias has the option's type (a bad value is refused under the name the user typed); when
+    given it prints :func:`deprecation_line` on stderr and its value becomes the option's.
+    """
+    new = _flags(param_decls)
+    alias_name = "deprecated_" + alias.lstrip("-").replace("-", "_")
+
+    def warn(ctx, param, value):
+        if not ctx.resilient_parsing and ctx.get_parameter_source(param.name) == ParameterSource.COMMANDLINE:
+            click.echo(deprecation_line(alias, new), err=True)
+
+    def decorator(f):
+        f = click.option(*param_decls, cls=RenamedOption, alias=alias, alias_name=alias_name, **attrs)(f)
+        return click.option(alias, alias_name, type=attrs.get("type"), hidden=True, expose_value=False,
+                            callback=warn, help=f"Deprecated: use {new}.")(f)
+
+    return decorator
+
+
+def output_option(**attrs):
+    """``-o/--output``, with ``--out`` as its hidden deprecated alias (train, evaluate, sweep, attack)."""
+    return option("--output", "-o", "output", alias="--out", **attrs)
+
+
+def image_size_option(**attrs):
+    """``--image-size``, with ``--size`` as its hidden deprecated alias (encrypt, demo)."""
+    return option("--image-size", "image_size", alias="--size", type=IMAGE_SIZE, **attrs)

@@ -13,7 +13,8 @@ from keyshard.errors import KeyshardError
 @click.option("--classes", type=click.IntRange(2, 100), default=4, show_default=True, help="Number of classes.")
 @click.option("--images", type=click.IntRange(4, options.MAX_IMAGES), default=160, show_default=True,
               help="Images in total, dealt evenly over the classes.")
-@click.option("--seed", type=options.SEED, default=0, show_default=True)
+@click.option("--seed", type=options.SEED, default=0, show_default=True,
+              help="Seed of the images (the same seed gives the same files).")
 def toy_classes(out, classes, images, seed):
     """Write a small synthetic classification set in torchvision's ImageFolder layout (OUT/<class>/<n>.png)."""
     from keyshard.pipeline.toy_classes import make_toy_classes

@@ -39,7 +39,8 @@ def _parse_scale(ctx, param, value):
               help="Number of images, split about evenly into train.txt and val.txt.")
 @click.option("--voc-sizes", is_flag=True, help="Exactly VOC2012's 1464 train / 1449 val ids instead of --images.")
 @click.option("--tar", "make_tar", is_flag=True, help="Also pack it as OUT/VOCtrainval_11-May-2012.tar (official layout).")
-@click.option("--seed", type=options.SEED, default=0, show_default=True)
+@click.option("--seed", type=options.SEED, default=0, show_default=True,
+              help="Seed of the shapes, colours and sizes (the same seed gives the same files).")
 @click.option("--min-side", type=click.IntRange(8, options.MAX_IMAGE_SIZE), default=48, show_default=True,
               help="Smallest image side in pixels.")
 @click.option("--max-side", type=click.IntRange(8, options.MAX_IMAGE_SIZE), default=96, show_default=True,
@@ -89,7 +90,8 @@ def toy_voc(out, images, voc_sizes, make_tar, seed, min_side, max_side, classes)
 @click.option("--output", "-o", required=True, type=click.Path(), metavar="DIR", help="Output directory (new, or --resume).")
 @click.option("--splits", default="train,holdout,test", show_default=True, callback=_parse_splits,
               help="Which splits to write: train/holdout come from train.txt, test is val.txt.")
-@click.option("--size", type=options.IMAGE_SIZE, default=256, show_default=True, help="Images and masks are resized to SIZE x SIZE.")
+@options.image_size_option(default=256, show_default=True, metavar="SIZE",
+                           help="Images and masks are resized to SIZE x SIZE pixels (the key's block size must divide it).")
 @click.option("--shard-size", type=click.IntRange(1, options.MAX_IMAGES), default=128, show_default=True, metavar="N",
               help="Samples per shard.")
 @click.option("--jobs", "-j", type=options.JOBS, default=-1, show_default=True,
@@ -121,7 +123,7 @@ def toy_voc(out, images, voc_sizes, make_tar, seed, min_side, max_side, classes)
                    "a detached signature over the exact bytes of manifest.json (checked before any work).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def encrypt(voc, image_dir, mask_dir, num_classes, ignore_index, label_map, reduce_zero_label, class_names,
-            image_folder, val_fraction, splits_from, key_file, plain, output, splits, size, shard_size, jobs,
+            image_folder, val_fraction, splits_from, key_file, plain, output, splits, image_size, shard_size, jobs,
             backend, dask_scheduler, augment_copies, augment_seed, crop_scale, split_seed, holdout, skip_bad,
             max_pixels, resume, sign_with, quiet):
     """Encrypt a dataset into keyed WebDataset shards (or --plain shards) with a manifest.
@@ -168,7 +170,7 @@ def encrypt(voc, image_dir, mask_dir, num_classes, ignore_index, label_map, redu
     signer = signing.load_private(sign_with) if sign_with else None  # a bad key fails before any work
     if sign_with and (warning := signing.check_file_mode(sign_with)):
         click.echo(f"warning: {warning}", err=True)
-    options = encrypt_job.EncryptOptions(size=size, splits=splits, shard_size=shard_size,
+    options = encrypt_job.EncryptOptions(size=image_size, splits=splits, shard_size=shard_size,
                                          augment_copies=augment_copies, augment_seed=augment_seed,
                                          crop_scale=crop_scale, split_seed=split_seed, holdout=holdout,
                                          skip_bad=skip_bad, max_pixels=max_pixels)
@@ -265,7 +267,8 @@ def verify(shards, public_key, quiet):
 
 @click.command("decrypt")
 @click.argument("shards", type=click.Path())
-@click.option("--key", "key_file", required=True, type=click.Path(dir_okay=False))
+@click.option("--key", "key_file", required=True, type=click.Path(dir_okay=False),
+              help="The key the shards were encrypted with (its fingerprint must match the manifest's).")
 @click.option("--sample", "sample_key", required=True, help="Sample key, e.g. 2007_000032 or 2007_000032_a1.")
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False),
               help="PNG file to write (missing directories are created; an existing file is not replaced).")

@@ -344,7 +344,7 @@ def run(voc: str | None, out: str, key: Key | None, options: EncryptOptions, job
     ``folders``: a ``folders.FolderDataset`` (``--image-dir/--mask-dir``) or an
     ``image_folder.ImageFolderDataset`` (``--image-folder``) instead of ``voc``."""
     if key is not None and options.size % key.block_size:
-        raise KeyshardError(f"{key.path or 'key'}: block size {key.block_size} does not divide --size {options.size}")
+        raise KeyshardError(f"{key.path or 'key'}: block size {key.block_size} does not divide --image-size {options.size}")
     material = key.material if key is not None else None
     labels, dataset, label_record = folders.check() if folders is not None else (None, None, {})
     _refuse_output(Path(out), resume)  # the usual mistake is reported before any worker starts

@@ -6,57 +6,77 @@ import click
 
 from keyshard import options
 from keyshard.errors import KeyshardError
+from keyshard.train.presets import CLASSIFY_MODELS, PRESETS, by_preset
+
+PAPER_MICRO_BATCH_CAP = 32  # --batch-size B without --micro-batch: min(B, this) with --preset paper
 
 
 @click.command("train")
 @click.option("--shards", required=True, type=click.Path(), help="Shards from `keyshard encrypt`: a directory or a URL base (http(s)://host/dir/, s3://bucket/prefix/).")
-@click.option("--out", "out", required=True, type=click.Path(), help="Run directory (best.pt, last.pt, metrics.jsonl).")
-@click.option("--preset", type=click.Choice(["paper", "demo"]), default="demo", show_default=True,
-              help="paper: FCN-ResNet50 with plain cross-entropy, SGD lr 0.1, wd 0.005, cosine restarts every "
-                   "10 epochs, global batch 256, 100 epochs. demo: a small network that trains on the CPU in minutes.")
+@options.output_option(required=True, type=click.Path(), metavar="DIR",
+                       help="Run directory to create (best.pt, last.pt, metrics.jsonl); with --resume, the run to continue.")
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="demo", show_default=True,
+              help="Defaults of the model and its recipe (each option below names both presets' values). "
+                   "paper: the paper's FCN-ResNet50 recipe (plain cross-entropy, SGD with cosine warm restarts, "
+                   "global batch 256). demo: a small network that trains on the CPU in minutes.")
 @click.option("--model", type=click.Choice(["fcn_resnet50", "small", "block_aligned", "patch_vit", "resnet18"]),
               default=None,
               help="Override the preset's model. block_aligned: a stem that sees whole key blocks "
                    "(no accuracy loss from the key; see `keyshard protect`). Classification: patch_vit (ViT-style, "
-                   "patch = a multiple of the block size; the demo's) or resnet18 (torchvision; the paper's).")
+                   "patch = a multiple of the block size; the demo's) or resnet18 (torchvision; the paper's). "
+                   f"Default: {by_preset('model')} (classification shards: "
+                   f"{', '.join(f'{CLASSIFY_MODELS[p]} with --preset {p}' for p in PRESETS)}).")
 @click.option("--task", type=click.Choice(["segmentation", "classification"]), default=None,
-              help="Inferred from the shards' manifest; if given it must agree.")
+              help="Inferred from the shards' manifest (default); if given it must agree.")
 @click.option("--train-fraction", type=options.FiniteFloat(0, 1, min_open=True), default=None, metavar="F",
-              help="Classification: train on a seeded subset (fraction F) of the train split, e.g. 0.1 with "
-                   "--weights PLAIN.pt (the transfer-learning paper's fine-tuning setting).")
+              help="Classification: train on a seeded subset (fraction F, 0 < F <= 1) of the train split, e.g. 0.1 "
+                   "with --weights PLAIN.pt (the transfer-learning paper's fine-tuning setting). Default: all of it.")
 @click.option("--block-size", type=options.BLOCK_SIZE, default=None,
-              help="block_aligned on PLAIN shards: the block size of the key it will be used with "
-                   "(on keyed shards the manifest's is used).")
-@click.option("--epochs", type=options.EPOCHS, default=None)
+              help="block_aligned on PLAIN shards: the block size M of the key it will be used with "
+                   "(on keyed shards the manifest's is used, the default).")
+@click.option("--epochs", type=options.EPOCHS, default=None,
+              help=f"Passes over the train split (one augmentation replica each). Default: {by_preset('epochs')}.")
 @click.option("--batch-size", type=options.BATCH, default=None,
-              help="Samples per optimiser step over ALL ranks (the paper's 256); divided by the world size.")
+              help="Samples per optimiser step over ALL ranks, divided by the world size. "
+                   f"Default: {by_preset('batch_size')}.")
 @click.option("--micro-batch", type=options.BATCH, default=None,
               help="Most samples per forward pass and rank (what BatchNorm sees); gradients are accumulated "
-                   "up to the rank's share of --batch-size.")
-@click.option("--lr", type=options.POSITIVE, default=None, help="Peak learning rate.")
-@click.option("--momentum", type=options.FiniteFloat(0, 1, max_open=True), default=None, help="SGD momentum.")
-@click.option("--weight-decay", type=options.NON_NEGATIVE, default=None)
-@click.option("--restart-epochs", type=options.EPOCHS, default=None, help="Cosine warm-restart period.")
-@click.option("--min-lr", type=options.NON_NEGATIVE, default=None, help="Floor of the cosine schedule.")
-@click.option("--aux-weight", type=options.NON_NEGATIVE, default=None, help="FCN auxiliary loss weight.")
+                   f"up to the rank's share of --batch-size. Default: {by_preset('micro_batch')}; with --batch-size "
+                   f"B: min(B, {PAPER_MICRO_BATCH_CAP}) with --preset paper, B with --preset demo.")
+@click.option("--lr", type=options.POSITIVE, default=None,
+              help=f"Peak learning rate (SGD; > 0). Default: {by_preset('lr')}.")
+@click.option("--momentum", type=options.FiniteFloat(0, 1, max_open=True), default=None,
+              help=f"SGD momentum, 0 <= m < 1. Default: {by_preset('momentum')}.")
+@click.option("--weight-decay", type=options.NON_NEGATIVE, default=None,
+              help=f"SGD weight decay (L2), >= 0. Default: {by_preset('weight_decay')}.")
+@click.option("--restart-epochs", type=options.EPOCHS, default=None,
+              help=f"Cosine warm-restart period in epochs. Default: {by_preset('restart_epochs')}.")
+@click.option("--min-lr", type=options.NON_NEGATIVE, default=None,
+              help=f"Floor of the cosine schedule, >= 0. Default: {by_preset('min_lr')}.")
+@click.option("--aux-weight", type=options.NON_NEGATIVE, default=None,
+              help=f"Weight of the FCN auxiliary loss, >= 0 (torchvision's recipe uses 0.5). "
+                   f"Default: {by_preset('aux_weight')}.")
 @click.option("--weights", type=click.Path(dir_okay=False), default=None,
               help="Local backbone/model weights (torchvision ResNet-50 state dict or keyshard checkpoint). "
                    "Nothing is downloaded; without it the model trains from scratch.")
-@click.option("--seed", type=options.SEED, default=0, show_default=True)
+@click.option("--seed", type=options.SEED, default=0, show_default=True,
+              help="Seed of the initial weights, the shard order, the shuffle buffers and --train-fraction's subset.")
 @click.option("--workers", type=options.WORKERS, default=2, show_default=True, help="DataLoader workers per process.")
-@click.option("--shuffle-buffer", type=click.IntRange(0, options.MAX_IMAGES), default=256, show_default=True)
+@click.option("--shuffle-buffer", type=click.IntRange(0, options.MAX_IMAGES), default=256, show_default=True,
+              metavar="N", help="Samples each DataLoader worker holds to shuffle within shards (0 or 1: shard "
+                                "order only).")
 @click.option("--amp", is_flag=True, help="Mixed precision (CUDA only).")
 @click.option("--channels-last", is_flag=True, help="channels_last memory format (helps on recent GPUs).")
 @click.option("--block-flip", is_flag=True,
               help="Key-safe augmentation: randomly reverse the order of block columns (commutes with any key).")
 @click.option("--block-crop", type=options.IMAGE_SIZE, default=None, metavar="SIZE",
               help="Key-safe augmentation: random SIZExSIZE crop at block-aligned offsets (a multiple of M).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from last.pt (same settings; --epochs may grow).")
+@click.option("--resume", is_flag=True, help="Continue the run in --output from last.pt (same settings; --epochs may grow).")
 @click.option("--trust", type=click.Path(dir_okay=False), default=None, metavar="NAME.pub",
               help="Public signing key of the data publisher: refuse the shards unless manifest.json.sig is "
                    "its valid signature over manifest.json. Checkpoints record the result.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def train(shards, out, preset, model, task, train_fraction, block_size, epochs, batch_size, micro_batch, lr, momentum, weight_decay,
+def train(shards, output, preset, model, task, train_fraction, block_size, epochs, batch_size, micro_batch, lr, momentum, weight_decay,
           restart_epochs, min_lr, aux_weight, weights, seed, workers, shuffle_buffer, amp, channels_last,
           block_flip, block_crop, resume, trust, quiet):
     """Train a segmentation model by streaming (plain or keyed) shards.
@@ -65,26 +85,26 @@ def train(shards, out, preset, model, task, train_fraction, block_size, epochs, 
     the GPU when there is one.  For several GPUs or nodes, launch with torchrun:
 
     \b
-      torchrun --nproc-per-node 4 -m keyshard.cli train --shards S --out RUN --preset paper
+      torchrun --nproc-per-node 4 -m keyshard.cli train --shards S -o RUN --preset paper
 
     --batch-size is the global batch (the paper's 256 = 4 ranks × 64 here).
     """
     from keyshard.train.loop import TrainConfig, Trainer
 
     if micro_batch is None and batch_size is not None:  # each rank then uses min(this, its share)
-        micro_batch = batch_size if preset == "demo" else min(batch_size, 32)
+        micro_batch = batch_size if preset == "demo" else min(batch_size, PAPER_MICRO_BATCH_CAP)
     config = TrainConfig.from_preset(
         preset, model=model, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, lr=lr,
         momentum=momentum, weight_decay=weight_decay, restart_epochs=restart_epochs, min_lr=min_lr,
         aux_weight=aux_weight, weights=weights, seed=seed, workers=workers, shuffle_buffer=shuffle_buffer,
         amp=amp, channels_last=channels_last, block_size=block_size, block_flip=block_flip, block_crop=block_crop,
         task=task, train_fraction=train_fraction)
-    trainer = Trainer(shards, out, config, resume=resume, progress=not quiet, log=click.echo, trust=trust)
+    trainer = Trainer(shards, output, config, resume=resume, progress=not quiet, log=click.echo, trust=trust)
     if trainer.dist.main and trainer.provenance["signature_verified"]:
         click.echo(f"manifest signature verified: signer {trainer.provenance['signer_fingerprint']} ({trust})")
     result = trainer.fit()
     if result["history"]:
-        click.echo(f"best holdout loss {result['best_holdout_loss']:.4f}; checkpoints in {out}/best.pt and {out}/last.pt")
+        click.echo(f"best holdout loss {result['best_holdout_loss']:.4f}; checkpoints in {output}/best.pt and {output}/last.pt")
 
 
 @click.command("protect")

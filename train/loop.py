@@ -28,18 +28,8 @@ from keyshard.shardformat import VOID, dataset_info
 from keyshard.train.data import open_shards
 from keyshard.train.device import dist_backend, pick_device
 from keyshard.train.models import build_model
+from keyshard.train.presets import CLASSIFY_MODELS, PRESETS
 from keyshard.train.step import forward_stored, segmentation_loss, train_step
-
-CLASSIFY_MODELS = {"demo": "patch_vit", "paper": "resnet18"}  # the presets' classifiers
-PRESETS = {
-    # Section 3.1 of the paper.
-    # Plain FCN with cross-entropy (no auxiliary loss: --aux-weight adds torchvision's), global batch 256.
-    "paper": dict(model="fcn_resnet50", epochs=100, batch_size=256, micro_batch=32, lr=0.1, momentum=0.9,
-                  weight_decay=0.005, restart_epochs=10, min_lr=1e-4, aux_weight=0.0),
-    # Small network, CPU, minutes on the toy data.
-    "demo": dict(model="small", epochs=12, batch_size=16, micro_batch=16, lr=0.05, momentum=0.9,
-                 weight_decay=1e-4, restart_epochs=12, min_lr=1e-4, aux_weight=0.0),
-}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,24 @@
+"""The training presets (``keyshard train --preset``), defined once: the trainer builds its
+configuration from them and the CLI's help quotes them, so help cannot drift from the code.
+Plain data, no torch import (the CLI reads this module to format ``--help``)."""
+
+from __future__ import annotations
+
+CLASSIFY_MODELS = {"demo": "patch_vit", "paper": "resnet18"}  # the presets' classifiers
+PRESETS = {
+    # Section 3.1 of the paper.
+    # Plain FCN with cross-entropy (no auxiliary loss: --aux-weight adds torchvision's), global batch 256.
+    "paper": dict(model="fcn_resnet50", epochs=100, batch_size=256, micro_batch=32, lr=0.1, momentum=0.9,
+                  weight_decay=0.005, restart_epochs=10, min_lr=1e-4, aux_weight=0.0),
+    # Small network, CPU, minutes on the toy data.
+    "demo": dict(model="small", epochs=12, batch_size=16, micro_batch=16, lr=0.05, momentum=0.9,
+                 weight_decay=1e-4, restart_epochs=12, min_lr=1e-4, aux_weight=0.0),
+}
+
+
+def by_preset(setting: str) -> str:
+    """``"100 with --preset paper, 12 with --preset demo"`` (or ``"0.9 with every preset"``)."""
+    text = {name: (f"{v:g}" if isinstance(v := values[setting], float) else str(v)) for name, values in PRESETS.items()}
+    if len(set(text.values())) == 1:
+        return f"{next(iter(text.values()))} with every preset"
+    return ", ".join(f"{v} with --preset {name}" for name, v in text.items())
