@@ -225,7 +225,7 @@ def np2_model(tmp_path_factory):
 def test_exhaustive_search_ranks_the_true_np_key_near_the_top(np2_model, tmp_path):
     res = invoke("attack", "search", "--checkpoint", np2_model / "run" / "best.pt", "--labelled-shards",
                  np2_model / "plain", "--labelled", 8, "--test", np2_model / "plain", "--key", np2_model / "key.json",
-                 "--out", tmp_path / "search.json")
+                 "--output", tmp_path / "search.json")
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "search.json").read_text())
     assert report["mode"] == "exhaustive" and report["evaluations"] >= 924
@@ -247,7 +247,7 @@ def test_finetune_attack_reports_both_models(np2_model, tmp_path):
     out = tmp_path / "ft.json"
     res = invoke("attack", "finetune", "--checkpoint", np2_model / "run" / "best.pt", "--plain-train",
                  np2_model / "plain", "--test", np2_model / "plain", "--fraction", "0.1,0.5", "--epochs", 2,
-                 "--out", out)
+                 "--output", out)
     assert res.exit_code == 0, res.output
     report = json.loads(out.read_text())
     n_train = 36  # 40 train.txt ids minus round(40*146/1464) = 4 holdout

@@ -8,7 +8,7 @@ from keyshard.pipeline.manifest import load as load_manifest
 
 from conftest import assert_user_error, invoke, run_subprocess
 
-ARGS = ["--size", 32, "--shard-size", 4, "--jobs", 1, "-q"]
+ARGS = ["--image-size", 32, "--shard-size", 4, "--jobs", 1, "-q"]
 
 
 @pytest.fixture
@@ -96,7 +96,7 @@ def test_block_size_does_not_divide_size(voc, tmp_path):
     key = tmp_path / "k.json"
     assert invoke("keygen", "--method", "shf", "-M", "16", "-o", key).exit_code == 0
     out = tmp_path / "out"
-    assert_user_error(invoke("encrypt", "--voc", voc, "--key", key, "-o", out, "--size", 40, "-q"),
+    assert_user_error(invoke("encrypt", "--voc", voc, "--key", key, "-o", out, "--image-size", 40, "-q"),
                       str(key), "does not divide")
     assert not out.exists()
 

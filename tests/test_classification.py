@@ -24,7 +24,7 @@ def cls_data(tmp_path_factory):
     key = root / "key.json"
     keys.save(keys.Key("shf", 4, fixed_secret(5)), key)
     for name, how in (("enc", ("--key", key)), ("plain", ("--plain",))):
-        res = invoke("encrypt", "--image-folder", root / "toy", *how, "-o", root / name, "--size", 32,
+        res = invoke("encrypt", "--image-folder", root / "toy", *how, "-o", root / name, "--image-size", 32,
                      "--shard-size", 32, "-j", 1, "-q")
         assert res.exit_code == 0, res.output
     return root
@@ -49,7 +49,7 @@ def _shard_bytes(out):
 
 def _enc_args(cls_data, out, jobs):
     return ["encrypt", "--image-folder", cls_data / "toy", "--key", cls_data / "key.json", "-o", out,
-            "--size", 32, "--shard-size", 32, "-j", jobs, "-q"]
+            "--image-size", 32, "--shard-size", 32, "-j", jobs, "-q"]
 
 
 def test_image_folder_jobs_give_identical_shards(cls_data, tmp_path):
@@ -100,7 +100,7 @@ def test_splits_from_lists(cls_data, tmp_path):
     ids = sorted(p.relative_to(cls_data / "toy").as_posix() for p in (cls_data / "toy").rglob("*.png"))
     (tmp_path / "train.txt").write_text("\n".join(ids[:60]))
     (tmp_path / "val.txt").write_text("\n".join(ids[60:]))
-    res = invoke("encrypt", "--image-folder", cls_data / "toy", "--plain", "-o", tmp_path / "out", "--size", 32,
+    res = invoke("encrypt", "--image-folder", cls_data / "toy", "--plain", "-o", tmp_path / "out", "--image-size", 32,
                  "--splits-from", f"train={tmp_path / 'train.txt'},val={tmp_path / 'val.txt'}", "-j", 1, "-q")
     assert res.exit_code == 0, res.output
     counts = json.loads((tmp_path / "out" / "manifest.json").read_text())["splits"]["counts"]
@@ -108,14 +108,14 @@ def test_splits_from_lists(cls_data, tmp_path):
 
 
 def test_task_mismatch_is_refused(cls_data, tmp_path):
-    res = invoke("train", "--shards", cls_data / "enc", "--out", tmp_path / "r", "--task", "segmentation",
+    res = invoke("train", "--shards", cls_data / "enc", "--output", tmp_path / "r", "--task", "segmentation",
                  "--workers", 0, "-q")
     assert_user_error(res, "--task segmentation", "classification")
 
 
 def test_encrypt_train_evaluate_top1(cls_data, tmp_path):
     run = tmp_path / "run"
-    res = invoke("train", "--shards", cls_data / "enc", "--out", run, "--epochs", 4, "--workers", 0, "-q")
+    res = invoke("train", "--shards", cls_data / "enc", "--output", run, "--epochs", 4, "--workers", 0, "-q")
     assert res.exit_code == 0, res.output
     res = invoke("evaluate", "--checkpoint", run / "best.pt", "--key", cls_data / "key.json",
                  "--test", cls_data / "plain", "--wrong-keys", 20, "--workers", 0, "-q")
@@ -187,7 +187,7 @@ def test_protect_command_on_patch_vit(cls_data, tmp_path):
     from keyshard.train import checkpoint
 
     run = tmp_path / "plain"
-    res = invoke("train", "--shards", cls_data / "plain", "--out", run, "--block-size", 4, "--epochs", 1,
+    res = invoke("train", "--shards", cls_data / "plain", "--output", run, "--block-size", 4, "--epochs", 1,
                  "--workers", 0, "-q")
     assert res.exit_code == 0, res.output
     out = tmp_path / "protected.pt"
@@ -212,10 +212,10 @@ def np2_run(cls_data):
     key = root / "key.json"
     root.mkdir()
     keys.save(keys.Key("np", 2, fixed_secret(7)), key)
-    res = invoke("encrypt", "--image-folder", cls_data / "toy", "--key", key, "-o", root / "enc", "--size", 32,
+    res = invoke("encrypt", "--image-folder", cls_data / "toy", "--key", key, "-o", root / "enc", "--image-size", 32,
                  "--shard-size", 32, "-j", 1, "-q")
     assert res.exit_code == 0, res.output
-    res = invoke("train", "--shards", root / "enc", "--out", root / "run", "--epochs", 4, "--workers", 0, "-q")
+    res = invoke("train", "--shards", root / "enc", "--output", root / "run", "--epochs", 4, "--workers", 0, "-q")
     assert res.exit_code == 0, res.output
     return root
 
@@ -235,7 +235,7 @@ def test_attack_search_on_a_classifier(cls_data, np2_run, tmp_path):
     out = tmp_path / "search.json"
     res = invoke("attack", "search", "--checkpoint", np2_run / "run" / "best.pt", "--labelled-shards",
                  cls_data / "plain", "--labelled-split", "train", "--labelled", 32, "--test", cls_data / "plain",
-                 "--key", np2_run / "key.json", "--top", 3, "--out", out)
+                 "--key", np2_run / "key.json", "--top", 3, "--output", out)
     assert res.exit_code == 0, res.output
     report = json.loads(out.read_text())
     assert report["task"] == "classification" and report["mode"] == "exhaustive" and report["evaluations"] == 924

@@ -32,7 +32,7 @@ SIZE = 64
 # 40 images -> 20 train ids (18 train, 2 holdout) and 20 test ids; 2 augmented replicas of each
 # train image and one sample per shard give 76 shards, so a kill after the first shard reliably
 # lands before the last.
-COMMON = ["--size", SIZE, "--shard-size", 1, "--augment-copies", 2, "-q"]
+COMMON = ["--image-size", SIZE, "--shard-size", 1, "--augment-copies", 2, "-q"]
 IGNORED = ("command", "created_utc")  # the only manifest fields that may differ between runs
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 STARTED_GROUPS: list[int] = []  # every process group a test started, checked once more at the end

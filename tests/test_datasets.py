@@ -50,7 +50,7 @@ def test_toy_voc_classes_5(toy5):
 
 def test_folder_k5_encrypt_train_evaluate(toy5, tmp_path):
     out = tmp_path / "plain"
-    res = invoke("encrypt", *_folders(toy5), "--num-classes", 5, "--plain", "--size", 32, "-o", out, "-j", 1, "-q")
+    res = invoke("encrypt", *_folders(toy5), "--num-classes", 5, "--plain", "--image-size", 32, "-o", out, "-j", 1, "-q")
     assert res.exit_code == 0, res.output
     doc = load_manifest(out)
     info = dataset_info(doc)
@@ -58,10 +58,10 @@ def test_folder_k5_encrypt_train_evaluate(toy5, tmp_path):
     assert len(info["class_names"]) == 5 and doc["source"]["kind"] == "folders"
     assert doc["splits"]["counts"] == {"train": 5, "holdout": 1, "test": 6}
     assert all(set(np.unique(m).tolist()) <= {0, 1, 2, 3, 4, 255} for m in _masks(out).values())
-    res = invoke("train", "--shards", out, "--out", tmp_path / "run", "--epochs", 1, "--batch-size", 4,
+    res = invoke("train", "--shards", out, "--output", tmp_path / "run", "--epochs", 1, "--batch-size", 4,
                  "--workers", 0, "-q")
     assert res.exit_code == 0, res.output
-    res = invoke("evaluate", "--checkpoint", tmp_path / "run" / "best.pt", "--test", out, "--out", tmp_path / "ev",
+    res = invoke("evaluate", "--checkpoint", tmp_path / "run" / "best.pt", "--test", out, "--output", tmp_path / "ev",
                  "--workers", 0, "-q")
     assert res.exit_code == 0, res.output
     audit = json.loads((tmp_path / "ev" / "audit.json").read_text())
@@ -76,7 +76,7 @@ def test_label_outside_k_is_refused_naming_the_file(toy5, tmp_path):
     arr = np.asarray(Image.open(bad)).copy()
     arr[0, 0] = 7
     Image.fromarray(arr, "L").save(bad)
-    res = invoke("encrypt", *_folders(root), "--num-classes", 5, "--plain", "--size", 32, "-o", tmp_path / "o",
+    res = invoke("encrypt", *_folders(root), "--num-classes", 5, "--plain", "--image-size", 32, "-o", tmp_path / "o",
                  "-j", 1, "-q")
     assert_user_error(res, bad.name, "[7]")
     assert not (tmp_path / "o" / "manifest.json").exists()
@@ -99,7 +99,7 @@ def test_label_map_and_reduce_zero_label(tmp_path):
     lm.write_text(json.dumps({"0": 255, "7": 0, "8": 1, "26": 2, "3": 255}))
     out = tmp_path / "a"
     res = invoke("encrypt", "--image-dir", img, "--mask-dir", msk, "--num-classes", 3, "--label-map", lm,
-                 "--val-fraction", 0.25, "--plain", "--size", 8, "-o", out, "-j", 1, "-q")
+                 "--val-fraction", 0.25, "--plain", "--image-size", 8, "-o", out, "-j", 1, "-q")
     assert res.exit_code == 0, res.output
     for m in _masks(out).values():
         assert m.reshape(-1)[:8].tolist() == [255, 0, 1, 2, 255, 255, 255, 0]
@@ -109,7 +109,7 @@ def test_label_map_and_reduce_zero_label(tmp_path):
     img2, msk2 = _tiny(tmp_path / "z", [0, 1, 2, 3, 255, 4, 0, 1])
     out = tmp_path / "b"
     res = invoke("encrypt", "--image-dir", img2, "--mask-dir", msk2, "--num-classes", 4, "--reduce-zero-label",
-                 "--val-fraction", 0.25, "--plain", "--size", 8, "-o", out, "-j", 1, "-q")
+                 "--val-fraction", 0.25, "--plain", "--image-size", 8, "-o", out, "-j", 1, "-q")
     assert res.exit_code == 0, res.output
     for m in _masks(out).values():
         assert m.reshape(-1)[:8].tolist() == [255, 0, 1, 2, 255, 3, 255, 0]
@@ -135,7 +135,7 @@ def test_splits_from_and_val_fraction(tmp_path):
     (tmp_path / "va.txt").write_text("s3\n")
     out = tmp_path / "a"
     res = invoke("encrypt", "--image-dir", img, "--mask-dir", msk, "--num-classes", 2, "--splits-from",
-                 f"train={tmp_path / 'tr.txt'},val={tmp_path / 'va.txt'}", "--plain", "--size", 8, "-o", out, "-q",
+                 f"train={tmp_path / 'tr.txt'},val={tmp_path / 'va.txt'}", "--plain", "--image-size", 8, "-o", out, "-q",
                  "-j", 1)
     assert res.exit_code == 0, res.output
     doc = load_manifest(out)
@@ -149,7 +149,7 @@ def test_splits_from_and_val_fraction(tmp_path):
     assert_user_error(res, "va.txt", "s9")
     out = tmp_path / "c"
     res = invoke("encrypt", "--image-dir", img, "--mask-dir", msk, "--num-classes", 2, "--val-fraction", 0.25,
-                 "--plain", "--size", 8, "-o", out, "-q", "-j", 1)
+                 "--plain", "--image-size", 8, "-o", out, "-q", "-j", 1)
     assert res.exit_code == 0, res.output
     assert load_manifest(out)["splits"]["counts"] == {"train": 2, "holdout": 1, "test": 1}
     res = invoke("encrypt", "--image-dir", img, "--mask-dir", msk, "--num-classes", 2, "--plain", "-o",

@@ -20,7 +20,7 @@ from keyshard.transforms import compile_plan
 from conftest import assert_user_error, invoke
 
 SIZE = 32
-COMMON = ["--size", SIZE, "--shard-size", 4, "-q"]
+COMMON = ["--image-size", SIZE, "--shard-size", 4, "-q"]
 
 
 def encrypt(toy, out, *extra, key=None, jobs=1):
@@ -246,10 +246,10 @@ def test_no_key_material_in_outputs(toy, key_files, enc_ffx, tmp_path):
                key.material.mask.astype(np.uint8).tobytes(), key.material.table.astype("<u2").tobytes(),
                np.packbits(key.material.mask).tobytes()]
     blobs = [p.read_bytes() for p in enc_ffx.iterdir() if p.is_file()]
-    res = invoke("encrypt", "--voc", toy, "--key", key_files["ffx"], "-o", tmp_path / "x", "--size", SIZE,
+    res = invoke("encrypt", "--voc", toy, "--key", key_files["ffx"], "-o", tmp_path / "x", "--image-size", SIZE,
                  "--shard-size", 4, "--jobs", 1)
     blobs.append(res.output.encode())
-    bad = invoke("encrypt", "--voc", toy, "--key", key_files["ffx"], "-o", tmp_path / "x", "--size", SIZE)
+    bad = invoke("encrypt", "--voc", toy, "--key", key_files["ffx"], "-o", tmp_path / "x", "--image-size", SIZE)
     blobs.append(bad.output.encode())
     for blob in blobs:
         for needle in needles:

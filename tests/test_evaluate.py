@@ -177,7 +177,7 @@ def test_device_transforms_equal_the_offline_shards(audited):
 def test_evaluate_writes_the_audit_and_report(audited, tmp_path):
     out = tmp_path / "audit"
     res = invoke("evaluate", "--checkpoint", audited / "run" / "best.pt", "--key", audited / "key.json",
-                 "--test", audited / "plain", "--wrong-keys", 4, "--seed", 7, "--out", out, "--workers", 0, "-q")
+                 "--test", audited / "plain", "--wrong-keys", 4, "--seed", 7, "--output", out, "--workers", 0, "-q")
     assert res.exit_code == 0, res.output
     audit = json.loads((out / "audit.json").read_text())
     assert audit["key"]["fingerprint_check"] == "match"
@@ -191,7 +191,7 @@ def test_evaluate_writes_the_audit_and_report(audited, tmp_path):
     for p in out.iterdir():
         assert secret.encode() not in p.read_bytes()
     again = invoke("evaluate", "--checkpoint", audited / "run" / "best.pt", "--key", audited / "key.json",
-                   "--test", audited / "plain", "--wrong-keys", 4, "--seed", 7, "--out", out, "-q")
+                   "--test", audited / "plain", "--wrong-keys", 4, "--seed", 7, "--output", out, "-q")
     assert_user_error(again, "already holds an audit")
     rep = invoke("report", out, "--csv", tmp_path / "t.csv")
     assert rep.exit_code == 0, rep.output
@@ -199,7 +199,7 @@ def test_evaluate_writes_the_audit_and_report(audited, tmp_path):
     assert (tmp_path / "t.csv").read_text().splitlines()[0].startswith("method,block_size")
     # 2 workers read alternate shards; the audit (per-image list and figure order included) is the same
     res = invoke("evaluate", "--checkpoint", audited / "run" / "best.pt", "--key", audited / "key.json",
-                 "--test", audited / "plain", "--wrong-keys", 4, "--seed", 7, "--out", tmp_path / "w2",
+                 "--test", audited / "plain", "--wrong-keys", 4, "--seed", 7, "--output", tmp_path / "w2",
                  "--workers", 2, "--save-predictions", 8, "-q")
     assert res.exit_code == 0, res.output
     again = json.loads((tmp_path / "w2" / "audit.json").read_text())
@@ -216,17 +216,17 @@ def test_evaluate_refuses_mismatches(audited, tmp_path):
     keys.save(keys.Key("ffx", 4, OTHER_SECRET), other)
     args = ["--checkpoint", audited / "run" / "best.pt", "--test", audited / "plain", "--wrong-keys", 2,
             "--workers", 0, "-q"]
-    assert_user_error(invoke("evaluate", *args, "--key", other, "--out", tmp_path / "a"), "fingerprint")
+    assert_user_error(invoke("evaluate", *args, "--key", other, "--output", tmp_path / "a"), "fingerprint")
     assert not (tmp_path / "a").exists()
-    res = invoke("evaluate", *args, "--key", other, "--out", tmp_path / "b", "--ignore-fingerprint")
+    res = invoke("evaluate", *args, "--key", other, "--output", tmp_path / "b", "--ignore-fingerprint")
     assert res.exit_code == 0, res.output
     assert "overridden" in json.loads((tmp_path / "b" / "audit.json").read_text())["key"]["fingerprint_check"]
     assert "overridden" in res.output
     wrong_m = tmp_path / "m8.json"
     keys.save(keys.Key("ffx", 8, OTHER_SECRET), wrong_m)
-    assert_user_error(invoke("evaluate", *args, "--key", wrong_m, "--out", tmp_path / "c"), "M=8")
+    assert_user_error(invoke("evaluate", *args, "--key", wrong_m, "--output", tmp_path / "c"), "M=8")
     enc_test = ["--checkpoint", audited / "run" / "best.pt", "--test", audited / "enc", "--key", audited / "key.json"]
-    assert_user_error(invoke("evaluate", *enc_test, "--out", tmp_path / "d", "-q"), "must be plain")
+    assert_user_error(invoke("evaluate", *enc_test, "--output", tmp_path / "d", "-q"), "must be plain")
 
 
 def test_audit_with_an_explicit_key_keeps_the_wrong_keys_promises(audited, tmp_path):
@@ -237,8 +237,8 @@ def test_audit_with_an_explicit_key_keeps_the_wrong_keys_promises(audited, tmp_p
     keys.save(keys.Key("ffx", 4, OTHER_SECRET, explicit=original.material), copy)
     common = ["--checkpoint", audited / "run" / "best.pt", "--test", audited / "plain", "--wrong-keys", 3,
               "--seed", 11, "--near-miss", "2", "--near-miss-keys", 2, "--workers", 0, "-q"]
-    assert invoke("evaluate", *common, "--key", audited / "key.json", "--out", tmp_path / "a").exit_code == 0
-    res = invoke("evaluate", *common, "--key", copy, "--out", tmp_path / "b", "--ignore-fingerprint")
+    assert invoke("evaluate", *common, "--key", audited / "key.json", "--output", tmp_path / "a").exit_code == 0
+    res = invoke("evaluate", *common, "--key", copy, "--output", tmp_path / "b", "--ignore-fingerprint")
     assert res.exit_code == 0, res.output
     a, b = (json.loads((tmp_path / d / "audit.json").read_text()) for d in ("a", "b"))
     assert b["key"]["derivation"] == keys.DERIVE_EXPLICIT and "overridden" in b["key"]["fingerprint_check"]
@@ -254,13 +254,13 @@ def test_evaluate_near_miss_curve(audited, tmp_path):
     out = tmp_path / "nm"
     base = ["evaluate", "--checkpoint", audited / "run" / "best.pt", "--key", audited / "key.json",
             "--test", audited / "plain", "--wrong-keys", 2, "--workers", 0, "-q"]
-    res = invoke(*base, "--near-miss", "1,4", "--near-miss-keys", 2, "--out", out)
+    res = invoke(*base, "--near-miss", "1,4", "--near-miss-keys", 2, "--output", out)
     assert res.exit_code == 0, res.output
     audit = json.loads((out / "audit.json").read_text())
     rows = audit["results"]["near_miss"]
     assert [r["distance"] for r in rows] == [1, 4] and all(len(r["keys"]) == 2 for r in rows)
     assert (out / "near_miss.png").exists() and "## Near-miss keys" in (out / "audit.md").read_text()
-    assert_user_error(invoke(*base, "--near-miss", "25", "--out", tmp_path / "x"), "outside 1..24")
+    assert_user_error(invoke(*base, "--near-miss", "25", "--output", tmp_path / "x"), "outside 1..24")
 
 
 def test_baseline_audit_and_side_by_side_report(audited, tmp_path):
@@ -269,16 +269,16 @@ def test_baseline_audit_and_side_by_side_report(audited, tmp_path):
     cfg = TrainConfig.from_preset("demo", epochs=1, batch_size=8, micro_batch=8, workers=0)
     Trainer(audited / "plain", tmp_path / "plainrun", cfg, progress=False, log=lambda m: None).fit()
     res = invoke("evaluate", "--checkpoint", tmp_path / "plainrun" / "best.pt", "--test", audited / "plain",
-                 "--out", tmp_path / "base", "--workers", 0, "-q")
+                 "--output", tmp_path / "base", "--workers", 0, "-q")
     assert res.exit_code == 0, res.output
     base = json.loads((tmp_path / "base" / "audit.json").read_text())
     assert base["kind"] == "baseline" and 0 <= base["results"]["plain"]["miou"] <= 1
     keyed = invoke("evaluate", "--checkpoint", audited / "run" / "best.pt", "--key", audited / "key.json",
-                   "--test", audited / "plain", "--wrong-keys", 2, "--out", tmp_path / "k", "--workers", 0, "-q")
+                   "--test", audited / "plain", "--wrong-keys", 2, "--output", tmp_path / "k", "--workers", 0, "-q")
     assert keyed.exit_code == 0, keyed.output
     rep = invoke("report", tmp_path / "base", tmp_path / "k")
     assert rep.exit_code == 0, rep.output
     row = next(line for line in rep.output.splitlines() if line.startswith("| FFX | 4 | small"))
     assert f"{base['results']['plain']['miou']:.4f}" in row
     assert_user_error(invoke("evaluate", "--checkpoint", audited / "run" / "best.pt", "--test", audited / "plain",
-                             "--out", tmp_path / "z", "-q"), "--key")
+                             "--output", tmp_path / "z", "-q"), "--key")

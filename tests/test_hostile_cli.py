@@ -33,15 +33,15 @@ def assert_usage_error(result, *fragments):
 
 # Required options are given (paths need not exist: the range check comes first).
 ENCRYPT = ["encrypt", "--voc", "nowhere", "--plain", "-o", "nowhere-out"]
-TRAIN = ["train", "--shards", "nowhere", "--out", "nowhere-run"]
+TRAIN = ["train", "--shards", "nowhere", "--output", "nowhere-run"]
 EVALUATE = ["evaluate", "--checkpoint", "nowhere.pt", "--test", "nowhere"]
 SEARCH = ["attack", "search", "--checkpoint", "nowhere.pt", "--labelled-shards", "x", "--test", "x"]
 FINETUNE = ["attack", "finetune", "--checkpoint", "nowhere.pt", "--plain-train", "x", "--test", "x"]
 
 RANGE_CASES = [
-    (ENCRYPT + ["--size", "0"], "--size"),
-    (ENCRYPT + ["--size", "-5"], "--size"),
-    (ENCRYPT + ["--size", "100000"], "--size"),
+    (ENCRYPT + ["--image-size", "0"], "--image-size"),
+    (ENCRYPT + ["--image-size", "-5"], "--image-size"),
+    (ENCRYPT + ["--image-size", "100000"], "--image-size"),
     (ENCRYPT + ["--jobs", "0"], "--jobs"),
     (ENCRYPT + ["--jobs", "-2"], "--jobs"),
     (ENCRYPT + ["--jobs", "1000000"], "--jobs"),
@@ -79,7 +79,7 @@ RANGE_CASES = [
     (EVALUATE + ["--batch-size", "0"], "--batch-size"),
     (EVALUATE + ["--workers", "1000"], "--workers"),
     (["demo", "--jobs", "0"], "--jobs"),
-    (["demo", "--size", "0"], "--size"),
+    (["demo", "--image-size", "0"], "--image-size"),
     (["demo", "-M", "0"], "--block-size"),
     (["demo", "--wrong-keys", "10001"], "--wrong-keys"),
     (["demo", "--key-seed", "-1"], "--key-seed"),
@@ -182,10 +182,10 @@ def test_wrong_keys_upper_bound_and_lazy_draw():
 
 
 def test_evaluate_refuses_too_many_keys_in_one_line(run, tmp_path):
-    res = invoke("evaluate", *audit_args(run), "--wrong-keys", 10001, "--out", tmp_path / "a")
+    res = invoke("evaluate", *audit_args(run), "--wrong-keys", 10001, "--output", tmp_path / "a")
     assert_usage_error(res, "--wrong-keys", "10000")
     assert_user_error(invoke("evaluate", *audit_args(run), "--wrong-keys", 2, "--near-miss", "1,30",
-                             "--out", tmp_path / "b"), "distance 30", "outside 1..24")
+                             "--output", tmp_path / "b"), "distance 30", "outside 1..24")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -209,7 +209,7 @@ def test_outputs_into_missing_directories_are_created(run, tmp_path):
     noext = tmp_path / "noext"  # no extension: still a PNG (the format is not guessed from the name)
     assert invoke("decrypt", run / "enc", "--key", run / "key.json", "--sample", key_id, "-o", noext).exit_code == 0
     assert noext.read_bytes()[:4] == b"\x89PNG"
-    res = invoke("evaluate", *audit_args(run), "--wrong-keys", 1, "--out", tmp_path / "a" / "b" / "audit")
+    res = invoke("evaluate", *audit_args(run), "--wrong-keys", 1, "--output", tmp_path / "a" / "b" / "audit")
     assert res.exit_code == 0, res.output
     assert (tmp_path / "a" / "b" / "audit" / "audit.json").exists()
     res = invoke("keygen", "--method", "np", "-M", 4, "-o", tmp_path / "k" / "new" / "key.json")
@@ -230,13 +230,13 @@ def test_outputs_onto_unwritable_places_are_one_line(run, tmp_path):
     dec = ["decrypt", run / "enc", "--key", run / "key.json", "--sample", "whatever"]
     # a regular file where a directory is needed
     assert_user_error(invoke(*dec, "-o", blocker / "x.png"), "file.txt", "not a directory")
-    assert_user_error(invoke("evaluate", *audit_args(run), "--out", blocker / "audit"), "not a directory")
+    assert_user_error(invoke("evaluate", *audit_args(run), "--output", blocker / "audit"), "not a directory")
     assert_user_error(invoke("protect", "--checkpoint", ckpt, "--key", run / "key.json", "-o", blocker / "p.pt"),
                       "not a directory")
     assert_user_error(invoke("attack", "search", "--checkpoint", ckpt, "--labelled-shards", run / "plain",
-                             "--test", run / "plain", "--out", blocker / "r.json"), "not a directory")
+                             "--test", run / "plain", "--output", blocker / "r.json"), "not a directory")
     assert_user_error(invoke("attack", "finetune", "--checkpoint", ckpt, "--plain-train", run / "plain",
-                             "--test", run / "plain", "--out", blocker / "r.json"), "not a directory")
+                             "--test", run / "plain", "--output", blocker / "r.json"), "not a directory")
     assert_user_error(invoke("attack", "known-plaintext", "--plain", run / "plain", "--encrypted", run / "enc",
                              "-o", blocker / "k.json"), "not a directory")
     assert_user_error(invoke("report", run, "--csv", blocker / "t.csv"), "not a directory")
@@ -246,8 +246,8 @@ def test_outputs_onto_unwritable_places_are_one_line(run, tmp_path):
     for args in (dec + ["-o", tmp_path], ["report", run, "--csv", tmp_path],
                  ["protect", "--checkpoint", ckpt, "--key", run / "key.json", "-o", tmp_path]):
         assert_usage_error(invoke(*args), "is a directory")
-    # a file where the evaluate --out directory is expected: click refuses it too
-    assert_usage_error(invoke("evaluate", *audit_args(run), "--out", blocker), "is a file")
+    # a file where the evaluate --output directory is expected: click refuses it too
+    assert_usage_error(invoke("evaluate", *audit_args(run), "--output", blocker), "is a file")
 
 
 def test_read_only_file_system_is_one_line(run, tmp_path, monkeypatch):
@@ -261,8 +261,8 @@ def test_read_only_file_system_is_one_line(run, tmp_path, monkeypatch):
         m.setattr(tempfile, "TemporaryFile", read_only)
         assert_user_error(invoke("decrypt", run / "enc", "--key", run / "key.json", "--sample", "x",
                                  "-o", tmp_path / "x.png"), "x.png", "read-only file system")
-        assert_user_error(invoke("evaluate", *audit_args(run), "--out", tmp_path / "audit"), "read-only file system")
-    res = invoke("evaluate", *audit_args(run), "--wrong-keys", 1, "--out", tmp_path / "ok")
+        assert_user_error(invoke("evaluate", *audit_args(run), "--output", tmp_path / "audit"), "read-only file system")
+    res = invoke("evaluate", *audit_args(run), "--wrong-keys", 1, "--output", tmp_path / "ok")
     assert res.exit_code == 0, res.output
     with monkeypatch.context() as m:  # the probe passed, the file system turned read-only afterwards
         m.setattr("keyshard.fsutil.os.replace", read_only)
@@ -339,7 +339,7 @@ def test_malformed_checkpoints_are_one_line(run, tmp_path, field, value, fragmen
     bad = tmp_path / "bad.pt"
     torch.save(state, bad)
     assert_user_error(invoke("evaluate", *audit_args(run)[2:], "--checkpoint", bad, "--wrong-keys", 1,
-                             "--out", tmp_path / "audit"), str(bad), fragment)
+                             "--output", tmp_path / "audit"), str(bad), fragment)
     assert not (tmp_path / "audit").exists()
 
 
@@ -357,12 +357,12 @@ def test_resume_from_a_malformed_last_checkpoint_is_one_line(run, tmp_path):
     state = torch.load(last, weights_only=True)
     del state["optimizer"]
     torch.save(state, last)
-    res = invoke("train", "--shards", run / "enc", "--out", tmp_path / "run", "--resume", "--epochs", 2,
+    res = invoke("train", "--shards", run / "enc", "--output", tmp_path / "run", "--resume", "--epochs", 2,
                  "--batch-size", 8, "--workers", 0, "-q")
     assert_user_error(res, "last.pt", "optimizer")
     state["optimizer"] = {"state": {}, "param_groups": [{"params": [0]}]}  # fits no optimizer of this model
     torch.save(state, last)
-    res = invoke("train", "--shards", run / "enc", "--out", tmp_path / "run", "--resume", "--epochs", 2,
+    res = invoke("train", "--shards", run / "enc", "--output", tmp_path / "run", "--resume", "--epochs", 2,
                  "--batch-size", 8, "--workers", 0, "-q")
     assert_user_error(res, "last.pt", "does not fit")
 
@@ -398,7 +398,7 @@ def test_malformed_audits_are_one_line(tmp_path, content, fragment):
 
 
 def test_report_on_a_keyed_audit_missing_one_field(run, tmp_path):
-    res = invoke("evaluate", *audit_args(run), "--wrong-keys", 1, "--out", tmp_path / "ok")
+    res = invoke("evaluate", *audit_args(run), "--wrong-keys", 1, "--output", tmp_path / "ok")
     assert res.exit_code == 0, res.output
     doc = json.loads((tmp_path / "ok" / "audit.json").read_text())
     del doc["results"]["wrong"]["summary"]["max"]

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import assert_user_error, invoke
 
-ARGS = ["--size", 32, "--shard-size", 4, "--jobs", 1, "-q"]
+ARGS = ["--image-size", 32, "--shard-size", 4, "--jobs", 1, "-q"]
 SEG = "ImageSets/Segmentation"
 
 
@@ -438,7 +438,7 @@ def test_bad_jpegs_in_worker_processes(voc, tmp_path):
     _jpeg_with_marker_in_scan(broken)
     out = tmp_path / "out"
     start = time.perf_counter()
-    res = run_subprocess("encrypt", "--voc", voc, "--plain", "-o", out, "--size", 32, "--shard-size", 4,
+    res = run_subprocess("encrypt", "--voc", voc, "--plain", "-o", out, "--image-size", 32, "--shard-size", 4,
                          "--jobs", 2, "-q", "--splits", "test", "--skip-bad")
     assert time.perf_counter() - start < 60
     assert res.returncode == 0, res.stderr

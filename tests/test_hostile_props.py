@@ -69,7 +69,7 @@ def audited(tmp_path_factory):
     voc = make_toy_voc(root / "voc", images=12, seed=2, min_side=40, max_side=48, progress=False)
     encrypt_job.run(str(voc), str(root / "plain"), None, encrypt_job.EncryptOptions(size=16, shard_size=4),
                     jobs=1, progress=False)
-    assert invoke("train", "--shards", root / "plain", "--out", root / "run", "--epochs", 1, "--batch-size", 4,
+    assert invoke("train", "--shards", root / "plain", "--output", root / "run", "--epochs", 1, "--batch-size", 4,
                   "--workers", 0, "-q").exit_code == 0
     assert invoke("evaluate", "--checkpoint", root / "run" / "best.pt", "--test", root / "plain",
                   "--workers", 0, "-q").exit_code == 0
@@ -106,12 +106,12 @@ OPTION = st.one_of(st.integers(min_value=-2**70, max_value=2**70).map(str), st.f
 
 @SETTINGS
 @given(value=OPTION, which=st.sampled_from([
-    ("encrypt", "--voc", "{missing}", "--plain", "-o", "{out}", "--size"),
+    ("encrypt", "--voc", "{missing}", "--plain", "-o", "{out}", "--image-size"),
     ("encrypt", "--voc", "{missing}", "--plain", "-o", "{out}", "--jobs"),
     ("encrypt", "--voc", "{missing}", "--plain", "-o", "{out}", "--crop-scale", "0.1"),
     ("encrypt", "--voc", "{missing}", "--plain", "-o", "{out}", "--max-pixels"),
-    ("train", "--shards", "{missing}", "--out", "{out}", "--lr"),
-    ("train", "--shards", "{missing}", "--out", "{out}", "--batch-size"),
+    ("train", "--shards", "{missing}", "--output", "{out}", "--lr"),
+    ("train", "--shards", "{missing}", "--output", "{out}", "--batch-size"),
     ("evaluate", "--checkpoint", "{missing}", "--test", "{missing}", "--wrong-keys"),
     ("evaluate", "--checkpoint", "{missing}", "--test", "{missing}", "--near-miss"),
     ("keygen", "--method", "np", "-o", "{out}/k.json", "--block-size"),

@@ -106,16 +106,16 @@ def test_a_corrupt_shard_stops_the_stream_with_one_line_with_two_workers(shards,
 
 def test_train_and_evaluate_stop_on_a_corrupt_shard_and_save_nothing(shards, tmp_path):
     bad = corrupt_copy(shards / "ffx4", tmp_path / "bad", "train")
-    res = invoke("train", "--shards", tmp_path / "bad", "--out", tmp_path / "run", "--epochs", 1,
+    res = invoke("train", "--shards", tmp_path / "bad", "--output", tmp_path / "run", "--epochs", 1,
                  "--batch-size", 4, "--workers", 2, "-q")
     assert_user_error(res, bad.name, "sha256")
     assert not list((tmp_path / "run").glob("*.pt"))
     good = tmp_path / "good-run"
-    assert invoke("train", "--shards", shards / "ffx4", "--out", good, "--epochs", 1, "--batch-size", 4,
+    assert invoke("train", "--shards", shards / "ffx4", "--output", good, "--epochs", 1, "--batch-size", 4,
                   "--workers", 0, "-q").exit_code == 0
     bad_test = corrupt_copy(shards / "plain", tmp_path / "bad-plain", "test")
     res = invoke("evaluate", "--checkpoint", good / "best.pt", "--key", shards / "key.json", "--test",
-                 tmp_path / "bad-plain", "--wrong-keys", 2, "--workers", 2, "--out", tmp_path / "audit", "-q")
+                 tmp_path / "bad-plain", "--wrong-keys", 2, "--workers", 2, "--output", tmp_path / "audit", "-q")
     assert_user_error(res, bad_test.name, "sha256")
     assert not (tmp_path / "audit" / "audit.json").exists()
 
@@ -123,7 +123,7 @@ def test_train_and_evaluate_stop_on_a_corrupt_shard_and_save_nothing(shards, tmp
 def test_a_shard_with_a_wrong_sample_shape_is_named(shards, tmp_path):
     shutil.copytree(shards / "plain", tmp_path / "p")
     doc = json.loads((tmp_path / "p" / "manifest.json").read_text())
-    doc["image"]["height"] = doc["image"]["width"] = 64  # as if another --size
+    doc["image"]["height"] = doc["image"]["width"] = 64  # as if another --image-size
     (tmp_path / "p" / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(KeyshardError, match=r"test-000000\.tar: sample \S+ is uint8 \(32, 32, 3\)"):
         list(keyshard.open_shards(str(tmp_path / "p"), "test", batch_size=4, shuffle=False, workers=1))

@@ -179,7 +179,7 @@ def independent_per_image(ckpt, plain_dir, plans):
 def test_save_predictions_grid_and_per_image_scores_agree_with_an_independent_computation(run, tmp_path):
     out = tmp_path / "audit"
     res = invoke("evaluate", "--checkpoint", run / "run" / "best.pt", "--key", run / "key.json", "--test",
-                 run / "plain", "--wrong-keys", 3, "--seed", 4, "--out", out, "--workers", 0, "-q",
+                 run / "plain", "--wrong-keys", 3, "--seed", 4, "--output", out, "--workers", 0, "-q",
                  "--save-predictions", 4)
     assert res.exit_code == 0, res.output
     audit = json.loads((out / "audit.json").read_text())
@@ -250,7 +250,7 @@ def test_baseline_audit_has_per_image_scores_and_predictions(run, tmp_path):
     cfg = TrainConfig.from_preset("demo", epochs=1, batch_size=8, micro_batch=8, workers=0)
     Trainer(run / "plain", tmp_path / "plainrun", cfg, progress=False, log=lambda m: None).fit()
     res = invoke("evaluate", "--checkpoint", tmp_path / "plainrun" / "best.pt", "--test", run / "plain",
-                 "--out", tmp_path / "base", "--workers", 0, "-q", "--save-predictions", 2)
+                 "--output", tmp_path / "base", "--workers", 0, "-q", "--save-predictions", 2)
     assert res.exit_code == 0, res.output
     base = json.loads((tmp_path / "base" / "audit.json").read_text())
     plain = base["results"]["plain"]

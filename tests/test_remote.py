@@ -54,12 +54,12 @@ def bases(shard_root):
 
 def train_and_audit(shard_root, where: str, base: dict, tmp_path):
     run = tmp_path / f"run-{where}"
-    res = invoke("train", "--shards", base["np4"], "--out", run, "--epochs", 1, "--batch-size", 4,
+    res = invoke("train", "--shards", base["np4"], "--output", run, "--epochs", 1, "--batch-size", 4,
                  "--workers", 2, "--shuffle-buffer", 8, "-q")
     assert res.exit_code == 0, res.output
     audit_dir = tmp_path / f"audit-{where}"
     res = invoke("evaluate", "--checkpoint", shard_root / "run-local-ref" / "best.pt", "--key", shard_root / "key.json",
-                 "--test", base["plain"], "--wrong-keys", 2, "--workers", 2, "--out", audit_dir, "-q")
+                 "--test", base["plain"], "--wrong-keys", 2, "--workers", 2, "--output", audit_dir, "-q")
     assert res.exit_code == 0, res.output
     return checkpoint.load(run / "last.pt"), json.loads((audit_dir / "audit.json").read_text())
 
@@ -67,7 +67,7 @@ def train_and_audit(shard_root, where: str, base: dict, tmp_path):
 def test_train_and_evaluate_give_the_same_numbers_over_http_and_s3(shard_root, bases, tmp_path):
     ref_run = shard_root / "run-local-ref"
     if not ref_run.exists():
-        assert invoke("train", "--shards", shard_root / "np4", "--out", ref_run, "--epochs", 1, "--batch-size", 4,
+        assert invoke("train", "--shards", shard_root / "np4", "--output", ref_run, "--epochs", 1, "--batch-size", 4,
                       "--workers", 0, "-q").exit_code == 0
     results = {where: train_and_audit(shard_root, where, bases[where], tmp_path) for where in ("local", "http", "s3")}
     ref_state, ref_audit = results["local"]
@@ -109,7 +109,7 @@ def test_remote_errors_are_one_line(bases, shard_root, tmp_path):
     shutil.copytree(shard_root / "np4", served)
     first = sorted(served.glob("train-*.tar"))[0]
     first.unlink()
-    res = invoke("train", "--shards", bases["http"]["plain"].replace("plain/", "gone/"), "--out", tmp_path / "r",
+    res = invoke("train", "--shards", bases["http"]["plain"].replace("plain/", "gone/"), "--output", tmp_path / "r",
                  "--epochs", 1, "--batch-size", 4, "--workers", 2, "-q")
     assert_user_error(res, "gone/" + first.name, "missing")
     assert not (tmp_path / "r" / "last.pt").exists()

@@ -17,7 +17,7 @@ from keyshard.train import checkpoint
 from conftest import assert_user_error, invoke
 from servers import http_server
 
-COMMON = ["--size", 32, "--shard-size", 8, "--jobs", 1, "-q"]
+COMMON = ["--image-size", 32, "--shard-size", 8, "--jobs", 1, "-q"]
 TRAIN = ["--epochs", 1, "--batch-size", 4, "--workers", 0, "-q"]
 
 
@@ -149,7 +149,7 @@ def test_tampered_manifests_are_refused(signed, tmp_path):
     (swapped / "manifest.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     assert invoke("verify", swapped, "-q").exit_code == 0  # the sha256s alone cannot tell
     assert_user_error(invoke("verify", swapped, "--public-key", signed / "publisher.pub", "-q"), "bad signature")
-    assert_user_error(invoke("train", "--shards", swapped, "--out", tmp_path / "run", "--trust",
+    assert_user_error(invoke("train", "--shards", swapped, "--output", tmp_path / "run", "--trust",
                              signed / "publisher.pub", *TRAIN), "bad signature")
     assert not (tmp_path / "run").exists()
 
@@ -158,7 +158,7 @@ def test_unsigned_manifest_and_wrong_keys_are_refused(signed, tmp_path):
     pub = signed / "publisher.pub"
     line = assert_user_error(invoke("verify", signed / "unsigned", "--trust", pub, "-q"), "manifest.json.sig", "unsigned")
     assert str(signed / "unsigned") in line
-    assert_user_error(invoke("train", "--shards", signed / "unsigned", "--out", tmp_path / "r", "--trust", pub, *TRAIN),
+    assert_user_error(invoke("train", "--shards", signed / "unsigned", "--output", tmp_path / "r", "--trust", pub, *TRAIN),
                       "unsigned")
     assert_user_error(invoke("verify", signed / "np4", "--public-key", signed / "stranger.pub", "-q"),
                       "bad signature", "stranger.pub")
@@ -174,7 +174,7 @@ def test_train_and_evaluate_record_provenance(signed, key_files, tmp_path):
     pub = signed / "publisher.pub"
     fp = signing.fingerprint(signing.load_public(pub))
     run = tmp_path / "run"
-    res = invoke("train", "--shards", signed / "np4", "--out", run, "--trust", pub, *TRAIN)
+    res = invoke("train", "--shards", signed / "np4", "--output", run, "--trust", pub, *TRAIN)
     assert res.exit_code == 0, res.output
     assert "signature verified" in res.output
     sha = hashlib.sha256((signed / "np4" / "manifest.json").read_bytes()).hexdigest()
@@ -183,18 +183,18 @@ def test_train_and_evaluate_record_provenance(signed, key_files, tmp_path):
     assert "manifest" not in state["data"]
     # resuming a verified run needs --trust again (and checks the signature again)
     more = ["--epochs", 2, "--batch-size", 4, "--workers", 0, "-q", "--resume"]
-    assert_user_error(invoke("train", "--shards", signed / "np4", "--out", run, *more), "--trust")
-    assert invoke("train", "--shards", signed / "np4", "--out", run, *more, "--trust", pub).exit_code == 0
+    assert_user_error(invoke("train", "--shards", signed / "np4", "--output", run, *more), "--trust")
+    assert invoke("train", "--shards", signed / "np4", "--output", run, *more, "--trust", pub).exit_code == 0
     assert checkpoint.load(run / "last.pt")["manifest"]["signature_verified"] is True
     # without --trust the sha256 is still recorded
     plain_run = tmp_path / "plain-run"
-    assert invoke("train", "--shards", signed / "np4", "--out", plain_run, *TRAIN).exit_code == 0
+    assert invoke("train", "--shards", signed / "np4", "--output", plain_run, *TRAIN).exit_code == 0
     assert checkpoint.load(plain_run / "last.pt")["manifest"] == {
         "manifest_sha256": sha, "signature_verified": False, "signer_fingerprint": None}
 
     out = tmp_path / "audit"
     res = invoke("evaluate", "--checkpoint", run / "best.pt", "--key", key_files["np"], "--test", signed / "plain",
-                 "--trust", pub, "--wrong-keys", 2, "--workers", 0, "--out", out, "-q")
+                 "--trust", pub, "--wrong-keys", 2, "--workers", 0, "--output", out, "-q")
     assert res.exit_code == 0, res.output
     audit = json.loads((out / "audit.json").read_text())
     test_sha = hashlib.sha256((signed / "plain" / "manifest.json").read_bytes()).hexdigest()
@@ -203,7 +203,7 @@ def test_train_and_evaluate_record_provenance(signed, key_files, tmp_path):
     assert audit["checkpoint"]["manifest"] == state["manifest"]
     assert "signature verified" in (out / "audit.md").read_text()
     assert_user_error(invoke("evaluate", "--checkpoint", run / "best.pt", "--key", key_files["np"], "--test",
-                             signed / "unsigned", "--trust", pub, "--wrong-keys", 2, "--out", tmp_path / "a2", "-q"),
+                             signed / "unsigned", "--trust", pub, "--wrong-keys", 2, "--output", tmp_path / "a2", "-q"),
                       "unsigned")
     assert not (tmp_path / "a2").exists()
 

@@ -22,7 +22,7 @@ ARGS = ["--methods", "np,shf", "--block-sizes", "4,2", "--preset", "demo", "--im
 
 
 def sweep(toy, out, *extra):
-    return invoke("sweep", "--voc", toy, "--out", out, *ARGS, *extra)
+    return invoke("sweep", "--voc", toy, "--output", out, *ARGS, *extra)
 
 
 def mtimes(out, name):
@@ -126,9 +126,9 @@ def test_sweep_cells_report_and_resume(toy, tmp_path, monkeypatch):
     assert again["correct"]["miou"] == before["correct"]["miou"]  # same key, data and seed: same model
 
     # 6. Refusals: one line, nothing written.
-    assert_user_error(invoke("sweep", "--voc", toy, "--out", out, *ARGS[:-8], "--epochs", 2, *ARGS[-6:]),
+    assert_user_error(invoke("sweep", "--voc", toy, "--output", out, *ARGS[:-8], "--epochs", 2, *ARGS[-6:]),
                       "different epochs")
-    res = invoke("sweep", "--voc", toy, "--out", tmp_path / "bad", "--block-sizes", "3", "--image-size", 16)
+    res = invoke("sweep", "--voc", toy, "--output", tmp_path / "bad", "--block-sizes", "3", "--image-size", 16)
     assert res.exit_code == 2 and "does not divide --image-size 16" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "bad").exists()
 
@@ -144,12 +144,12 @@ def test_key_seed_keys_and_cli_checks(toy, tmp_path):
     other = sweep_mod.Sweep(sweep_mod.SweepConfig(**{**cfg.__dict__, "key_seed": 4}), log=lambda m: None)
     with pytest.raises(Exception, match="not derived from --key-seed 4"):
         other.key_for("ffx", 4, tmp_path / "s" / "key.json")
-    assert_user_error(invoke("sweep", "--voc", toy, "--out", tmp_path / "x", "--methods", "np",
+    assert_user_error(invoke("sweep", "--voc", toy, "--output", tmp_path / "x", "--methods", "np",
                              "--ffx-password", "pw", "--image-size", 16, "--block-sizes", 4), "no ffx")
     not_sweep = tmp_path / "occupied"
     not_sweep.mkdir()
     (not_sweep / "file").write_text("x")
-    assert_user_error(invoke("sweep", "--voc", toy, "--out", not_sweep, "--image-size", 16, "--block-sizes", 4),
+    assert_user_error(invoke("sweep", "--voc", toy, "--output", not_sweep, "--image-size", 16, "--block-sizes", 4),
                       "holds no sweep.json")
-    res = invoke("sweep", "--voc", toy, "--out", tmp_path / "y", "--methods", "abc")
+    res = invoke("sweep", "--voc", toy, "--output", tmp_path / "y", "--methods", "abc")
     assert res.exit_code == 2 and "--methods" in res.output

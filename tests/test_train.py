@@ -115,14 +115,14 @@ def test_killed_run_resumes_to_identical_weights(data, tmp_path):
             "--shuffle-buffer", 8, "-q"]
     steps = 7  # 25 train samples in batches of 4
     killed = subprocess.run([sys.executable, "-c", "from keyshard.cli import main; main()",
-                             *map(str, args), "--out", str(tmp_path / "part")], capture_output=True, text=True,
+                             *map(str, args), "--output", str(tmp_path / "part")], capture_output=True, text=True,
                             env={**os.environ, "KEYSHARD_TEST_KILL_AFTER_STEPS": str(steps + 3)})
     assert killed.returncode == -9, killed.stderr
     state = checkpoint.load(tmp_path / "part" / "last.pt")  # complete, never truncated
     assert state["epoch"] == 0 and len(state["metrics"]) == 1
     checkpoint.load(tmp_path / "part" / "best.pt")
-    assert run_subprocess(*args, "--out", tmp_path / "part", "--resume").returncode == 0
-    assert run_subprocess(*args, "--out", tmp_path / "full").returncode == 0
+    assert run_subprocess(*args, "--output", tmp_path / "part", "--resume").returncode == 0
+    assert run_subprocess(*args, "--output", tmp_path / "full").returncode == 0
     a, b = checkpoint.load(tmp_path / "full" / "last.pt"), checkpoint.load(tmp_path / "part" / "last.pt")
     assert a["epoch"] == b["epoch"] == 2
     for name, tensor in a["model"].items():
@@ -134,7 +134,7 @@ def test_killed_run_resumes_to_identical_weights(data, tmp_path):
 
 def test_checkpoint_carries_the_fingerprint_not_the_secret(data, tmp_path):
     run = tmp_path / "run"
-    res = invoke("train", "--shards", data / "np4", "--out", run, "--epochs", 1, "--batch-size", 4,
+    res = invoke("train", "--shards", data / "np4", "--output", run, "--epochs", 1, "--batch-size", 4,
                  "--workers", 0, "-q")
     assert res.exit_code == 0, res.output
     key = keys.load(data / "key.json")
@@ -146,27 +146,27 @@ def test_checkpoint_carries_the_fingerprint_not_the_secret(data, tmp_path):
         assert needle not in raw
     assert "np M=4" in res.output and "from scratch" in res.output
     # a second run into the same directory is refused; resume with other settings too
-    assert_user_error(invoke("train", "--shards", data / "np4", "--out", run, "-q"), "not empty")
-    assert_user_error(invoke("train", "--shards", data / "np4", "--out", run, "--resume", "--lr", "0.2",
+    assert_user_error(invoke("train", "--shards", data / "np4", "--output", run, "-q"), "not empty")
+    assert_user_error(invoke("train", "--shards", data / "np4", "--output", run, "--resume", "--lr", "0.2",
                              "--batch-size", 4, "--workers", 0, "-q"), "lr")
-    assert_user_error(invoke("train", "--shards", data / "plain", "--out", run, "--resume", "-q",
+    assert_user_error(invoke("train", "--shards", data / "plain", "--output", run, "--resume", "-q",
                              "--batch-size", 4, "--workers", 0), "other shards")
 
 
 def test_weights_file_errors(data, tmp_path):
-    assert_user_error(invoke("train", "--shards", data / "plain", "--out", tmp_path / "r1", "--weights",
+    assert_user_error(invoke("train", "--shards", data / "plain", "--output", tmp_path / "r1", "--weights",
                              tmp_path / "missing.pt", "-q"), "missing.pt", "not found")
     bad = tmp_path / "bad.pt"
     torch.save({"conv.weight": torch.zeros(3, 3)}, bad)
-    assert_user_error(invoke("train", "--shards", data / "plain", "--out", tmp_path / "r2", "--weights", bad, "-q"),
+    assert_user_error(invoke("train", "--shards", data / "plain", "--output", tmp_path / "r2", "--weights", bad, "-q"),
                       "bad.pt", "do not fit")
     wrong_shape = tmp_path / "shape.pt"
     torch.save({"stem.0.0.weight": torch.zeros(5, 3, 3, 3)}, wrong_shape)
-    assert_user_error(invoke("train", "--shards", data / "plain", "--out", tmp_path / "r4", "--weights", wrong_shape,
+    assert_user_error(invoke("train", "--shards", data / "plain", "--output", tmp_path / "r4", "--weights", wrong_shape,
                              "-q"), "shape.pt", "shapes differ")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a torch file")
-    assert_user_error(invoke("train", "--shards", data / "plain", "--out", tmp_path / "r3", "--weights", junk, "-q"),
+    assert_user_error(invoke("train", "--shards", data / "plain", "--output", tmp_path / "r3", "--weights", junk, "-q"),
                       "junk.pt")
 
 
@@ -186,7 +186,7 @@ def test_torchrun_two_gloo_processes(data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                            "--master-port", "29533", "-m", "keyshard.cli", "train", "--shards", str(data / "plain"),
-                           "--out", str(run), "--epochs", "1", "--batch-size", "8", "--micro-batch", "2",
+                           "--output", str(run), "--epochs", "1", "--batch-size", "8", "--micro-batch", "2",
                            "--workers", "1", "-q"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -291,7 +291,7 @@ def test_protect_command_end_to_end(data, tmp_path):
     from keyshard.train.checkpoint import load_model
 
     run = tmp_path / "plain-ba"
-    res = invoke("train", "--shards", data / "plain", "--out", run, "--model", "block_aligned", "--block-size", 4,
+    res = invoke("train", "--shards", data / "plain", "--output", run, "--model", "block_aligned", "--block-size", 4,
                  "--epochs", 1, "--batch-size", 4, "--workers", 0, "-q")
     assert res.exit_code == 0, res.output
     key = data / "key.json"  # np M=4
@@ -315,9 +315,9 @@ def test_protect_command_end_to_end(data, tmp_path):
                       "FFX is not linear")
     assert_user_error(invoke("protect", "--checkpoint", out, "--key", key, "-o", tmp_path / "g.pt"),
                       "keyed shards already")
-    assert_user_error(invoke("train", "--shards", data / "plain", "--out", tmp_path / "x", "--model", "block_aligned",
+    assert_user_error(invoke("train", "--shards", data / "plain", "--output", tmp_path / "x", "--model", "block_aligned",
                              "-q"), "--block-size")
-    assert_user_error(invoke("train", "--shards", data / "np4", "--out", tmp_path / "y", "--model", "block_aligned",
+    assert_user_error(invoke("train", "--shards", data / "np4", "--output", tmp_path / "y", "--model", "block_aligned",
                              "--block-size", 8, "-q"), "disagrees")
 
 
