@@ -1,6 +1,6 @@
 """Audit and attack throughput: model evaluations per second, all keys on one decoded batch.
 
-    python benchmarks/bench_attacks.py [--size 64] [--labelled 16]
+    python benchmarks/bench_attacks.py [--image-size 64] [--labelled 16]
 
 Builds the demo network (untrained weights cost the same), then measures on this machine's
 device: (1) `attack search` objective evaluations/s (one candidate key = encrypt the labelled
@@ -20,7 +20,7 @@ import torch
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--image-size", "--size", dest="size", type=int, default=64)  # --size: the old name
     ap.add_argument("--labelled", type=int, default=16)
     ap.add_argument("--evaluations", type=int, default=200)
     args = ap.parse_args()

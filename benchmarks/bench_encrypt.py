@@ -11,7 +11,7 @@ both at 1 process and at 2, plus transform-only µs per 256×256 image (numpy an
 (d) end to end as a user runs it: cold ``keyshard encrypt`` processes, FFX M=16, ``--jobs 1``
     vs ``--jobs 2``, best of N (alternating), wall time and ratio.
 
-    python benchmarks/bench_encrypt.py [--images 1500] [--size 256] [--voc PATH]
+    python benchmarks/bench_encrypt.py [--images 1500] [--image-size 256] [--voc PATH]
         [--block-sizes 2,16,256] [--repeats 3] [--table-repeats 2] [--only table,stages,startup,e2e]
 
 Images: with ``--voc`` the first N ids of a real VOC2012 layout; otherwise VOC-like photos
@@ -322,7 +322,7 @@ def end_to_end(root, work, repeats: int) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=600)
-    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--image-size", "--size", dest="size", type=int, default=256)  # --size: the old name
     ap.add_argument("--block-sizes", default="2,16,256")
     ap.add_argument("--voc", default=None, help="Real VOC2012 layout to read the first N ids from.")
     ap.add_argument("--repeats", type=int, default=3, help="Cold runs per setting in (d) and the start-up.")

@@ -3,7 +3,7 @@
     python benchmarks/bench_gpu.py [--images 6000] [--workers 0,2,4,8,12] [--epochs 2]
 
 1. **Shards.**  ``--images`` toy-VOC drawings (``keyshard toy-voc``'s generator, one process per
-   core), encrypted at ``--size`` with an FFX and an NP M=16 key into train/holdout/test shards.
+   core), encrypted at ``--image-size`` with an FFX and an NP M=16 key into train/holdout/test shards.
 2. **Model alone** — the ceiling the GPU puts on training: FCN-ResNet50 with the paper preset
    (global batch 256 in micro-batches of 32, SGD lr 0.1, momentum 0.9, weight decay 0.005, AMP,
    channels_last) on one batch already on the device, three ways: keyshard's ``train_step`` as
@@ -20,7 +20,7 @@
 
 Every rate is samples (images) per second over ``--epochs`` timed epochs after one warm-up
 epoch (worker start-up, cuDNN's algorithm search).  On a machine without CUDA it runs on the CPU
-(``--model small --size 64 --images 200`` for a dry run); its numbers then mean nothing.
+(``--model small --image-size 64 --images 200`` for a dry run); its numbers then mean nothing.
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ def main():
     cores = os.cpu_count() or 1
     default_workers = ",".join(str(w) for w in (0, 2, 4, 8, 12) if w <= cores)
     ap.add_argument("--images", type=int, default=6000, help="toy-VOC images (half train+holdout, half test)")
-    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--image-size", "--size", dest="size", type=int, default=256)  # --size: the old name
     ap.add_argument("--methods", default="ffx,np")
     ap.add_argument("--workers", default=default_workers, help=f"DataLoader worker counts (default {default_workers})")
     ap.add_argument("--epochs", type=int, default=2, help="timed epochs per measurement (after 1 warm-up)")
@@ -285,7 +285,7 @@ def run(args, work: Path, device) -> None:
     if args.cli_epochs:
         m = methods[0]
         w = max((row for row in table if row[0] == m), key=lambda row: row[4])[1]  # the fastest training
-        cmd = [sys.executable, "-m", "keyshard.cli", "train", "--shards", dirs[m], "--out", str(work / "run"),
+        cmd = [sys.executable, "-m", "keyshard.cli", "train", "--shards", dirs[m], "--output", str(work / "run"),
                "--preset", "paper", "--epochs", str(args.cli_epochs), "--workers", str(w), "--amp",
                "--channels-last"]
         if args.model != "fcn_resnet50":

@@ -41,7 +41,7 @@ the bare tables (a consumer that does nothing) cannot show at 1 worker.
 Shards: ``--images`` VOC-like photos (500×375 / 375×500 JPEG crops of scikit-image's bundled
 photographs, ``make_photo_voc`` from ``bench_encrypt.py``; ``pip install scikit-image``) or,
 with ``--toy``, synthetic toy-VOC drawings, all put in the ``test`` split and encrypted at
-``--size`` with an NP M=16 and an FFX M=16 key by ``keyshard.pipeline.encrypt_job.run``.
+``--image-size`` with an NP M=16 and an FFX M=16 key by ``keyshard.pipeline.encrypt_job.run``.
 
 Targets (issue 10): b/a ≥ 0.95 at every worker count with verification off; with it on at most
 5 % slower where a core is spare — the verify-off run of (b) kept at least 0.75 of a core idle
@@ -250,7 +250,7 @@ def main():
     cores = os.cpu_count() or 1
     default_workers = ",".join(str(w) for w in [0, 1, 2] + [w for w in (4, 8) if w <= cores])
     ap.add_argument("--images", type=int, default=1500)
-    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--image-size", "--size", dest="size", type=int, default=256)  # --size: the old name
     ap.add_argument("--epochs", type=int, default=3, help="timed epochs per measurement (after 1 warm-up)")
     ap.add_argument("--workers", default=default_workers, help=f"DataLoader worker counts (default {default_workers})")
     ap.add_argument("--batch", type=int, default=32)

@@ -1,6 +1,6 @@
 """Training and evaluation throughput of the block-aligned model vs FCN-ResNet50 at 256×256.
 
-    python benchmarks/bench_models.py [--size 256] [--batch 4] [--steps 3]
+    python benchmarks/bench_models.py [--image-size 256] [--batch 4] [--steps 3]
 
 Runs on the GPU when there is one, else the CPU; random inputs (throughput does not depend on
 content); one warm-up step, then the mean over --steps.
@@ -42,7 +42,7 @@ def rate(model, x, y, train: bool, steps: int) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--image-size", "--size", dest="size", type=int, default=256)  # --size: the old name
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3)
     args = ap.parse_args()
