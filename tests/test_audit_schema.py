@@ -75,7 +75,7 @@ def classification_audits(tmp_path_factory) -> dict:
     assert res.exit_code == 0, res.output
     keys.save(keys.Key("shf", 4, fixed_secret(5)), root / "key.json")
     for name, how in (("enc", ("--key", root / "key.json")), ("plain", ("--plain",))):
-        res = invoke("encrypt", "--image-folder", root / "toy", *how, "-o", root / name, "--size", 32,
+        res = invoke("encrypt", "--image-folder", root / "toy", *how, "-o", root / name, "--image-size", 32,
                      "--shard-size", 32, "-j", 1, "-q")
         assert res.exit_code == 0, res.output
     ckpt = _trainer(root / "enc", root / "run")
