@@ -47,14 +47,8 @@ def keyshard(*args: str) -> None:
     subprocess.run(cmd, check=True)
 
 
-def output_flag() -> str:
-    """`-o` where `keyshard sweep` has it, else the older `--out`."""
-    helptext = subprocess.run(["keyshard", "sweep", "--help"], capture_output=True, text=True, check=True).stdout
-    return "-o" if "--output" in helptext else "--out"
-
-
 def sweep(voc: Path, out: Path, methods: str, epochs: int) -> list[dict]:
-    keyshard("sweep", "--voc", str(voc), output_flag(), str(out), "--methods", methods,
+    keyshard("sweep", "--voc", str(voc), "-o", str(out), "--methods", methods,
              "--epochs", str(epochs), *SWEEP_ARGS)
     with open(out / "table1.csv", newline="") as f:
         return list(csv.DictReader(f))

@@ -57,7 +57,7 @@ def sha256_file(path: Path) -> str:
 
 
 # -- output paths ---------------------------------------------------------------------------
-# One behaviour for every command that writes a file the user names (-o, --out, --csv):
+# One behaviour for every command that writes a file the user names (-o/--output, --csv):
 # missing parent directories are created; an existing file is refused unless the command says
 # otherwise; a directory where a file is expected, a parent that is a file, a read-only file
 # system or a directory without write permission is one KeyshardError line naming the path,
