@@ -36,7 +36,7 @@ MAX_PREDICTIONS = 64  # evaluate --save-predictions: rows of predictions.png
               help="FFX: wrong keys also get random passwords (default: keep the password, vary the mask).")
 @click.option("--near-miss", default="", metavar="D1,D2,...",
               help="Also evaluate keys at these distances from the correct key (e.g. 1,2,4,8,16): "
-                   "SHF transpositions, NP/FFX swaps of a selected and an unselected position.")
+                   "SHF transpositions, NP/FFX swaps of a selected and an unselected position. Default: none.")
 @click.option("--near-miss-keys", type=click.IntRange(1, MAX_KEYS_PER_DISTANCE), default=5, show_default=True,
               help="Keys per near-miss distance.")
 @click.option("--trust", type=click.Path(dir_okay=False), default=None, metavar="NAME.pub",
