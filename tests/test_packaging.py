@@ -38,10 +38,17 @@ def test_example_manifest_matches_the_schema():
 
 
 def _imports(path: Path) -> set[str]:
+    """Modules a file imports at run time (``if TYPE_CHECKING:`` blocks only name types)."""
     import ast
 
+    tree = ast.parse(path.read_text())
+    typing_only = {id(inner) for node in ast.walk(tree)
+                   if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
+                   for stmt in node.body for inner in ast.walk(stmt)}
     out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.ImportFrom) and node.module:
             out.add(node.module)
         elif isinstance(node, ast.Import):
