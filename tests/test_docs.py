@@ -51,3 +51,61 @@ def test_site_builds_strictly(tmp_path):
     assert (tmp_path / "site" / "reference" / "cli" / "index.html").stat().st_size > 10_000
     api = (tmp_path / "site" / "reference" / "api" / "index.html").read_text(encoding="utf-8")
     assert "shuffle_buffer" in api and "pixel divisor" in api  # signatures and docstrings rendered
+
+
+def _quoted_numbers(pattern: str) -> list[tuple[str, int]]:
+    """Every number the README and the docs pages quote in ``pattern``'s group, with its file."""
+    found = []
+    for path in [README, *sorted((ROOT / "docs").rglob("*.md"))]:
+        for match in re.finditer(pattern, path.read_text(encoding="utf-8")):
+            found.append((str(path.relative_to(ROOT)), int(match.group(1).replace(",", ""))))
+    return found
+
+
+def _code_constants() -> dict[str, int]:
+    """The values the docs quote, computed from the code (not copied from it)."""
+    import torch
+
+    from keyshard import keys, options, sources
+    from keyshard.cli import cli
+    from keyshard.train.models import build_model
+
+    shard_size = next(p.default for p in cli.commands["encrypt"].params if p.name == "shard_size")
+    secret_np2 = keys.generate("np", 2)
+    reference_np2 = keys.generate("np", 2, reference_seed=0)
+    torch.manual_seed(0)
+    return {
+        "retries": sources.RETRIES,
+        "small_parameters": sum(p.numel() for p in build_model("small").parameters()),
+        "shard_size": shard_size,
+        "np2_keys": secret_np2.keyspace_count(),
+        "np2_reference_keys": reference_np2.keyspace_count(),
+        "warn_bits": keys.SMALL_KEYSPACE_BITS,
+        "max_block_size": keys.MAX_BLOCK_SIZE,
+        "max_image_size": options.MAX_IMAGE_SIZE,
+    }
+
+
+QUOTES = {  # pattern (one number in its group) -> the constant it quotes
+    r"\b(\d+) attempts": "retries",
+    r"`small`, ([\d,]+) parameters": "small_parameters",
+    r"samples \(default (\d+)": "shard_size",
+    r"M=2 have (?:only )?(\d+) (?:keys|masks)": "np2_keys",
+    r"\((\d+) for reference-seed keys": "np2_reference_keys",
+    r"(?:or|and) (\d+) for\s+reference-seed keys": "np2_reference_keys",
+    r"below 2\^(\d+) keys": "warn_bits",
+    r"block sizes 1 to (\d+)": "max_block_size",
+    r"an integer from 1 to (\d+)": "max_block_size",
+    r"image sizes 1 to (\d+)": "max_image_size",
+}
+
+
+def test_numbers_quoted_from_code_constants_are_the_codes():
+    constants = _code_constants()
+    assert constants["np2_keys"] == 924 and constants["np2_reference_keys"] == 792  # C(12,6), C(12,5)
+    for pattern, name in QUOTES.items():
+        quotes = _quoted_numbers(pattern)
+        wrong = [(where, value) for where, value in quotes if value != constants[name]]
+        assert not wrong, f"{name} is {constants[name]} in the code; the docs say {wrong}"
+    for name in constants:  # every constant is quoted somewhere, so this test cannot pass vacuously
+        assert any(_quoted_numbers(p) for p, n in QUOTES.items() if n == name), f"no page quotes {name}"
