@@ -14,10 +14,14 @@ import shutil
 import tomllib
 from pathlib import Path
 
+from markdown.extensions import Extension
+from markdown.preprocessors import Preprocessor
 from mkdocs.plugins import event_priority
 
 ROOT = Path(__file__).resolve().parent.parent
 TREE = ROOT / "build" / "api-src"
+CLI_PAGE = "reference/cli.md"  # the page mkdocs-click fills with the commands' help texts
+_current_page = [""]
 
 
 def _package_dirs() -> dict[str, Path]:
@@ -39,4 +43,49 @@ def _lay_out() -> None:
 @event_priority(100)  # before mkdocstrings reads its ``paths``
 def on_config(config):
     _lay_out()
+    config.markdown_extensions.append(ClickHelpTextExtension())
     return config
+
+
+def _click_text_to_markdown(markdown: str) -> str:
+    """Help texts as mkdocs-click emits them are click's text, not Markdown.
+
+    click keeps the line breaks of a paragraph marked ``\\b``; mkdocs-click drops the marker,
+    and in these help texts such paragraphs are the indented lines (commands, file layouts), so
+    each run of indented lines becomes a code block here.  ``<split>``-style placeholders are
+    text, not HTML tags.
+    """
+    out, fenced, verbatim = [], False, []
+    for line in markdown.splitlines() + [""]:
+        if verbatim and not line.startswith("  "):
+            indent = min(len(v) - len(v.lstrip()) for v in verbatim)
+            out += ["", "```text", *(v[indent:] for v in verbatim), "```"]
+            verbatim = []
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and line.startswith("  ") and line.strip():
+            verbatim.append(line)
+            continue
+        elif not fenced:
+            line = line.replace("<", "&lt;").replace(">", "&gt;")
+        out.append(line)
+    return "\n".join(out[:-1])
+
+
+class _ClickHelpText(Preprocessor):
+    """Runs right after mkdocs-click's preprocessor (priority 141), before fences are parsed."""
+
+    def run(self, lines):
+        if _current_page[0] != CLI_PAGE:  # other pages are Markdown already
+            return lines
+        return _click_text_to_markdown("\n".join(lines)).splitlines()
+
+
+class ClickHelpTextExtension(Extension):
+    def extendMarkdown(self, md):
+        md.preprocessors.register(_ClickHelpText(md), "keyshard_click_help_text", 140)
+
+
+def on_page_markdown(markdown, page, config, files):
+    _current_page[0] = page.file.src_uri  # the page whose Markdown is converted next
+    return markdown

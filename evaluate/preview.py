@@ -178,7 +178,7 @@ def _csv(kind):
     return parse
 
 
-@click.command("preview")
+@click.command("preview", short_help="Picture what encryption does to a sample (the paper's Fig. 4).")
 @click.option("--voc", "voc", type=click.Path(), default=None,
               help="VOCdevkit/VOC2012 (or a folder above it), or the official VOC tar: encrypt one sample "
                    "with every method and block size (the paper's Fig. 4).")

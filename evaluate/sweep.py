@@ -521,10 +521,10 @@ def sweep(voc, output, methods, block_sizes, preset, image_size, epochs, augment
     """Table 1 and Fig. 6: per (method, M) a new key, encrypt, train, audit; plus the plain baseline.
 
     \b
-    DIR/plain/                               plain shards (train, holdout, test), made once
-    DIR/baseline/{run,audit}/                model trained on plain images and its audit
-    DIR/<method>-m<M>/{key.json,shards,run,audit}
-    DIR/table1.csv, table1.md, fig6.png      the report
+      DIR/plain/                               plain shards (train, holdout, test), made once
+      DIR/baseline/{run,audit}/                model trained on plain images and its audit
+      DIR/<method>-m<M>/{key.json,shards,run,audit}
+      DIR/table1.csv, table1.md, fig6.png      the report
 
     A cell is finished when its audit/audit.json exists; a rerun skips finished cells and
     continues an interrupted one with the same key.
