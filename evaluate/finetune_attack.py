@@ -9,11 +9,11 @@ trainer's loss and model builder; the test split is scored with the audit's scor
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
 
+from keyshard import seeded
 from keyshard.errors import KeyshardError
 from keyshard.evaluate.audit import score_on_split, test_batches
 from keyshard.pipeline.manifest import load as load_manifest
@@ -32,7 +32,7 @@ def load_subset(shard_dir, fraction: float, seed: int):
         raise KeyshardError(f"{shard_dir}: must hold plain shards (the attacker's labelled plain data)")
     samples = [(k, px, mk) for pxs, mks, ks, _ in test_batches(shard_dir, manifest, 64, split="train")
                for k, px, mk in zip(ks, pxs, mks.long())]
-    samples.sort(key=lambda s: hashlib.sha256(f"{seed}|{s[0]}".encode()).digest())
+    samples = seeded.ranked(samples, seed, key=lambda s: s[0])
     n = max(1, round(fraction * len(samples)))
     chosen = samples[:n]
     return torch.stack([s[1] for s in chosen]), torch.stack([s[2] for s in chosen])

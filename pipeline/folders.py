@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from keyshard import seeded
 from keyshard.errors import KeyshardError
 from keyshard.pipeline.voc import Blob, SampleRef, VocSource
 
@@ -162,7 +163,7 @@ class FolderSource(VocSource):
                 raise KeyshardError(f"--val-fraction {val_fraction} must be between 0 and 1")
             ids = sorted(images)
             n_val = max(1, round(len(ids) * val_fraction))
-            ranked = sorted(ids, key=lambda i: hashlib.sha256(f"{seed}|val|{i}".encode()).digest())
+            ranked = seeded.ranked(ids, seed, tag="val")
             val = sorted(ranked[:n_val])
             train = sorted(ranked[n_val:])
             self._lists = {"train": "".join(f"{i}\n" for i in train).encode(),

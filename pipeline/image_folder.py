@@ -22,7 +22,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from keyshard import shardformat
+from keyshard import seeded, shardformat
 from keyshard.errors import KeyshardError
 from keyshard.pipeline.voc import Blob
 
@@ -112,7 +112,7 @@ class ImageFolderSource:
                 by_class.setdefault(c, []).append(i)
             val = []
             for c, ids in sorted(by_class.items()):
-                ranked = sorted(ids, key=lambda i: hashlib.sha256(f"{seed}|val|{i}".encode()).digest())
+                ranked = seeded.ranked(ids, seed, tag="val")
                 val += ranked[:max(1, round(f * len(ids)))] if f > 0 else []
             chosen = set(val)
             train = [i for i in self.labels if i not in chosen]

@@ -25,7 +25,6 @@ without importing torchvision) and calls the same operators torchvision's Python
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.machinery
 import importlib.util
 import io
@@ -40,7 +39,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from keyshard import label_png
+from keyshard import label_png, seeded
 from keyshard.pipeline import MAX_PIXELS
 from keyshard.shardformat import NUM_CLASSES, VOID, voc_palette
 RGB_MODE = 3  # torchvision.io.ImageReadMode.RGB.value (checked by the tests)
@@ -336,7 +335,7 @@ def decode_label_map(data: bytes, label: str, max_pixels: int = MAX_PIXELS, voc:
 
 def replica_seed(seed: int, voc_id: str, replica: int) -> int:
     """Seed of one augmentation replica: depends only on (seed, id, replica), never on workers."""
-    digest = hashlib.sha256(f"keyshard-augment/1|{seed}|{voc_id}|{replica}".encode()).digest()
+    digest = seeded.public_secret("augment", seed, voc_id, replica)
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 

@@ -6,8 +6,7 @@ that is the same on every machine and library version and independent of file or
 
 from __future__ import annotations
 
-import hashlib
-
+from keyshard import seeded
 from keyshard.errors import KeyshardError
 
 SPLITS = ("train", "holdout", "test")
@@ -29,7 +28,7 @@ def split_ids(train_file_ids: list[str], val_file_ids: list[str] | None, seed: i
                             "(or give --holdout 0)")
     if not 0 <= k < n:
         raise KeyshardError(f"--holdout {k} must be between 0 and {n - 1} (train.txt lists {n} ids)")
-    ranked = sorted(train_file_ids, key=lambda i: hashlib.sha256(f"{seed}|{i}".encode()).digest())
+    ranked = seeded.ranked(train_file_ids, seed)
     out = {"train": sorted(ranked[k:]), "holdout": sorted(ranked[:k])}
     if val_file_ids is not None:
         out["test"] = sorted(val_file_ids)

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
+from keyshard import seeded
 
 
 def subset_filter(fraction: float, seed: int):
-    """Keep a sample iff sha256('<seed>|subset|<key>') falls below ``fraction`` of the hash range:
+    """Keep a sample iff its key is in the seeded ``fraction`` (``seeded.within``, tag ``subset``):
     the same samples every epoch, on every machine, whatever the shard or worker order."""
-    return _Keep(int(fraction * 2**64), seed)
+    return _Keep(fraction, seed)
 
 
 class _Keep:  # a class, not a closure: DataLoader workers pickle it
-    def __init__(self, limit: int, seed: int):
-        self.limit, self.seed = limit, seed
+    def __init__(self, fraction: float, seed: int):
+        self.fraction, self.seed = fraction, seed
 
     def __call__(self, key: str) -> bool:
-        digest = hashlib.sha256(f"{self.seed}|subset|{key}".encode()).digest()
-        return int.from_bytes(digest[:8], "big") < self.limit
+        return seeded.within(key, self.fraction, self.seed, tag="subset")
