@@ -80,7 +80,7 @@ def budget_plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(8.5, 4.2))
     colours = dict(zip(BLOCK_SIZES, ("tab:green", "tab:blue", "tab:orange", "tab:purple")))
     for m in BLOCK_SIZES:
         r = sorted((x for x in rows if int(x["block_size"]) == m), key=lambda x: int(x["epochs"]))
@@ -96,12 +96,13 @@ def budget_plot(rows: list[dict], path: Path) -> None:
                 label="no key: plain-trained baseline")
     ax.plot([], [], "--", color="grey", label="plain images (per M)")
     ax.plot([], [], ":", color="grey", label="wrong keys, mean (per M)")
+    ax.set_xticks(sorted({int(x["epochs"]) for x in rows}))
     ax.set_xlabel("training epochs")
     ax.set_ylabel("test mIoU")
     ax.set_ylim(0, 1)
     ax.set_title("FFX on the mini sweep's data (64×64, demo network): mIoU against training budget", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
