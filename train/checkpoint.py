@@ -19,6 +19,7 @@ import torch
 
 from keyshard.errors import KeyshardError
 from keyshard.options import MAX_IMAGE_SIZE
+from keyshard.train.presets import BLOCK_MODELS, CLASSIFIERS
 
 FORMAT = "keyshard-checkpoint/1"
 
@@ -83,10 +84,9 @@ def validate(state, path, resume: bool = False) -> dict:
     the wrong type: a checkpoint that loads safely (``weights_only``) can still be hand-made or
     damaged.  ``resume``: also what ``train --resume`` restores (optimizer, scheduler, RNG, metrics)."""
     from keyshard.keys import METHODS
-    from keyshard.train.classifiers import CLASSIFIERS
-    from keyshard.train.models import MODELS
+    from keyshard.train.presets import SEGMENTATION_MODELS
 
-    MODELS = (*MODELS, *CLASSIFIERS)
+    MODELS = (*SEGMENTATION_MODELS, *CLASSIFIERS)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise KeyshardError(f"{path}: not a keyshard checkpoint (format {FORMAT} expected)")
     _check_fields(path, "", state, {
@@ -118,7 +118,7 @@ def validate(state, path, resume: bool = False) -> dict:
             "key_fingerprint": (_text, "a string"),
         })
     mbs = state.get("model_block_size")
-    if state["model_name"] in ("block_aligned", "patch_vit") or mbs is not None:
+    if state["model_name"] in BLOCK_MODELS or mbs is not None:
         if not (_positive_int(mbs) and mbs <= data["image_size"]):
             raise KeyshardError(f"{path}: malformed checkpoint: model_block_size is missing or not a positive "
                                 "integer no larger than the image size")
@@ -219,16 +219,9 @@ def load_model(ckpt_path: str | Path, device) -> tuple[torch.nn.Module, dict]:
 
     state = load(ckpt_path)
     name, mbs = state["model_name"], state.get("model_block_size")
-    from keyshard.train.classifiers import CLASSIFIERS
-
     if name in CLASSIFIERS:
         return _load_classifier(ckpt_path, state, device)
-    if name == "block_aligned":  # the stem is S×S: check S before building a model of that size
-        from keyshard.train.models import stem_stride
-
-        stem = state["model"].get("stem.weight")
-        if stem is None or stem.dim() != 4 or tuple(stem.shape[-2:]) != (stem_stride(mbs),) * 2:
-            raise KeyshardError(f"{ckpt_path}: model weights do not fit block_aligned M={mbs} (stem.weight)")
+    _check_stem(ckpt_path, state)
     try:
         model = build_model(name, aux_loss=any(k.startswith("aux_classifier") for k in state["model"]),
                             block_size=mbs, num_classes=dataset_of(state)["num_classes"])
@@ -240,27 +233,34 @@ def load_model(ckpt_path: str | Path, device) -> tuple[torch.nn.Module, dict]:
 
 def model_task(state: dict) -> str:
     """``classification`` for a checkpoint of a classifier, else ``segmentation``."""
-    from keyshard.train.classifiers import CLASSIFIERS
-
     return "classification" if state["model_name"] in CLASSIFIERS else "segmentation"
 
 
 def _load_classifier(ckpt_path, state: dict, device):
     """A classifier checkpoint's model: the class count from its head, the patch size checked."""
     from keyshard.train.classifiers import HEADS, build_classifier
-    from keyshard.train.models import stem_stride
 
     name, mbs, weights = state["model_name"], state.get("model_block_size"), state["model"]
     head = weights.get(HEADS[name] + "weight")
     if head is None or head.dim() != 2:
         raise KeyshardError(f"{ckpt_path}: model weights for {name} have no classification head ({HEADS[name]}weight)")
-    if name == "patch_vit":
-        stem = weights.get("stem.weight")
-        if stem is None or stem.dim() != 4 or tuple(stem.shape[-2:]) != (stem_stride(mbs),) * 2:
-            raise KeyshardError(f"{ckpt_path}: model weights do not fit patch_vit M={mbs} (stem.weight)")
+    _check_stem(ckpt_path, state)
     try:
         model = build_classifier(name, int(head.shape[0]), mbs, state["data"]["image_size"])
     except KeyshardError as exc:
         raise KeyshardError(f"{ckpt_path}: {exc}") from None
     fit_state_dict(model, weights, ckpt_path, f"model weights for {name}")
     return model.to(device).eval(), state
+
+
+def _check_stem(ckpt_path, state: dict) -> None:
+    """A block model's stem is S×S for its block size (``models.stem_stride``): checked before a
+    model of that size is built, so a hand-made checkpoint cannot ask for a huge one."""
+    from keyshard.train.models import stem_stride
+
+    name, mbs = state["model_name"], state.get("model_block_size")
+    if name not in BLOCK_MODELS:
+        return
+    stem = state["model"].get("stem.weight")
+    if stem is None or stem.dim() != 4 or tuple(stem.shape[-2:]) != (stem_stride(mbs),) * 2:
+        raise KeyshardError(f"{ckpt_path}: model weights do not fit {name} M={mbs} (stem.weight)")

@@ -21,8 +21,7 @@ from torch import nn
 
 from keyshard.errors import KeyshardError
 from keyshard.train.models import stem_stride
-
-CLASSIFIERS = ("patch_vit", "resnet18")
+from keyshard.train.presets import CLASSIFIERS
 
 
 class PatchViT(nn.Module):

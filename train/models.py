@@ -14,8 +14,7 @@ from torch.nn import functional as F
 
 from keyshard.errors import KeyshardError
 from keyshard.shardformat import NUM_CLASSES
-
-MODELS = ("fcn_resnet50", "small", "block_aligned")
+from keyshard.train.presets import SEGMENTATION_MODELS as MODELS
 
 
 def _block(cin, cout, stride=1, dilation=1):

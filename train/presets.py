@@ -1,9 +1,13 @@
-"""The training presets (``keyshard train --preset``), defined once: the trainer builds its
-configuration from them and the CLI's help quotes them, so help cannot drift from the code.
-Plain data, no torch import (the CLI reads this module to format ``--help``)."""
+"""The model names and training presets (``keyshard train --model/--preset``), defined once: the
+model factories, checkpoints and the trainer check against them, and the CLI's choices and help
+quote them, so help cannot drift from the code.  Plain data, no torch import (the CLI reads this
+module to format ``--help``)."""
 
 from __future__ import annotations
 
+SEGMENTATION_MODELS = ("fcn_resnet50", "small", "block_aligned")  # train/models.py builds them
+CLASSIFIERS = ("patch_vit", "resnet18")  # train/classifiers.py builds them
+BLOCK_MODELS = ("block_aligned", "patch_vit")  # stems built for one block size M (model_block_size)
 CLASSIFY_MODELS = {"demo": "patch_vit", "paper": "resnet18"}  # the presets' classifiers
 PRESETS = {
     # Section 3.1 of the paper.
