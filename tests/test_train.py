@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from keyshard import keys
+from keyshard import faults, keys
 from keyshard.pipeline import encrypt_job
 from keyshard.pipeline.manifest import load as load_manifest
 from keyshard.pipeline.toy_voc import make_toy_voc
@@ -116,7 +116,7 @@ def test_killed_run_resumes_to_identical_weights(data, tmp_path):
     steps = 7  # 25 train samples in batches of 4
     killed = subprocess.run([sys.executable, "-c", "from keyshard.cli import main; main()",
                              *map(str, args), "--output", str(tmp_path / "part")], capture_output=True, text=True,
-                            env={**os.environ, "KEYSHARD_TEST_KILL_AFTER_STEPS": str(steps + 3)})
+                            env={**os.environ, **faults.arm("train.step", steps + 3)})
     assert killed.returncode == -9, killed.stderr
     state = checkpoint.load(tmp_path / "part" / "last.pt")  # complete, never truncated
     assert state["epoch"] == 0 and len(state["metrics"]) == 1

@@ -48,11 +48,12 @@ def segmentation_loss(outputs: dict, masks: torch.Tensor, aux_weight: float,
     return loss
 
 
-def global_sum(value: float, world: int, device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+def all_reduce_sum(values: list[float], world: int, device) -> list[float]:
+    """``values`` summed over the ``world`` ranks (float64; no communication on one process)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     if world > 1:
         torch.distributed.all_reduce(t)
-    return float(t[0])
+    return t.tolist()
 
 
 def train_step(model, optimizer, scaler, forward, pixels, masks, n_pad: int, micro_batch: int, world: int,
@@ -66,7 +67,7 @@ def train_step(model, optimizer, scaler, forward, pixels, masks, n_pad: int, mic
     n_real = len(pixels) - n_pad
     masks = masks.to(next(model.parameters()).device).long()
     n_valid = float((masks[:n_real] != (-100 if ignore_index is None else ignore_index)).sum())
-    total_valid = global_sum(n_valid, world, masks.device)
+    total_valid = all_reduce_sum([n_valid], world, masks.device)[0]
     if total_valid == 0:
         return 0.0, 0.0
     scale = world / total_valid
