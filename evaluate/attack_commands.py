@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import click
-import numpy as np
 
 from keyshard import options
 from keyshard.fsutil import check_output, make_parent, write_output
@@ -29,7 +28,7 @@ def known_plaintext(plain_dir, enc_dir, output, true_key):
     explicit key file: it re-encrypts the plain shards into the encrypted ones exactly, and
     `evaluate --ignore-fingerprint` accepts it.
     """
-    from keyshard import keys
+    from keyshard import keys, methods
     from keyshard.evaluate.known_plaintext import attack as run_attack
 
     check_output(output)  # before the attack: an existing file, a directory, a read-only place
@@ -37,14 +36,7 @@ def known_plaintext(plain_dir, enc_dir, output, true_key):
     make_parent(output)
     keys.save(key, output)
     if true_key:
-        truth = keys.load(true_key).material
-        material = key.material
-        if key.method == "shf":
-            report["true_key_equal_where_determined"] = bool(np.array_equal(material.perm[determined], truth.perm[determined]))
-        else:
-            report["true_mask_equal"] = bool(np.array_equal(material.mask, truth.mask))
-        if key.method == "ffx":
-            report["true_table_equal_where_known"] = bool(np.array_equal(material.table[determined], truth.table[determined]))
+        report.update(methods.get(key.method).compare(key.material, keys.load(true_key).material, determined))
     click.echo(json.dumps(report, indent=2))
     click.echo(f"recovered {key.method} M={key.block_size} key from {report['pairs_needed']} plain/encrypted "
                f"pair(s); it reproduces all {report['reproduced']} encrypted samples; wrote {output}")

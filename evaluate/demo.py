@@ -17,11 +17,8 @@ import numpy as np
 from keyshard import options
 from keyshard.errors import KeyshardError
 from keyshard.evaluate.wrong_keys import MAX_COUNT as MAX_WRONG_KEYS
-
-# NP with M=8: the paper notes that SHF and NP at *small* block sizes still work fairly well
-# without the key; at M=8 the small demo network learns the toy data with the key (mIoU 0.51-0.59 over three keys)
-# while plain images and wrong keys stay below 0.1.
-DEFAULT_METHOD, DEFAULT_BLOCK = "np", 8
+from keyshard.methods.defaults import DEMO_BLOCK_SIZE as DEFAULT_BLOCK
+from keyshard.methods.defaults import DEMO_METHOD as DEFAULT_METHOD
 
 
 def demo_secret(key_seed: int) -> bytes:
@@ -37,9 +34,8 @@ def demo_secret(key_seed: int) -> bytes:
 @options.image_size_option(default=64, show_default=True, metavar="SIZE",
                            help="Images are resized to SIZE x SIZE pixels (small, for the CPU); --block-size must "
                                 "divide it.")
-@click.option("--method", type=click.Choice(["shf", "np", "ffx"]), default=DEFAULT_METHOD, show_default=True,
-              help="Encryption method of the demo key: shf (pixel shuffling), np (negative/positive flipping) or "
-                   "ffx (FFX format-preserving encryption).")
+@click.option("--method", type=options.METHOD, default=DEFAULT_METHOD, show_default=True,
+              help="Encryption method of the demo key. " + options.method_help())
 @click.option("--block-size", "-M", type=options.BLOCK_SIZE, default=DEFAULT_BLOCK, show_default=True,
               help="Block size M of the demo key (pixels per block side).")
 @click.option("--epochs", type=options.EPOCHS, default=15, show_default=True,

@@ -3,8 +3,9 @@
 The objective is the model's mean cross-entropy on the attacker's labelled images encrypted
 with a candidate key (lower is better).  Where the key space is small (NP/FFX at M=2: 924
 masks; FFX when the attacker knows the password — the paper's fixed-password setting, the
-worst case) every key is tried; otherwise a greedy hill-climb proposes one transposition (SHF)
-or one selected/unselected swap (NP/FFX) at a time within a budget of model evaluations.
+worst case) every key is tried (``Method.exhaustive``); otherwise a greedy hill-climb proposes
+one neighbouring key at a time (``Method.neighbour``: a transposition for SHF, one
+selected/unselected swap for NP/FFX) within a budget of model evaluations.
 All candidates are applied on the device to the same decoded batch.
 
 The same objective serves classifiers (the logits are N×K, the targets the class indices that
@@ -14,17 +15,15 @@ checkpoint's dataset, and scores the best keys on the test split by top-1 accura
 
 from __future__ import annotations
 
-import itertools
-import math
+import dataclasses
 import sys
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from keyshard import keys
+from keyshard import keys, methods
 from keyshard.errors import KeyshardError
-from keyshard.keys import KeyMaterial
 from keyshard.shardformat import VOID
 from keyshard.transforms import compile_plan, normalize_pixels
 
@@ -40,7 +39,7 @@ class Objective:
         self.evaluations = 0
 
     @torch.no_grad()
-    def __call__(self, material: KeyMaterial) -> float:
+    def __call__(self, material: methods.Material) -> float:
         h, w = self.pixels.shape[1:3]
         plan = compile_plan(material, h, w).to_torch(self.device)
         logits = self.model(normalize_pixels(plan.encrypt(self.pixels), material.divisor))["out"]
@@ -48,15 +47,10 @@ class Objective:
         return float(F.cross_entropy(logits.float(), self.masks, ignore_index=self.ignore))
 
 
-def exhaustive(objective: Objective, method: str, m: int, selected: int, table: np.ndarray | None,
-               progress=None) -> list[tuple[float, KeyMaterial]]:
-    """Every mask with ``selected`` positions, scored; sorted best first."""
-    n = 3 * m * m
+def exhaustive(objective: Objective, candidates, progress=None) -> list[tuple[float, methods.Material]]:
+    """Every candidate key, scored; sorted best first."""
     scored = []
-    for combo in itertools.combinations(range(n), selected):
-        mask = np.zeros(n, dtype=bool)
-        mask[list(combo)] = True
-        material = KeyMaterial(method, m, mask=mask, table=table)
+    for material in candidates:
         scored.append((objective(material), material))
         if progress:
             progress(1)
@@ -64,23 +58,15 @@ def exhaustive(objective: Objective, method: str, m: int, selected: int, table: 
     return scored
 
 
-def hill_climb(objective: Objective, start: KeyMaterial, budget: int, seed: int,
-               progress=None) -> list[tuple[float, KeyMaterial]]:
+def hill_climb(objective: Objective, start: methods.Material, budget: int, seed: int,
+               progress=None) -> list[tuple[float, methods.Material]]:
     """Greedy local search from ``start``; returns every improvement found, best first."""
     rng = np.random.default_rng([seed, 17])
+    method = methods.get(start.method)
     current, best = start, objective(start)
     history = [(best, start)]
     while objective.evaluations < budget:
-        if current.method == "shf":
-            i, j = rng.choice(current.perm.size, 2, replace=False)
-            perm = current.perm.copy()
-            perm[i], perm[j] = perm[j], perm[i]
-            candidate = KeyMaterial("shf", current.block_size, perm=perm)
-        else:
-            mask = current.mask.copy()
-            mask[rng.choice(np.flatnonzero(mask))] = False
-            mask[rng.choice(np.flatnonzero(~current.mask))] = True
-            candidate = KeyMaterial(current.method, current.block_size, mask=mask, table=current.table)
+        candidate = method.neighbour(current, rng)
         score = objective(candidate)
         if progress:
             progress(1)
@@ -91,25 +77,38 @@ def hill_climb(objective: Objective, start: KeyMaterial, budget: int, seed: int,
     return history
 
 
-def search(objective: Objective, method: str, m: int, derivation: str, table: np.ndarray | None,
-           budget: int, exhaustive_limit: int, start: KeyMaterial | None, seed: int, progress=None):
-    """Exhaustive when the mask space is at most ``exhaustive_limit``, else hill-climbing.
+def template_key(method: str, m: int, derivation: str, password: bytes | None = None) -> keys.Key:
+    """A public key of ``derivation``'s kind: its wrong keys are random keys of the model's kind."""
+    if derivation == keys.DERIVE_EXPLICIT:
+        raise KeyshardError(f"the shape of {derivation} keys is not known; give a start key")
+    return keys.Key(method, m, b"\0" * 32, reference_seed=0 if str(derivation).startswith("reference") else None,
+                    ffx_password=password)
 
-    Masks have the size of ``start``'s (``keys.mask_size``; the caller draws the start with
+
+def search(objective: Objective, method: str, m: int, derivation: str, budget: int, exhaustive_limit: int,
+           start: methods.Material | None, seed: int, progress=None):
+    """Exhaustive when the keys of ``start``'s kind number at most ``exhaustive_limit``, else hill-climbing.
+
+    Candidates have ``start``'s shape (its mask size, FFX table; the caller draws the start with
     ``wrong_keys.draw`` from the true key or a key of the model's derivation, so a recovered or
-    imported explicit key is searched with its own mask size), or without a start the size
-    ``derivation`` selects (``keys.rule_mask_size``).
+    imported explicit key is searched with its own shape), or without a start the shape
+    ``derivation`` gives (a random key of ``template_key``).
     """
-    n = 3 * m * m
-    if method != "shf":
-        k = keys.mask_size(start) if start is not None else keys.rule_mask_size(m, derivation)
-        if k is None:
-            raise KeyshardError(f"the mask size of {derivation} keys is not known; give a start key")
-        if math.comb(n, k) <= exhaustive_limit:
-            return "exhaustive", exhaustive(objective, method, m, k, table, progress)
+    if start is None:
+        start = wrong_key(template_key(method, m, derivation), seed)
+    candidates = methods.get(method).exhaustive(start, exhaustive_limit)
+    if candidates is not None:
+        return "exhaustive", exhaustive(objective, candidates, progress)
     if budget < 2:
         raise KeyshardError("--budget must allow at least 2 model evaluations")
     return "hill-climb", hill_climb(objective, start, budget, seed, progress)
+
+
+def wrong_key(template: keys.Key, seed: int) -> methods.Material:
+    """A random key of ``template``'s kind (the search's start)."""
+    from keyshard.evaluate import wrong_keys
+
+    return wrong_keys.draw(template, 1, seed)[0].material
 
 
 def run_search(ckpt, labelled_dir, labelled_split: str, n_labelled: int, test_dir, true_key, ffx_password,
@@ -118,7 +117,6 @@ def run_search(ckpt, labelled_dir, labelled_split: str, n_labelled: int, test_di
     search, score the best keys on the test split; with the true key, report distances and rank."""
     from tqdm import tqdm
 
-    from keyshard.evaluate import wrong_keys
     from keyshard.evaluate.audit import check_dataset, score_on_split, test_batches
     from keyshard.evaluate.near_miss import distance
     from keyshard.pipeline.manifest import load as load_manifest
@@ -147,24 +145,18 @@ def run_search(ckpt, labelled_dir, labelled_split: str, n_labelled: int, test_di
     truth = keys.load(true_key) if true_key else None
     if truth is not None and (truth.method, truth.block_size) != (method, m):
         raise KeyshardError(f"{true_key}: is {truth.method} M={truth.block_size}, the model {method} M={m}")
-    table = None
-    if method == "ffx":
-        if ffx_password is None and truth is None:
-            raise KeyshardError("FFX search needs the password the attacker knows: --ffx-password, "
-                                "--ffx-password-file or $KEYSHARD_FFX_PASSWORD (or --key)")
-        table = keys.ffx_table(ffx_password.encode("utf-8", "surrogateescape")) if ffx_password else truth.material.table
+    password = ffx_password.encode("utf-8", "surrogateescape") if ffx_password else None
+    if methods.get(method).takes_password and password is None and truth is None:
+        raise KeyshardError("FFX search needs the password the attacker knows: --ffx-password, "
+                            "--ffx-password-file or $KEYSHARD_FFX_PASSWORD (or --key)")
     # the first N labelled images
     pixels, masks, _, _ = next(iter(test_batches(labelled_dir, labelled_doc, n_labelled, split=labelled_split)))
     objective = Objective(model, pixels, masks, device, trained["ignore_index"])
-    # a random start with the model's derivation rule (wrong_keys draws exactly those)
-    template = truth or keys.Key(method, m, b"\0" * 32,
-                                 reference_seed=0 if str(data["key_derivation"]).startswith("reference") else None,
-                                 ffx_password=ffx_password.encode("utf-8", "surrogateescape") if ffx_password else None)
-    start = wrong_keys.draw(template, 1, seed)[0].material
-    if table is not None:
-        start = keys.KeyMaterial(method, m, mask=start.mask, table=table)
+    # a random start with the model's derivation rule (wrong_keys draws exactly those), keyed
+    # with the password the attacker knows
+    start = wrong_key(_attacker_template(truth, method, m, data["key_derivation"], password), seed)
     bar = tqdm(unit="key", desc="search", file=sys.stderr)
-    mode, ranked = search(objective, method, m, data["key_derivation"], table, budget, exhaustive_limit, start,
+    mode, ranked = search(objective, method, m, data["key_derivation"], budget, exhaustive_limit, start,
                           seed, progress=bar.update)
     bar.close()
     best = ranked[:top]
@@ -187,3 +179,14 @@ def run_search(ckpt, labelled_dir, labelled_split: str, n_labelled: int, test_di
         report["true_key_rank"] = 1 + sum(1 for loss, _ in ranked if loss < true_loss)
         report["true_key_found"] = any(mat.equals(correct) for _, mat in best)
     return report
+
+
+def _attacker_template(truth: keys.Key | None, method: str, m: int, derivation: str,
+                       password: bytes | None) -> keys.Key:
+    """The true key (auditors) or a public key of the model's derivation, with ``password`` when
+    the attacker gives one: the start's kind (mask size, table) follows it."""
+    if truth is None:
+        return template_key(method, m, derivation, password)
+    if password is None or truth.explicit is not None:
+        return truth
+    return dataclasses.replace(truth, ffx_password=password)

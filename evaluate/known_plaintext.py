@@ -1,7 +1,7 @@
 """Known-plaintext key recovery: plain + encrypted samples of the same ids give the key away.
 
 Every block of every image is transformed by the same position-wise map, so each pair of blocks
-is an equation:
+is an equation; each method solves its own (``Method.recover``):
 
 * SHF: encrypted position k holds plain position perm[k].  Each position gets a signature — a
   polynomial hash of its values over all blocks seen so far — and perm[k] is the plain position
@@ -24,14 +24,11 @@ import secrets
 
 import numpy as np
 
-from keyshard import keys, sources
+from keyshard import keys, methods, sources
 from keyshard.errors import KeyshardError
-from keyshard.keys import CHANNELS, KeyMaterial
 from keyshard.pipeline.manifest import load as load_manifest
 from keyshard.shardformat import decode_npy, stream_shard
 from keyshard.transforms import compile_plan
-
-_P = np.uint64(1099511628211)  # FNV prime: multiplier of the per-position rolling hash
 
 
 def read_pixels(source, manifest: dict) -> dict[str, np.ndarray]:
@@ -41,12 +38,6 @@ def read_pixels(source, manifest: dict) -> dict[str, np.ndarray]:
         for key, files in stream_shard(sources.join(source, shard["file"]), shard):
             out[key] = decode_npy(files["img.npy"])
     return out
-
-
-def to_blocks(x: np.ndarray, m: int) -> np.ndarray:
-    """(H, W, 3) → (blocks, 3M²) in the transforms' (row, column, channel) order."""
-    h, w, _ = x.shape
-    return x.reshape(h // m, m, w // m, m, CHANNELS).transpose(0, 2, 1, 3, 4).reshape(-1, m * m * CHANNELS)
 
 
 def matched_pairs(plain_dir, enc_dir) -> tuple[dict, list[tuple[str, np.ndarray, np.ndarray]]]:
@@ -65,51 +56,13 @@ def matched_pairs(plain_dir, enc_dir) -> tuple[dict, list[tuple[str, np.ndarray,
     return enc_doc, [(k, plain[k], enc[k]) for k in common]
 
 
-def recover_material(method: str, m: int, pairs: list) -> tuple[KeyMaterial, dict, np.ndarray]:
+def recover_material(method: str, m: int, pairs: list) -> tuple[methods.Material, dict, np.ndarray]:
     """Key material from (key, plain, encrypted) pairs, a summary, and a boolean array of what
-    the data determine: SHF positions that are not tied, NP positions (all), FFX table values seen."""
-    n = m * m * CHANNELS
-    if method == "shf":
-        sig_p = np.zeros(n, dtype=np.uint64)
-        sig_e = np.zeros(n, dtype=np.uint64)
-        with np.errstate(over="ignore"):
-            for _, plain, enc in pairs:
-                for blocks, sig in ((to_blocks(plain, m), sig_p), (to_blocks(enc, m), sig_e)):
-                    for row in blocks.astype(np.uint64):  # sig = sig * P + value, mod 2**64
-                        sig *= _P
-                        sig += row + np.uint64(1)
-        order_p = np.argsort(sig_p, kind="stable")
-        order_e = np.argsort(sig_e, kind="stable")
-        if not np.array_equal(sig_p[order_p], sig_e[order_e]):
-            raise KeyshardError("the encrypted samples are not a pixel shuffle of the plain ones "
-                                "(different images, replicas or method)")
-        perm = np.empty(n, dtype=np.int64)
-        perm[order_e] = order_p  # equal signatures matched in index order; ties are arbitrary
-        _, inverse, counts = np.unique(sig_e, return_inverse=True, return_counts=True)
-        determined = counts[inverse] == 1
-        return KeyMaterial("shf", m, perm=perm), {"tied_positions": int((~determined).sum())}, determined
-    blocks = [(to_blocks(p, m).astype(np.int64), to_blocks(e, m).astype(np.int64)) for _, p, e in pairs]
-    changed = np.zeros(n, dtype=bool)
-    for bp, be in blocks:
-        changed |= (bp != be).any(axis=0)
-    table = np.full(256, -1, dtype=np.int64)
-    if method == "ffx":  # second pass: every value at a transformed position, fixed points included
-        for bp, be in blocks:
-            values, codes = bp[:, changed].reshape(-1), be[:, changed].reshape(-1)
-            known = table[values]
-            if ((known >= 0) & (known != codes)).any():
-                raise KeyshardError("the encrypted samples are not one FFX table applied to the plain ones")
-            table[values] = codes
-    if method == "np":
-        return KeyMaterial("np", m, mask=changed), {}, np.ones(n, dtype=bool)
-    known = table >= 0
-    unused = np.setdiff1d(np.arange(1000), table[known])
-    table[~known] = unused[: int((~known).sum())]
-    material = KeyMaterial("ffx", m, mask=changed, table=table.astype(np.uint16))
-    return material, {"table_entries_known": int(known.sum())}, known
+    the data determine (SHF: positions that are not tied; NP: all; FFX: table values seen)."""
+    return methods.get(method).recover(m, pairs)
 
 
-def reproduces(material: KeyMaterial, pairs: list) -> int:
+def reproduces(material: methods.Material, pairs: list) -> int:
     """How many pairs the material re-encrypts exactly."""
     h, w, _ = pairs[0][1].shape
     plan = compile_plan(material, h, w)

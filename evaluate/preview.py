@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import click
 import numpy as np
 
-from keyshard import keys, options
+from keyshard import keys, methods, options
 from keyshard.errors import KeyshardError
 
 PAPER_BLOCK_SIZES = (2, 4, 8, 16, 256)  # Fig. 4's columns (256 = the whole 256² image)
@@ -47,6 +47,11 @@ class Tile:
     key: keys.Key
     encrypted: np.ndarray  # H×W×3 as stored: uint8, or uint16 codes for FFX
     display: np.ndarray    # H×W×3 uint8 as drawn
+
+
+def caption(divisor: int) -> str | None:
+    """What a tile's caption says about display scaling: nothing for 0..255 pixels."""
+    return None if divisor == 255 else f"codes / {divisor} * 255"
 
 
 def display_image(encrypted: np.ndarray, divisor: int) -> np.ndarray:
@@ -107,8 +112,7 @@ def voc_grid(image: np.ndarray, tiles: list[Tile], methods, block_sizes, title: 
         row = [(image, None) if i == 0 else None]
         for m in block_sizes:
             t = by[(method, m)]
-            caption = f"codes / {t.key.material.divisor} * 255" if method == "ffx" else None
-            row.append((t.display, caption))
+            row.append((t.display, caption(t.key.material.divisor)))
         rows.append(row)
     return grid_png(rows, col_labels=["plain image"] + [f"M = {m}" for m in block_sizes],
                     row_labels=[m.upper() for m in methods], title=title)
@@ -152,30 +156,9 @@ def shard_grid(shards, voc_id: str, key_path) -> bytes:
     except ValueError as exc:  # codes no key could produce, another dtype: damaged data
         raise KeyshardError(f"{location}: sample {voc_id!r}: {exc}") from None
     divisor = key.material.divisor
-    caption = f"codes / {divisor} * 255" if key.method == "ffx" else None
     title = f"{voc_id}: {key.method.upper()} M={key.block_size}, key {key.fingerprint[:12]}..."
-    return grid_png([[(display_image(stored, divisor), caption), (plain, None)]],
+    return grid_png([[(display_image(stored, divisor), caption(divisor)), (plain, None)]],
                     col_labels=["stored (encrypted)", "decrypted with --key"], title=title)
-
-
-def _csv(kind):
-    def parse(ctx, param, value):
-        if value is None:
-            return None
-        items = [v.strip() for v in value.split(",") if v.strip()]
-        if kind == "methods":
-            bad = [v for v in items if v not in keys.METHODS]
-            if bad or not items:
-                raise click.BadParameter(f"choose from {', '.join(keys.METHODS)} (comma-separated)")
-            return tuple(dict.fromkeys(items))
-        try:
-            sizes = tuple(dict.fromkeys(int(v) for v in items))
-        except ValueError:
-            raise click.BadParameter("expected comma-separated integers such as 2,4,8,16,256") from None
-        if not sizes or any(not 1 <= m <= keys.MAX_BLOCK_SIZE for m in sizes):
-            raise click.BadParameter(f"block sizes must be 1 to {keys.MAX_BLOCK_SIZE}")
-        return sizes
-    return parse
 
 
 @click.command("preview", short_help="Picture what encryption does to a sample (the paper's Fig. 4).")
@@ -186,9 +169,9 @@ def _csv(kind):
               help="Encrypted shards (directory or URL base): show a stored sample and its decryption with --key.")
 @click.option("--id", "voc_id", required=True, help="The sample's VOC id, e.g. 2007_000032.")
 @click.option("--key", "key_file", type=click.Path(dir_okay=False), default=None, help="With --shards: the shards' key.")
-@click.option("--methods", callback=_csv("methods"), default=None, metavar="LIST",
-              help="With --voc: methods, one row each  [default: shf,np,ffx]")
-@click.option("--block-sizes", callback=_csv("sizes"), default=None, metavar="LIST",
+@click.option("--methods", "method_names", type=options.METHOD_LIST, default=None,
+              help="With --voc: methods, one row each  [default: every registered method]")
+@click.option("--block-sizes", type=options.CommaList(options.BLOCK_SIZE), default=None,
               help="With --voc: block sizes, one column each; each must divide --image-size  "
                    "[default: 2,4,8,16 and the image size, those that divide it]")
 @click.option("--image-size", type=options.IMAGE_SIZE, default=None,
@@ -197,7 +180,7 @@ def _csv(kind):
               help="With --voc: derive the keys from this number (repeatable pictures; such keys are public) "
                    "instead of fresh random ones.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
-def preview(voc, shards, voc_id, key_file, methods, block_sizes, image_size, key_seed, output):
+def preview(voc, shards, voc_id, key_file, method_names, block_sizes, image_size, key_seed, output):
     """Picture one sample encrypted: --voc SRC --id ID (every method x block size, the paper's
     Fig. 4) or --shards DIR --id ID --key KEY (a stored sample and its decryption).
 
@@ -210,7 +193,7 @@ def preview(voc, shards, voc_id, key_file, methods, block_sizes, image_size, key
     if shards is not None:
         if key_file is None:
             raise click.UsageError("--shards needs --key (the key the shards were encrypted with)")
-        given = [n for n, v in (("--methods", methods), ("--block-sizes", block_sizes),
+        given = [n for n, v in (("--methods", method_names), ("--block-sizes", block_sizes),
                                 ("--image-size", image_size), ("--key-seed", key_seed)) if v is not None]
         if given:
             raise click.UsageError(f"{', '.join(given)}: only with --voc")
@@ -220,15 +203,15 @@ def preview(voc, shards, voc_id, key_file, methods, block_sizes, image_size, key
         if key_file is not None:
             raise click.UsageError("--key: only with --shards (a --voc preview makes its own keys; see --key-seed)")
         size = image_size or 256
-        methods = methods or keys.METHODS
+        method_names = method_names or methods.names()
         block_sizes = block_sizes or default_block_sizes(size)
         bad = [m for m in block_sizes if size % m]
         if bad:
             raise KeyshardError(f"--block-sizes: {', '.join(map(str, bad))} do(es) not divide --image-size {size}")
         check_output(output)
         image, _ = read_voc_sample(voc, voc_id, size)
-        tiles = encrypt_tiles(image, methods, block_sizes, key_seed)
+        tiles = encrypt_tiles(image, method_names, block_sizes, key_seed)
         keys_text = "fresh random keys" if key_seed is None else f"keys from --key-seed {key_seed}"
-        png = voc_grid(image, tiles, methods, block_sizes, f"{voc_id} at {size}x{size}, {keys_text}")
+        png = voc_grid(image, tiles, method_names, block_sizes, f"{voc_id} at {size}x{size}, {keys_text}")
     write_output(output, png)
     click.echo(f"wrote {output}")

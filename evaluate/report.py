@@ -9,14 +9,8 @@ from pathlib import Path
 
 from keyshard.errors import KeyshardError
 from keyshard.fsutil import check_output, write_atomic, write_json_atomic
+from keyshard.methods.defaults import PAPER_BASELINE, PAPER_TABLE1
 
-# Table 1 of the paper: mIoU of FCN-ResNet50 with the correct key on VOC2012 val (1449 images).
-PAPER_TABLE1 = {
-    "shf": {2: 0.6597, 4: 0.5941, 8: 0.4723, 16: 0.2958, 32: 0.1575, 64: 0.0693, 128: 0.0600, 256: 0.0380},
-    "np": {2: 0.6216, 4: 0.5695, 8: 0.5173, 16: 0.4329, 32: 0.3880, 64: 0.3733, 128: 0.3218, 256: 0.3007},
-    "ffx": {2: 0.5271, 4: 0.4944, 8: 0.4651, 16: 0.3444, 32: 0.2763, 64: 0.2628, 128: 0.2417, 256: 0.2367},
-}
-PAPER_BASELINE = 0.7080
 VOC_VAL_IMAGES = 1449
 
 

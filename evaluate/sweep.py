@@ -40,12 +40,12 @@ from pathlib import Path
 
 import click
 
-from keyshard import options
+from keyshard import methods, options
 from keyshard.errors import KeyshardError
 from keyshard.evaluate.wrong_keys import MAX_COUNT as MAX_WRONG_KEYS
+from keyshard.methods.defaults import PAPER_BASELINE, PAPER_TABLE1, SWEEP_METHODS
 from keyshard.train.presets import by_preset
 
-METHODS = ("shf", "np", "ffx")
 PAPER_BLOCK_SIZES = (2, 4, 8, 16, 32, 64, 128, 256)
 SWEEP_FORMAT = "keyshard-sweep/1"
 # Settings every cell of a sweep shares: a rerun into the same DIR must give the same values
@@ -59,6 +59,11 @@ CSV_FIELDS = ("method", "block_size", "correct_miou", "correct_pixel_acc", "plai
 AGGREGATION = ("dataset-level: one 21-class confusion matrix summed over the whole test split (void 255 "
                "ignored), IoU per class from it, mean over the classes present in the labels or the "
                "predictions. The paper does not state its aggregation.")
+
+
+def takes_password(method_names) -> bool:
+    """Whether any of these methods' keys take a password (FFX): only then is one asked for."""
+    return any(methods.get(m).takes_password for m in method_names)
 
 
 def sweep_secret(key_seed: int, method: str, block_size: int) -> bytes:
@@ -104,24 +109,6 @@ class SweepConfig:
                 "methods": list(self.methods), "block_sizes": list(self.block_sizes)}
 
 
-def parse_methods(value: str) -> tuple[str, ...]:
-    items = [v.strip().lower() for v in value.split(",") if v.strip()]
-    bad = [v for v in items if v not in METHODS]
-    if not items or bad:
-        raise click.BadParameter(f"{value!r}: expected a comma-separated subset of {','.join(METHODS)}")
-    return tuple(dict.fromkeys(items))
-
-
-def parse_block_sizes(value: str) -> tuple[int, ...]:
-    try:
-        items = sorted({int(v) for v in value.split(",") if v.strip()})
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected comma-separated integers") from None
-    if not items or items[0] < 1:
-        raise click.BadParameter(f"{value!r}: expected positive block sizes")
-    return tuple(items)
-
-
 # -- the work --------------------------------------------------------------------------------
 
 class Sweep:
@@ -158,9 +145,9 @@ class Sweep:
                 raise click.BadParameter(f"block size {b} does not divide --image-size {cfg.image_size}",
                                          param_hint="'--block-sizes'")
             for m in cfg.methods:
-                keys.validate_params(m, b, ffx_password=cfg.ffx_password if m == "ffx" else None)
-        if cfg.ffx_password is not None and "ffx" not in cfg.methods:
-            raise KeyshardError("an FFX password was given but --methods has no ffx")
+                keys.validate_params(m, b, ffx_password=self.password_for(m))
+        if cfg.ffx_password is not None and not takes_password(cfg.methods):
+            raise KeyshardError(f"an FFX password was given but --methods has no {' or '.join(keys.password_methods())}")
         check_output(self.out, directory=True)
         record = self.out / "sweep.json"
         if self.out.is_dir() and any(self.out.iterdir()) and not record.is_file():
@@ -219,11 +206,15 @@ class Sweep:
         if audit_dir.exists():
             shutil.rmtree(audit_dir)  # no audit.json: an interrupted audit, redone from scratch
 
+    def password_for(self, method: str) -> bytes | None:
+        """The run's FFX password for the cells of methods whose keys take one."""
+        return self.cfg.ffx_password if methods.get(method).takes_password else None
+
     def key_for(self, method: str, block_size: int, path: Path):
         """The cell's key: the one in key.json when a previous run wrote it, else a new one."""
         from keyshard import keys
 
-        pw = self.cfg.ffx_password if method == "ffx" else None
+        pw = self.password_for(method)
         if path.is_file():
             key = keys.load(path)
             if (key.method, key.block_size) != (method, block_size):
@@ -337,7 +328,6 @@ def _full_scale(audit: dict) -> bool:
 
 def rows(audits: list[tuple[dict, Path]], baseline: tuple[dict, Path] | None, root: Path | None = None) -> list[dict]:
     """One CSV row per cell (values exactly as in its audit.json) plus a ``baseline`` row."""
-    from keyshard.evaluate.report import PAPER_BASELINE, PAPER_TABLE1
 
     def rel(p: Path) -> str:
         try:
@@ -429,10 +419,9 @@ def fig6(audits: list[tuple[dict, Path]], baseline: tuple[dict, Path] | None) ->
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from keyshard.evaluate.report import PAPER_BASELINE, PAPER_TABLE1
 
     data = [x for x in rows(audits, baseline) if x["method"] != "baseline"]
-    methods = list(dict.fromkeys(x["method"] for x in data)) or ["shf"]
+    methods = list(dict.fromkeys(x["method"] for x in data)) or [SWEEP_METHODS[0]]
     base = baseline[0]["results"]["plain"]["miou"] if baseline else None
     fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.9), dpi=120, sharey=True, squeeze=False)
     for i, (ax, method) in enumerate(zip(axes[0], methods)):
@@ -487,10 +476,11 @@ def fig6(audits: list[tuple[dict, Path]], baseline: tuple[dict, Path] | None) ->
               help="VOC2012 source: VOCdevkit/VOC2012 (or a folder above it) or the official tar.")
 @options.output_option(required=True, type=click.Path(file_okay=False), metavar="DIR",
                        help="Sweep directory (created; a rerun continues it).")
-@click.option("--methods", default="shf,np,ffx", show_default=True, callback=lambda c, p, v: parse_methods(v),
-              help="Comma-separated methods.")
-@click.option("--block-sizes", default=",".join(map(str, PAPER_BLOCK_SIZES)), show_default=True,
-              callback=lambda c, p, v: parse_block_sizes(v), help="Comma-separated block sizes M; each must divide --image-size.")
+@click.option("--methods", type=options.METHOD_LIST, default=",".join(SWEEP_METHODS), show_default=True,
+              help="Comma-separated methods (any registered one).")
+@click.option("--block-sizes", type=options.CommaList(options.BLOCK_SIZE, sort=True),
+              default=",".join(map(str, PAPER_BLOCK_SIZES)), show_default=True,
+              help="Comma-separated block sizes M; each must divide --image-size.")
 @click.option("--preset", type=click.Choice(["paper", "demo"]), default="paper", show_default=True,
               help="Training preset of every model (see `keyshard train --help`).")
 @click.option("--image-size", type=options.IMAGE_SIZE, default=256, show_default=True, metavar="SIZE",
@@ -531,7 +521,7 @@ def sweep(voc, output, methods, block_sizes, preset, image_size, epochs, augment
     """
     from keyshard import keys
 
-    password, _ = keys.ffx_password_from(ffx_password, ffx_password_file, use_env="ffx" in methods)
+    password, _ = keys.ffx_password_from(ffx_password, ffx_password_file, use_env=takes_password(methods))
     cfg = SweepConfig(voc=voc, out=Path(output), methods=methods, block_sizes=block_sizes, preset=preset,
                       image_size=image_size, epochs=epochs, augment_copies=augment_copies, wrong_keys=wrong_keys,
                       seed=seed, key_seed=key_seed, ffx_password=password, weights=weights, workers=workers, jobs=jobs,

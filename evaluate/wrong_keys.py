@@ -1,15 +1,16 @@
 """Random wrong keys for the audit: reproducible from a seed, never the correct key, all distinct.
 
 Wrong keys follow the correct key's own material, whatever kind of key it is (derived from a
-secret, from a ``reference_seed``, or explicit — recovered by an attack or imported):
+secret, from a ``reference_seed``, or explicit — recovered by an attack or imported): same
+method and block size, and the method's ``wrong_material`` draws the rest by the key's own rules:
 
-* same method and block size;
 * SHF: a uniformly random permutation of the same 3M² positions;
 * NP/FFX: a uniformly random mask selecting as many positions as the correct key's mask
-  (``keys.mask_size``: half of 3M² for secret keys, one fewer for reference-seed keys, whatever
-  an explicit key holds);
+  (``methods.masked.mask_size``: half of 3M² for secret keys, one fewer for reference-seed keys,
+  whatever an explicit key holds);
 * FFX: the correct key's own table — the paper's setting, protection by the mask alone (the
-  worst case).  ``randomize_password`` gives each wrong key the table of its own random password.
+  worst case).  ``randomize_password`` gives each wrong key the table of its own random password
+  (for methods whose keys take a password).
 
 Candidate ``index`` uses the secret ``sha256("keyshard-wrong-key/1|<seed>|<index>")`` and the
 documented ``keyshard-shake256/1`` shuffles (``keys.fisher_yates``): the SHF permutation is that
@@ -25,11 +26,8 @@ from __future__ import annotations
 
 import hashlib
 
-import numpy as np
-
-from keyshard import keys
+from keyshard import keys, methods
 from keyshard.errors import KeyshardError
-from keyshard.keys import KeyMaterial
 
 
 def _secret(seed: int, index: int) -> bytes:
@@ -42,13 +40,7 @@ def rule(correct: keys.Key, randomize_password: bool = False) -> str:
     With ``randomize_password`` the FFX part is left out: the audit records that flag beside the
     rule and the report appends "random FFX passwords".
     """
-    base = correct.material
-    if base.method == "shf":
-        return f"random permutations of the {base.block_len} block positions"
-    text = f"random masks of the key's size ({keys.mask_size(base)} of {base.block_len} positions)"
-    if base.method == "ffx" and not randomize_password:
-        text += ", the key's FFX table"
-    return text
+    return methods.get(correct.method).wrong_rule(correct.material, randomize_password)
 
 
 # The most wrong keys one audit may ask for (``evaluate --wrong-keys``, ``demo --wrong-keys``).
@@ -72,7 +64,7 @@ def iter_draw(correct: keys.Key, count: int, seed: int, randomize_password: bool
     base = correct.material
     if count > MAX_COUNT:
         raise KeyshardError(f"--wrong-keys {count}: at most {MAX_COUNT} wrong keys per audit")
-    vary_table = base.method == "ffx" and randomize_password
+    vary_table = randomize_password and methods.get(correct.method).takes_password
     if not vary_table:  # otherwise the table varies too and the space is far larger
         space = correct.keyspace_count()
         if space is not None and count > space - 1:
@@ -81,14 +73,12 @@ def iter_draw(correct: keys.Key, count: int, seed: int, randomize_password: bool
     return _draw(correct, count, seed, vary_table, max_tries_factor)
 
 
-def _digest(material: KeyMaterial) -> bytes:
+def _digest(material: methods.Material) -> bytes:
     return hashlib.sha256(material.canonical_bytes()).digest()
 
 
 def _draw(correct: keys.Key, count: int, seed: int, vary_table: bool, max_tries_factor: int):
-    base = correct.material
-    n = base.block_len
-    selected = keys.mask_size(base) if base.method != "shf" else None
+    base, method = correct.material, methods.get(correct.method)
     taken = {_digest(base)}
     made = 0
     index = 0
@@ -97,18 +87,10 @@ def _draw(correct: keys.Key, count: int, seed: int, vary_table: bool, max_tries_
             raise KeyshardError(f"could not draw {count} distinct wrong keys")
         secret = _secret(seed, index)
         index += 1
-        if base.method == "shf":
-            material = KeyMaterial("shf", base.block_size, perm=keys.fisher_yates(secret, b"shf-permutation", n))
-        else:
-            mask = np.zeros(n, dtype=bool)
-            mask[keys.fisher_yates(secret, b"mask-order", n)[:selected]] = True
-            table = base.table
-            if vary_table:
-                table = keys.ffx_table(keys.Key(base.method, base.block_size, secret).password)
-            material = KeyMaterial(base.method, base.block_size, mask=mask, table=table)
+        material = method.wrong_material(base, secret, vary_table)
         ident = _digest(material)
         if ident in taken:
             continue
         taken.add(ident)
         made += 1
-        yield keys.Key(method=base.method, block_size=base.block_size, secret=secret, explicit=material)
+        yield keys.Key(method=correct.method, block_size=base.block_size, secret=secret, explicit=material)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import click
 
-from keyshard import keys, options
+from keyshard import keys, methods, options
 from keyshard.errors import KeyshardError
 from keyshard.fsutil import make_parent
 
 
 @click.command("keygen")
-@click.option("--method", type=click.Choice(keys.METHODS), required=True,
-              help="shf: pixel shuffling; np: negative/positive flipping; ffx: FFX format-preserving encryption.")
+@click.option("--method", type=options.METHOD, required=True, help=options.method_help())
 @click.option("--block-size", "-M", type=click.IntRange(1, keys.MAX_BLOCK_SIZE), required=True,
               help=f"Block size M (e.g. 2, 4, ..., at most {keys.MAX_BLOCK_SIZE}).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="Key file to create (mode 0600).")
@@ -36,10 +35,11 @@ def keygen(method, block_size, output, image_size, reference_seed, ffx_password,
     """
     if image_size % block_size:
         raise KeyshardError(f"--block-size {block_size} does not divide --image-size {image_size}")
-    if method != "ffx" and (ffx_password is not None or ffx_password_file is not None):
+    takes_password = methods.get(method).takes_password
+    if not takes_password and (ffx_password is not None or ffx_password_file is not None):
         given = "--ffx-password" if ffx_password is not None else "--ffx-password-file"
-        raise KeyshardError(f"{given} applies only to --method ffx")
-    password, source = keys.ffx_password_from(ffx_password, ffx_password_file, use_env=method == "ffx")
+        raise KeyshardError(f"{given} applies only to {' or '.join('--method ' + m for m in keys.password_methods())}")
+    password, source = keys.ffx_password_from(ffx_password, ffx_password_file, use_env=takes_password)
     key = keys.generate(method, block_size, reference_seed, password)
     fingerprint = key.fingerprint  # derive everything now: a failure here must leave no file behind
     make_parent(output)  # missing directories are created, as for every -o
@@ -55,6 +55,7 @@ def keygen(method, block_size, output, image_size, reference_seed, ffx_password,
 def key_info(key_file):
     """Show a key's method, block size, fingerprint and key-space size (never the secret)."""
     key = keys.load(key_file)
+    method = methods.get(key.method)
     bits = key.keyspace_bits()
     count = key.keyspace_count()
     rows = [
@@ -63,13 +64,9 @@ def key_info(key_file):
         ("block size", f"{key.block_size} (block vector of {key.material.block_len} values)"),
         ("derivation", key.derivation + (f" (seed {key.reference_seed})" if key.reference_seed is not None else "")),
         ("fingerprint", key.fingerprint),
-        ("key space", f"2^{bits:.1f}" + (f" = {count} keys" if count is not None else "")
-         + (" (masks; FFX password assumed known, the paper's setting)" if key.method == "ffx" else "")),
+        ("key space", f"2^{bits:.1f}" + (f" = {count} keys" if count is not None else "") + method.keyspace_note),
+        *method.describe(key.material),
     ]
-    if key.method != "shf":
-        rows.append(("mask", f"{int(key.material.mask.sum())} of {key.material.block_len} positions transformed"))
-    if key.method == "ffx":
-        rows.append(("pixel divisor", str(key.material.divisor)))
     for name, value in rows:
         click.echo(f"{name:12} {value}")
     for warning in key.describe_warnings():  # (keys.load has warned about a readable file mode)

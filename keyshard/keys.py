@@ -17,7 +17,8 @@ every machine.  Derivation ``keyshard-shake256/1``:
 perm = torch.randperm(3M²)``, computed without torch, see ``reference_permutation``; masks are
 ``perm > 3M²/2``, one position fewer than half).  Explicit
 keys carry the material itself, so their mask selects however many positions it holds
-(``mask_size``; ``rule_mask_size`` says what each derivation selects).
+(``keyshard.methods.masked``: ``mask_size``; ``rule_mask_size`` says what each derivation
+selects).  Each method's module (``keyshard/methods/``) applies these primitives to its material.
 
 The fingerprint is HMAC-SHA256 keyed by the secret over the public parameters and the derived
 material: it identifies a key without letting anyone test guesses offline.
@@ -28,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import math
 import os
 import secrets
 import stat
@@ -38,11 +38,13 @@ from pathlib import Path
 
 import numpy as np
 
+from keyshard import methods
 from keyshard.errors import KeyshardError
 from keyshard.fsutil import write_new
 
 KEY_FORMAT = "keyshard-key/1"
-METHODS = ("shf", "np", "ffx")
+# keyshard's own methods (tests and benchmarks loop over them); every registered one: methods.names()
+METHODS = methods.builtin_names()
 CHANNELS = 3
 DERIVE_SECRET = "keyshard-shake256/1"
 DERIVE_REFERENCE = "reference-torch-randperm/1"
@@ -135,49 +137,10 @@ def ffx_table(password: bytes) -> np.ndarray:
     return np.asarray([fpe.encrypt(v) for v in range(256)], dtype=np.uint16)
 
 
-@dataclass(frozen=True)
-class KeyMaterial:
-    """What a transform needs: the method, block size and the derived permutation/mask/table."""
-
-    method: str
-    block_size: int
-    perm: np.ndarray | None = None  # SHF: out[k] = in[perm[k]] within each flattened block
-    mask: np.ndarray | None = None  # NP/FFX: bool, True where the value is transformed
-    table: np.ndarray | None = None  # FFX: uint16 code for each value 0..255
-
-    @property
-    def block_len(self) -> int:
-        return self.block_size * self.block_size * CHANNELS
-
-    @property
-    def divisor(self) -> int:
-        """The value the model divides pixels by: 255, or max(table) for FFX (as the reference)."""
-        return int(self.table.max()) if self.method == "ffx" else 255
-
-    def canonical_bytes(self) -> bytes:
-        """Stable byte encoding of the material, used inside the keyed fingerprint."""
-        parts = []
-        if self.perm is not None:
-            parts.append(b"perm" + self.perm.astype("<u4").tobytes())
-        if self.mask is not None:
-            parts.append(b"mask" + np.packbits(self.mask.astype(np.uint8)).tobytes())
-        if self.table is not None:
-            parts.append(b"table" + self.table.astype("<u2").tobytes())
-        return b"|".join(parts)
-
-    def equals(self, other: "KeyMaterial") -> bool:
-        """True when both apply exactly the same transform."""
-
-        def same(a, b):
-            return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
-
-        return (
-            self.method == other.method
-            and self.block_size == other.block_size
-            and same(self.perm, other.perm)
-            and same(self.mask, other.mask)
-            and same(self.table, other.table)
-        )
+def KeyMaterial(method: str, block_size: int, **arrays):  # noqa: N802 (it was a class; callers keep the name)
+    """Key material of ``method`` for block size M from its arrays, e.g.
+    ``KeyMaterial("shf", 2, perm=...)``: the method's own ``Material`` class (keyshard.methods)."""
+    return methods.get(method).Material(block_size, **arrays)
 
 
 @dataclass(frozen=True)
@@ -189,7 +152,7 @@ class Key:
     secret: bytes
     reference_seed: int | None = None
     ffx_password: bytes | None = None  # as given in the file; None means derived from the secret
-    explicit: KeyMaterial | None = None
+    explicit: methods.Material | None = None
     path: str | None = None
 
     @property
@@ -206,21 +169,11 @@ class Key:
         return _stream_words(self.secret, b"ffx-password", 2).tobytes().hex().encode()
 
     @cached_property
-    def material(self) -> KeyMaterial:
+    def material(self) -> "methods.Material":
+        """The key material: the explicit one, else derived by the method from the secret or seed."""
         if self.explicit is not None:
             return self.explicit
-        n = self.block_size * self.block_size * CHANNELS
-        if self.method == "shf":
-            perm = (reference_permutation(self.reference_seed, n) if self.reference_seed is not None
-                    else fisher_yates(self.secret, b"shf-permutation", n))
-            return KeyMaterial("shf", self.block_size, perm=perm)
-        if self.reference_seed is not None:
-            mask = reference_permutation(self.reference_seed, n) > n / 2  # rule_mask_size: n - 1 - n // 2
-        else:
-            mask = np.zeros(n, dtype=bool)
-            mask[fisher_yates(self.secret, b"mask-order", n)[: rule_mask_size(self.block_size, DERIVE_SECRET)]] = True
-        table = ffx_table(self.password) if self.method == "ffx" else None
-        return KeyMaterial(self.method, self.block_size, mask=mask, table=table)
+        return methods.get(self.method).derive(self)
 
     @cached_property
     def fingerprint(self) -> str:
@@ -239,25 +192,18 @@ class Key:
 
     # -- key space ---------------------------------------------------------------------------
     def keyspace_bits(self) -> float:
-        """log2 of the number of distinct keys of this kind (method, block size, mask size).
+        """log2 of the number of distinct keys of this kind (method, block size, mask size...).
 
         For FFX this counts masks only: the attacker is assumed to know the password, as in
         the paper's fixed-password setting (the worst case).
         """
-        n = self.block_size * self.block_size * CHANNELS
-        if self.method == "shf":
-            return math.lgamma(n + 1) / math.log(2)
-        selected = mask_size(self.material)
-        return math.log2(math.comb(n, selected)) if n < 4000 else _log2_comb(n, selected)
+        return methods.get(self.method).keyspace_bits(self.material)
 
     def keyspace_count(self) -> int | None:
         """Exact number of keys when it is small enough to print, else None."""
         if self.keyspace_bits() > 64:
             return None
-        n = self.block_size * self.block_size * CHANNELS
-        if self.method == "shf":
-            return math.factorial(n)
-        return math.comb(n, mask_size(self.material))
+        return methods.get(self.method).keyspace_count(self.material)
 
     def describe_warnings(self) -> list[str]:
         """Plain-language warnings a user should see in ``key-info``."""
@@ -278,34 +224,6 @@ class Key:
         return out
 
 
-def rule_mask_size(block_size: int, derivation: str) -> int | None:
-    """How many of the 3M² block positions an NP/FFX mask of ``derivation`` selects.
-
-    ``keyshard-shake256/1``: exactly half (``n // 2``).  The reference code's ``perm > n/2``
-    selects the values ``floor(n/2) + 1 .. n - 1``: ``n - 1 - n // 2`` positions (one fewer than
-    half for even n).  An explicit key's mask is whatever its file holds: None here, ask
-    ``mask_size(material)``.  This is the one place that knows these counts; wrong keys, near-miss
-    keys and key search all follow ``mask_size`` of the key they are given.
-    """
-    n = block_size * block_size * CHANNELS
-    if derivation == DERIVE_SECRET:
-        return n // 2
-    if derivation == DERIVE_REFERENCE:
-        return n - 1 - n // 2
-    return None
-
-
-def mask_size(material: KeyMaterial) -> int:
-    """How many positions an NP/FFX key's mask selects (what its wrong keys and searches keep)."""
-    if material.mask is None:
-        raise ValueError(f"{material.method} keys have no mask")
-    return int(material.mask.sum())
-
-
-def _log2_comb(n: int, k: int) -> float:
-    return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
-
-
 # -- file I/O -------------------------------------------------------------------------------
 
 def generate(method: str, block_size: int, reference_seed: int | None = None,
@@ -319,15 +237,14 @@ def generate(method: str, block_size: int, reference_seed: int | None = None,
 def validate_params(method: str, block_size: int, reference_seed: int | None = None,
                     ffx_password: bytes | None = None) -> None:
     """Refuse what no valid key file can hold, before anything is derived or written."""
-    if method not in METHODS:
-        raise KeyshardError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    method_ = methods.get(method)  # KeyshardError naming the registered methods
     if not _int_in(block_size, 1, MAX_BLOCK_SIZE):
         raise KeyshardError(f"block size must be an integer from 1 to {MAX_BLOCK_SIZE}, got {_show(block_size)}")
     if reference_seed is not None and not _int_in(reference_seed, 0, MAX_REFERENCE_SEED):
         raise KeyshardError(f"reference seed must be an integer from 0 to 2^63-1, got {_show(reference_seed)}")
     if ffx_password is not None:
-        if method != "ffx":
-            raise KeyshardError("--ffx-password applies only to --method ffx")
+        if not method_.takes_password:
+            raise KeyshardError(f"an FFX password applies only to method {' or '.join(password_methods())}")
         if not 1 <= len(ffx_password) <= MAX_FFX_PASSWORD_BYTES:
             raise KeyshardError(f"the FFX password must be 1 to {MAX_FFX_PASSWORD_BYTES} bytes long")
 
@@ -350,15 +267,7 @@ def to_json(key: Key) -> dict:
     if key.ffx_password is not None:
         doc["ffx_password"] = key.ffx_password.decode("utf-8", "surrogateescape")
     if key.explicit is not None:
-        m = key.explicit
-        material = {}
-        if m.perm is not None:
-            material["permutation"] = m.perm.tolist()
-        if m.mask is not None:
-            material["mask"] = "".join("1" if b else "0" for b in m.mask)
-        if m.table is not None:
-            material["table"] = m.table.tolist()
-        doc["material"] = material
+        doc["material"] = methods.get(key.method).material_to_json(key.explicit)
     return doc
 
 
@@ -411,19 +320,9 @@ def from_json(doc, where: str, path: str | None = None) -> Key:
     if error is not None:
         raise KeyshardError(f"{where}: {_describe(error)}")
     method, block_size = doc["method"], doc["block_size"]
-    n = block_size * block_size * CHANNELS
-    material = doc.get("material")
     explicit = None
-    if material is not None:  # the schema has checked types, bounds and which fields each method has
-        perm, mask, table = material.get("permutation"), material.get("mask"), material.get("table")
-        if perm is not None and not _is_permutation(perm := np.asarray(perm, dtype=np.int64), n):
-            raise KeyshardError(f"{where}: 'material.permutation' must be a permutation of 0..{n - 1} (3M² values)")
-        if mask is not None and len(mask) != n:
-            raise KeyshardError(f"{where}: 'material.mask' must have 3M² = {n} characters, not {len(mask)}")
-        explicit = KeyMaterial(
-            method, block_size, perm=perm,
-            mask=None if mask is None else np.frombuffer(mask.encode("ascii"), dtype=np.uint8) == ord("1"),
-            table=None if table is None else np.asarray(table, dtype=np.uint16))
+    if doc.get("material") is not None:  # the schema has checked types, bounds and which fields each method has
+        explicit = methods.get(method).material_from_json(block_size, doc["material"], where)
     password = doc.get("ffx_password")
     if password is not None:
         try:
@@ -434,10 +333,6 @@ def from_json(doc, where: str, path: str | None = None) -> Key:
                reference_seed=doc.get("reference_seed"), ffx_password=password, explicit=explicit, path=path)
 
 
-def _is_permutation(perm: np.ndarray, n: int) -> bool:
-    return perm.shape == (n,) and np.array_equal(np.sort(perm), np.arange(n))
-
-
 @lru_cache(maxsize=1)
 def key_schema() -> dict:
     """``manifests/key.schema.json`` (package data of ``keyshard.manifests``)."""
@@ -446,9 +341,21 @@ def key_schema() -> dict:
     return json.loads(resources.files("keyshard.manifests").joinpath("key.schema.json").read_text())
 
 
-@lru_cache(maxsize=1)
+def password_methods() -> list[str]:
+    """The registered methods whose keys take a password (FFX)."""
+    return [name for name in methods.names() if methods.get(name).takes_password]
+
+
 def _validator():
-    """A Draft 2020-12 validator of the key schema, with two adjustments.
+    """The validator of the key schema for the methods registered now (see ``_validator_for``)."""
+    return _validator_for(methods.names())
+
+
+@lru_cache(maxsize=4)
+def _validator_for(method_names: tuple[str, ...]):
+    """A Draft 2020-12 validator of the key schema, with the registered methods' fragments
+    filled in (``methods.key_schema``; for the built-ins that is the file on disk) and two
+    adjustments.
 
     * ``integer`` means a JSON integer as written (Python ``int``, not ``4.0`` and not ``true``).
     * ``items`` of plain bounded integers takes a fast path: an explicit permutation has up to
@@ -470,7 +377,8 @@ def _validator():
 
     checker = base.TYPE_CHECKER.redefine(
         "integer", lambda _checker, value: isinstance(value, int) and not isinstance(value, bool))
-    return jsonschema.validators.extend(base, validators={"items": items}, type_checker=checker)(key_schema())
+    schema = methods.key_schema(key_schema(), method_names)
+    return jsonschema.validators.extend(base, validators={"items": items}, type_checker=checker)(schema)
 
 
 def _first_bad_int(instance, subschema) -> int | None:

@@ -13,6 +13,7 @@ import math
 import click
 from click.core import ParameterSource
 
+from keyshard import methods
 from keyshard.keys import MAX_BLOCK_SIZE
 
 MAX_IMAGE_SIZE = 4096      # --image-size: a 4096² SHF plan is already ~400 MB
@@ -57,7 +58,54 @@ class Jobs(click.ParamType):
         self.fail(f"{rv} is not -1 (all cores) or in the range 1<=x<={MAX_JOBS}.", param, ctx)
 
 
+class MethodName(click.Choice):
+    """An encryption method's name.  The choices are the registry's when a value is checked, so a
+    method registered after the CLI was built (a plug-in registered in-process) is accepted too."""
+
+    def __init__(self, case_sensitive: bool = True):
+        super().__init__((), case_sensitive=case_sensitive)
+
+    @property
+    def choices(self):
+        return methods.names()
+
+    @choices.setter
+    def choices(self, value):  # click.Choice sets it; the registry is the list
+        pass
+
+
+def method_help() -> str:
+    """'shf: pixel shuffling; np: ...' for the methods registered when the CLI is built."""
+    return "; ".join(f"{name}: {methods.get(name).summary}" for name in methods.names()) + "."
+
+
+class CommaList(click.ParamType):
+    """A comma-separated list (``--methods np,shf``, ``--block-sizes 2,4,8``): the one rule for
+    every list option.  Items are stripped, empty ones skipped, each is converted by ``item`` (a
+    click type, so a bad item is refused with that type's message), repeats are dropped (the
+    first kept) and ``sort`` sorts the result.  An empty list is refused.  Returns a tuple."""
+
+    name = "list"
+
+    def __init__(self, item: click.ParamType, sort: bool = False):
+        self.item, self.sort = item, sort
+
+    def get_metavar(self, param, ctx=None):
+        return "LIST"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        items = [v.strip() for v in str(value).split(",") if v.strip()]
+        if not items:
+            self.fail(f"{value!r}: expected a comma-separated list", param, ctx)
+        out = tuple(dict.fromkeys(self.item.convert(v, param, ctx) for v in items))
+        return tuple(sorted(out)) if self.sort else out
+
+
 JOBS = Jobs()
+METHOD = MethodName()
+METHOD_LIST = CommaList(MethodName(case_sensitive=False))
 POSITIVE = FiniteFloat(min=0, min_open=True)   # learning rates
 NON_NEGATIVE = FiniteFloat(min=0)              # weight decay, minimum lr, loss weights
 

@@ -9,18 +9,17 @@ size into a *plan* over the whole flattened image:
 * NP: a 0/255 image, ``out = x ^ xor`` (equal to ``255 - v`` where the key bit is set);
 * FFX: a base image (0, or 256 where the key bit is set) and a 2×256 table, ``out = lut[base + x]``.
 
-Each has an exact inverse.  The numpy and torch paths use the same compiled arrays, so their
-outputs are bit-identical.
+Each method's plan class lives in its module (``keyshard/methods/``) and subclasses :class:`Plan`
+here; each has an exact inverse.  The numpy and torch paths use the same compiled arrays, so
+their outputs are bit-identical.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from keyshard.errors import KeyshardError
-from keyshard.keys import CHANNELS, KeyMaterial
+from keyshard.keys import CHANNELS
 
 
 def check_divisible(height: int, width: int, block_size: int, what: str = "image") -> None:
@@ -43,7 +42,20 @@ def block_coords(k, m: int):
     return row, col, ch
 
 
-def _block_positions(height: int, width: int, m: int):
+def patch_positions(size: int, m: int):
+    """For each (channel, row, col) of an S×S patch, channel first as in a conv weight: the
+    arrays c, y, x and k, the in-block index ``block_index(y, x, c, m)`` (what ``protect`` folds)."""
+    c, y, x = np.meshgrid(np.arange(CHANNELS), np.arange(size), np.arange(size), indexing="ij")
+    return c, y, x, block_index(y, x, c, m)
+
+
+def to_blocks(x: np.ndarray, m: int) -> np.ndarray:
+    """(H, W, 3) → (blocks, 3M²) in the flattening order above (what known-plaintext attacks read)."""
+    h, w, _ = x.shape
+    return x.reshape(h // m, m, w // m, m, CHANNELS).transpose(0, 2, 1, 3, 4).reshape(-1, m * m * CHANNELS)
+
+
+def block_positions(height: int, width: int, m: int):
     """For each flat image position: its block origin (y0, x0) and index k inside the block."""
     y = np.arange(height).reshape(-1, 1, 1)
     x = np.arange(width).reshape(1, -1, 1)
@@ -51,34 +63,30 @@ def _block_positions(height: int, width: int, m: int):
     return y - y % m, x - x % m, block_index(y, x, c, m)
 
 
-def _expand(values: np.ndarray, height: int, width: int, m: int) -> np.ndarray:
+def expand(values: np.ndarray, height: int, width: int, m: int) -> np.ndarray:
     """Repeat a per-block vector (length 3M²) over every block of an H×W×3 image."""
-    _, _, k = _block_positions(height, width, m)
+    _, _, k = block_positions(height, width, m)
     return values[k]
 
 
-@dataclass(frozen=True)
 class Plan:
-    """A key compiled for one image size; ``encrypt``/``decrypt`` work on (..., H, W, 3) arrays."""
+    """A key compiled for one image size; ``encrypt``/``decrypt`` work on (..., H, W, 3) arrays.
 
-    method: str
-    height: int
-    width: int
-    gather: np.ndarray | None = None      # SHF forward flat index
-    scatter: np.ndarray | None = None     # SHF inverse flat index
-    xor: np.ndarray | None = None         # NP: uint8 0/255 image
-    fwd_base: np.ndarray | None = None    # FFX: uint16 0/256 per position (selects the lut row)
-    inv_base: np.ndarray | None = None    # FFX: uint16 0/1000 per position (row of inv_lut)
-    lut: np.ndarray | None = None         # FFX forward: 2×256 uint16 (identity row, table row)
-    inv_lut: np.ndarray | None = None     # FFX inverse: 2×1000 int16, -1 marks impossible codes
+    Each method has its own plan class (``keyshard/methods/``): it holds the compiled arrays and
+    implements ``_apply_flat`` (numpy, one flattened image), ``_torch_arrays`` (the arrays to put
+    on a device) and ``_torch_flat`` (the same operation on a (B, H·W·3) tensor, bit-identical).
+    ``out_dtype`` is what ``encrypt`` returns (and ``decrypt`` takes).
+    """
+
+    method: str = ""
+    out_dtype = np.uint8
+
+    def __init__(self, height: int, width: int):
+        self.height, self.width = height, width
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return (self.height, self.width, CHANNELS)
-
-    @property
-    def out_dtype(self):
-        return np.uint16 if self.method == "ffx" else np.uint8
 
     def _check(self, x: np.ndarray, dtype) -> None:
         if x.shape[-3:] != self.shape:
@@ -87,12 +95,12 @@ class Plan:
             raise ValueError(f"expected {np.dtype(dtype).name} values, got {x.dtype}")
 
     def encrypt(self, x: np.ndarray) -> np.ndarray:
-        """uint8 image(s) → encrypted image(s) (uint8, or uint16 codes for FFX)."""
+        """uint8 image(s) → encrypted image(s) (``out_dtype``: uint8, or uint16 codes for FFX)."""
         self._check(x, np.uint8)
         return self._apply(x, forward=True)
 
     def decrypt(self, y: np.ndarray) -> np.ndarray:
-        """Exact inverse of ``encrypt``; raises ValueError on FFX codes no key could produce."""
+        """Exact inverse of ``encrypt``; raises ValueError on values no key of the method could produce."""
         self._check(y, self.out_dtype)
         return self._apply(y, forward=False)
 
@@ -105,94 +113,52 @@ class Plan:
         return np.stack([self._apply_flat(row, forward) for row in rows]).reshape(batch + self.shape)
 
     def _apply_flat(self, flat: np.ndarray, forward: bool) -> np.ndarray:
-        if self.method == "shf":
-            return np.take(flat, self.gather if forward else self.scatter)
-        if self.method == "np":
-            return flat ^ self.xor.reshape(-1)
-        if forward:  # uint16 index arithmetic: half the cost of an intp index
-            return np.take(self.lut.reshape(-1), self.fwd_base.reshape(-1) + flat)
-        out = np.take(self.inv_lut.reshape(-1), self.inv_base.reshape(-1) + flat)
-        if (out < 0).any():
-            raise ValueError("value is not an FFX code of this key (wrong key or corrupt data)")
-        return out.astype(np.uint8)
+        raise NotImplementedError
+
+    def _torch_arrays(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _torch_flat(t: dict, flat, forward: bool):
+        raise NotImplementedError
 
     def to_torch(self, device=None) -> "TorchPlan":
         return TorchPlan.from_plan(self, device)
 
 
-def compile_plan(material: KeyMaterial, height: int, width: int) -> Plan:
+def compile_plan(material, height: int, width: int) -> Plan:
     """Compile key material for H×W×3 images (H, W multiples of the block size)."""
-    m = material.block_size
-    check_divisible(height, width, m)
-    if material.method == "shf":
-        y0, x0, k = _block_positions(height, width, m)
-        r, col, ch = block_coords(material.perm[k], m)  # out[k] = in[perm[k]] within the block
-        gather = (((y0 + r) * width + (x0 + col)) * CHANNELS + ch).reshape(-1).astype(np.intp)
-        scatter = np.empty_like(gather)
-        scatter[gather] = np.arange(gather.size, dtype=np.intp)
-        return Plan("shf", height, width, gather=gather, scatter=scatter)
-    mask_img = _expand(material.mask, height, width, m)
-    if material.method == "np":
-        return Plan("np", height, width, xor=np.where(mask_img, 255, 0).astype(np.uint8))
-    table = material.table.astype(np.uint16)
-    lut = np.stack([np.arange(256, dtype=np.uint16), table])
-    inv_lut = np.full((2, 1000), -1, dtype=np.int16)
-    inv_lut[0, :256] = np.arange(256)
-    inv_lut[1, table] = np.arange(256)
-    row = mask_img.astype(np.uint16)
-    return Plan("ffx", height, width, fwd_base=row * 256, inv_base=row * 1000, lut=lut, inv_lut=inv_lut)
+    from keyshard import methods
+
+    check_divisible(height, width, material.block_size)
+    return methods.get(material.method).compile(material, height, width)
 
 
 class TorchPlan:
     """The same compiled plan as tensors on a device; operates on (B, H, W, 3) integer tensors."""
 
-    def __init__(self, method, height, width, tensors):
-        self.method, self.height, self.width = method, height, width
+    def __init__(self, plan: Plan, tensors: dict):
+        self.plan, self.method, self.height, self.width = plan, plan.method, plan.height, plan.width
         self.t = tensors
 
     @classmethod
     def from_plan(cls, plan: Plan, device=None) -> "TorchPlan":
         import torch
 
-        names = ("gather", "scatter", "xor", "fwd_base", "inv_base", "lut", "inv_lut")
-        tensors = {}
-        for name in names:
-            arr = getattr(plan, name)
-            if arr is None:
-                continue
-            if name in ("gather", "scatter", "fwd_base", "inv_base"):
-                arr = arr.astype(np.int64)  # index arithmetic in torch wants int64
-            elif arr.dtype == np.uint16:  # torch's uint16 lacks indexing kernels on some devices
-                arr = arr.astype(np.int32)
-            tensors[name] = torch.from_numpy(np.ascontiguousarray(arr)).to(device)
-        return cls(plan.method, plan.height, plan.width, tensors)
+        tensors = {name: torch.from_numpy(np.ascontiguousarray(arr)).to(device)
+                   for name, arr in plan._torch_arrays().items()}
+        return cls(plan, tensors)
 
     def encrypt(self, x):
-        """uint8 (B,H,W,3) → uint8 (SHF/NP) or int32 codes (FFX), bit-identical to numpy."""
+        """uint8 (B,H,W,3) → uint8, or int32 codes (FFX), bit-identical to numpy."""
         return self._apply(x, forward=True)
 
     def decrypt(self, y):
         return self._apply(y, forward=False)
 
     def _apply(self, x, forward: bool):
-        import torch
-
         shape = x.shape
-        flat = x.reshape(shape[0], -1)
-        t = self.t
-        if self.method == "shf":  # torch.gather is ~8x faster than advanced indexing on CPU
-            index = t["gather"] if forward else t["scatter"]
-            out = torch.gather(flat, 1, index.expand(flat.shape[0], -1))
-        elif self.method == "np":
-            out = torch.bitwise_xor(flat, t["xor"].reshape(-1))
-        elif forward:
-            out = t["lut"].reshape(-1)[t["fwd_base"].reshape(-1) + flat.long()]
-        else:
-            out = t["inv_lut"].reshape(-1)[t["inv_base"].reshape(-1) + flat.long()]
-            if bool((out < 0).any()):
-                raise ValueError("value is not an FFX code of this key (wrong key or corrupt data)")
-            out = out.to(torch.uint8)
-        return out.reshape(shape)
+        return self.plan._torch_flat(self.t, x.reshape(shape[0], -1), forward).reshape(shape)
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -16,7 +16,9 @@ import zlib
 from importlib import metadata, resources
 from pathlib import Path
 
-from keyshard import __version__
+import numpy as np
+
+from keyshard import __version__, methods
 from keyshard.errors import KeyshardError
 from keyshard.fsutil import write_json_atomic
 
@@ -37,7 +39,14 @@ def library_versions() -> dict:
 
 
 def schema() -> dict:
-    return json.loads(resources.files("keyshard.manifests").joinpath("manifest.schema.json").read_text())
+    """``manifests/manifest.schema.json`` with the method and dtype enums of the registered methods
+    (for the built-ins that is the file as written; a test checks it)."""
+    doc = json.loads(resources.files("keyshard.manifests").joinpath("manifest.schema.json").read_text())
+    enc = doc["properties"]["encryption"]["properties"]
+    enc["method"]["enum"] = [*methods.names(), None]
+    enc["dtype"]["enum"] = list(dict.fromkeys(["uint8"] + [np.dtype(methods.get(n).storage_dtype).name
+                                                          for n in methods.names()]))
+    return doc
 
 
 def content_checksum(records: list[dict], split_files: dict) -> str:
@@ -78,7 +87,7 @@ def build(identity: dict, key, options, records: list[dict], counts: dict, comma
             "key_fingerprint": None if key is None else key.fingerprint,
             "key_derivation": None if key is None else key.derivation,
             "pixel_divisor": 255 if material is None else material.divisor,
-            "dtype": "uint16" if material is not None and material.method == "ffx" else "uint8",
+            "dtype": "uint8" if key is None else np.dtype(methods.get(key.method).storage_dtype).name,
         },
         "image": {"height": options.size, "width": options.size, "channels": 3,
                   "resize": "bilinear, antialiased (torchvision uint8 kernel)",

@@ -8,6 +8,7 @@ import torch
 import pytest
 
 from keyshard import keys
+from keyshard.methods.masked import mask_size, rule_mask_size
 from keyshard.evaluate.known_plaintext import matched_pairs, recover_material
 from keyshard.pipeline import encrypt_job
 from keyshard.pipeline.toy_voc import make_toy_voc
@@ -95,18 +96,18 @@ def test_recovered_keys_get_wrong_near_miss_and_search_keys_of_their_own_shape(k
         if method == "shf":
             assert sorted(k.material.perm.tolist()) == list(range(n))
         else:
-            size = keys.rule_mask_size(2, truth.derivation)
+            size = rule_mask_size(2, truth.derivation)
             assert size == (5 if kind == "reference-seed" else 6)
-            assert keys.mask_size(k.material) == keys.mask_size(base) == keys.mask_size(truth.material) == size
+            assert mask_size(k.material) == mask_size(base) == mask_size(truth.material) == size
         if method == "ffx":  # the recovered key's own table, not one derived from its fresh secret
             np.testing.assert_array_equal(k.material.table, base.table)
     assert all(distance(k.material, base) == 1 for k in near)
     if method == "np":  # the search enumerates masks of the recovered key's size and finds it
         plain = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
         objective = Objective(OracleNP(base, 8, 8).eval(), plain, oracle_labels(plain), "cpu")
-        mode, ranked = search(objective, "np", 2, recovered.derivation, None, budget=10, exhaustive_limit=5000,
+        mode, ranked = search(objective, "np", 2, recovered.derivation, budget=10, exhaustive_limit=5000,
                               start=wrong[0].material, seed=0)
-        assert mode == "exhaustive" and len(ranked) == math.comb(n, keys.mask_size(base))
+        assert mode == "exhaustive" and len(ranked) == math.comb(n, mask_size(base))
         assert ranked[0][1].equals(base) and ranked[0][1].equals(truth.material)
 
 
@@ -191,7 +192,7 @@ def test_exhaustive_search_finds_the_key_a_model_is_built_for():
     plain = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
     model = OracleNP(correct.material, 8, 8).eval()
     objective = Objective(model, plain, oracle_labels(plain), "cpu")
-    mode, ranked = search(objective, "np", 2, correct.derivation, None, budget=10, exhaustive_limit=5000,
+    mode, ranked = search(objective, "np", 2, correct.derivation, budget=10, exhaustive_limit=5000,
                           start=None, seed=0)
     assert mode == "exhaustive" and len(ranked) == 924 and objective.evaluations == 924
     assert ranked[0][1].equals(correct.material)

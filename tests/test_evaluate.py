@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from keyshard import keys
+from keyshard.methods.masked import mask_size
 from keyshard.evaluate import wrong_keys
 from keyshard.evaluate.metrics import Confusion
 from keyshard.shardformat import decode_npy, iter_tar_samples
@@ -99,12 +100,12 @@ def test_wrong_keys_follow_the_correct_keys_own_rules_for_every_kind(method, m):
             if method == "shf":  # a permutation of the same length
                 assert sorted(w.perm.tolist()) == list(range(n)), kind
             else:  # as many positions as the correct key's mask
-                assert w.mask.shape == (n,) and keys.mask_size(w) == keys.mask_size(base), kind
+                assert w.mask.shape == (n,) and mask_size(w) == mask_size(base), kind
             if method == "ffx":  # the correct key's table (the paper's setting)
                 np.testing.assert_array_equal(w.table, base.table, err_msg=kind)
         if method != "shf":
             expected = n - 1 - n // 2 if "reference" in kind else n // 2
-            assert keys.mask_size(base) == expected, kind
+            assert mask_size(base) == expected, kind
             assert f"({expected} of {n} positions)" in wrong_keys.rule(correct), kind
         if method == "ffx":
             assert "the key's FFX table" in wrong_keys.rule(correct)
@@ -113,7 +114,7 @@ def test_wrong_keys_follow_the_correct_keys_own_rules_for_every_kind(method, m):
             for k in other:  # --randomize-ffx-password: another table, same mask size
                 assert not np.array_equal(k.material.table, base.table), kind
                 assert len(set(k.material.table.tolist())) == 256 and k.material.table.max() <= 999
-                assert keys.mask_size(k.material) == keys.mask_size(base)
+                assert mask_size(k.material) == mask_size(base)
             assert [k.fingerprint for k in other] == [k.fingerprint for k in
                                                       wrong_keys.draw(correct, 5, seed=3, randomize_password=True)]
         drawn[kind] = a
@@ -138,7 +139,7 @@ def test_wrong_keys_keep_an_explicit_masks_unusual_size():
     correct = keys.Key("ffx", 2, OTHER_SECRET, explicit=keys.KeyMaterial("ffx", 2, mask=mask,
                                                                           table=keys.ffx_table(b"pw")))
     every_other = wrong_keys.draw(correct, 219, seed=0)  # C(12, 3) - 1
-    assert all(keys.mask_size(k.material) == 3 for k in every_other)
+    assert all(mask_size(k.material) == 3 for k in every_other)
     assert len({k.material.canonical_bytes() for k in every_other}) == 219
     assert "(3 of 12 positions)" in wrong_keys.rule(correct)
     with pytest.raises(Exception, match="219 other keys"):

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from keyshard import keys
+from keyshard.methods.masked import mask_size, rule_mask_size
 from keyshard.errors import KeyshardError
 
 from conftest import assert_user_error, invoke
@@ -72,20 +73,20 @@ def test_reference_seed_matches_authors_code(seed, m):
 def test_rule_mask_size_is_what_each_derivation_selects(m):
     """The one helper for mask sizes agrees with the derivations themselves, odd 3M² included."""
     n = 3 * m * m
-    assert keys.rule_mask_size(m, keys.DERIVE_SECRET) == n // 2
-    assert keys.rule_mask_size(m, keys.DERIVE_REFERENCE) == n - 1 - n // 2
-    assert keys.rule_mask_size(m, keys.DERIVE_EXPLICIT) is None
+    assert rule_mask_size(m, keys.DERIVE_SECRET) == n // 2
+    assert rule_mask_size(m, keys.DERIVE_REFERENCE) == n - 1 - n // 2
+    assert rule_mask_size(m, keys.DERIVE_EXPLICIT) is None
     for method in ("np", "ffx"):
         pw = b"password" if method == "ffx" else None
         for key in (keys.Key(method, m, FIXED_SECRET, ffx_password=pw),
                     *(keys.Key(method, m, FIXED_SECRET, reference_seed=s, ffx_password=pw) for s in (0, 7))):
-            assert keys.mask_size(key.material) == int(key.material.mask.sum()) == keys.rule_mask_size(m, key.derivation)
+            assert mask_size(key.material) == int(key.material.mask.sum()) == rule_mask_size(m, key.derivation)
     mask = np.zeros(n, dtype=bool)
     mask[:1] = True  # an explicit (imported) key may hold any mask
     explicit = keys.Key("np", m, FIXED_SECRET, explicit=keys.KeyMaterial("np", m, mask=mask))
-    assert keys.mask_size(explicit.material) == 1 and explicit.keyspace_count() == n
+    assert mask_size(explicit.material) == 1 and explicit.keyspace_count() == n
     with pytest.raises(ValueError):
-        keys.mask_size(keys.Key("shf", m, FIXED_SECRET).material)
+        mask_size(keys.Key("shf", m, FIXED_SECRET).material)
 
 
 def test_ffx_table_equals_pyffx_value_by_value():

@@ -1,0 +1,145 @@
+"""FFX, format-preserving encryption of values: where the key's mask is set, v → table[v].
+
+The table is ``pyffx.Integer(password, length=3).encrypt(v)`` for v in 0..255 (codes 0..999),
+stored as uint16; the model divides by max(table), as the reference code does.  The password
+comes from the key file (``ffx_password``; the paper used one fixed password) or is derived from
+the secret.  The key space counts masks only: the attacker is assumed to know the password, the
+paper's setting and the worst case; wrong keys keep the correct key's table likewise.  A compiled
+key is one base image (0, or 256 where the mask is set) and a 2×256 lookup table: encryption is a
+single gather, ``out = lut[base + x]``.  FFX is not affine in the pixel value: it cannot be folded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from keyshard import keys
+from keyshard.errors import KeyshardError
+from keyshard.methods import Material
+from keyshard.methods.masked import MASK_SCHEMA, MaskMethod, changed_positions, derive_mask, mask_to_json
+from keyshard.transforms import Plan, expand
+
+_NOT_A_CODE = "value is not an FFX code of this key (wrong key or corrupt data)"
+
+
+@dataclass(frozen=True, eq=False)
+class FfxMaterial(Material):
+    method = "ffx"
+    mask: np.ndarray   # bool, True where the value is replaced by its code
+    table: np.ndarray  # uint16 code of each value 0..255
+
+    @property
+    def divisor(self) -> int:
+        return int(self.table.max())
+
+    def canonical_bytes(self) -> bytes:
+        return (b"mask" + np.packbits(self.mask.astype(np.uint8)).tobytes() + b"|"
+                + b"table" + self.table.astype("<u2").tobytes())
+
+
+class FfxPlan(Plan):
+    """Forward: ``lut[fwd_base + x]``; inverse: ``inv_lut[inv_base + y]`` (-1 marks impossible codes)."""
+
+    method = "ffx"
+    out_dtype = np.uint16
+
+    def __init__(self, height, width, fwd_base, inv_base, lut, inv_lut):
+        super().__init__(height, width)
+        self.fwd_base, self.inv_base, self.lut, self.inv_lut = fwd_base, inv_base, lut, inv_lut
+
+    def _apply_flat(self, flat, forward):
+        if forward:  # uint16 index arithmetic: half the cost of an intp index
+            return np.take(self.lut.reshape(-1), self.fwd_base.reshape(-1) + flat)
+        out = np.take(self.inv_lut.reshape(-1), self.inv_base.reshape(-1) + flat)
+        if (out < 0).any():
+            raise ValueError(_NOT_A_CODE)
+        return out.astype(np.uint8)
+
+    def _torch_arrays(self):
+        # index arithmetic in torch wants int64; torch's uint16 lacks indexing kernels on some devices
+        return {"fwd_base": self.fwd_base.astype(np.int64), "inv_base": self.inv_base.astype(np.int64),
+                "lut": self.lut.astype(np.int32), "inv_lut": self.inv_lut}
+
+    @staticmethod
+    def _torch_flat(t, flat, forward):
+        import torch
+
+        if forward:
+            return t["lut"].reshape(-1)[t["fwd_base"].reshape(-1) + flat.long()]
+        out = t["inv_lut"].reshape(-1)[t["inv_base"].reshape(-1) + flat.long()]
+        if bool((out < 0).any()):
+            raise ValueError(_NOT_A_CODE)
+        return out.to(torch.uint8)
+
+
+class Ffx(MaskMethod):
+    name = "ffx"
+    summary = "FFX format-preserving encryption"
+    Material = FfxMaterial
+    storage_dtype = np.uint16
+    takes_password = True
+    keyspace_note = " (masks; FFX password assumed known, the paper's setting)"
+    material_required = ("mask", "table")
+    material_schema = {"mask": MASK_SCHEMA, "table": {
+        "description": "FFX: the code of each value 0..255; 256 distinct codes in 0..999.",
+        "type": "array", "minItems": 256, "maxItems": 256,
+        "items": {"type": "integer", "minimum": 0, "maximum": 999}, "uniqueItems": True}}
+    key_fields = {"ffx_password": {
+        "description": "FFX only: the password of the FFX table (text; bytes that are not UTF-8 are stored as "
+                       "lone surrogates \\udc80..\\udcff). Without it the password is derived from the secret.",
+        "type": "string", "minLength": 1, "maxLength": keys.MAX_FFX_PASSWORD_BYTES}}
+
+    def derive(self, key):
+        return FfxMaterial(key.block_size, derive_mask(key), keys.ffx_table(key.password))
+
+    def material_from_json(self, block_size, doc, where):
+        return FfxMaterial(block_size, self._check_mask(block_size, doc["mask"], where),
+                           np.asarray(doc["table"], dtype=np.uint16))
+
+    def material_to_json(self, material):
+        return {"mask": mask_to_json(material.mask), "table": material.table.tolist()}
+
+    def compile(self, material, height, width):
+        table = material.table.astype(np.uint16)
+        lut = np.stack([np.arange(256, dtype=np.uint16), table])
+        inv_lut = np.full((2, 1000), -1, dtype=np.int16)
+        inv_lut[0, :256] = np.arange(256)
+        inv_lut[1, table] = np.arange(256)
+        row = expand(material.mask, height, width, material.block_size).astype(np.uint16)
+        return FfxPlan(height, width, row * 256, row * 1000, lut, inv_lut)
+
+    def describe(self, material):
+        return super().describe(material) + [("pixel divisor", str(material.divisor))]
+
+    def wrong_material(self, base, secret, vary_password):
+        """A random mask; the key's own table, or with ``vary_password`` that of the secret's password."""
+        table = keys.ffx_table(keys.Key(self.name, base.block_size, secret).password) if vary_password else base.table
+        return FfxMaterial(base.block_size, self.wrong_mask(base, secret), table)
+
+    def wrong_rule(self, base, vary_password):
+        return super().wrong_rule(base, vary_password) + ("" if vary_password else ", the key's FFX table")
+
+    def recover(self, block_size, pairs):
+        """The mask is where values differ; the code of value v is what is seen wherever v was
+        transformed.  Values never seen get unused codes (they cannot matter for the data at hand)."""
+        blocks, changed = changed_positions(block_size, pairs)
+        table = np.full(256, -1, dtype=np.int64)
+        for bp, be in blocks:  # every value at a transformed position, fixed points included
+            values, codes = bp[:, changed].reshape(-1), be[:, changed].reshape(-1)
+            known = table[values]
+            if ((known >= 0) & (known != codes)).any():
+                raise KeyshardError("the encrypted samples are not one FFX table applied to the plain ones")
+            table[values] = codes
+        known = table >= 0
+        unused = np.setdiff1d(np.arange(1000), table[known])
+        table[~known] = unused[: int((~known).sum())]
+        return FfxMaterial(block_size, changed, table.astype(np.uint16)), {"table_entries_known": int(known.sum())}, known
+
+    def compare(self, recovered, truth, determined):
+        return {**super().compare(recovered, truth, determined),
+                "true_table_equal_where_known": bool(np.array_equal(recovered.table[determined], truth.table[determined]))}
+
+
+METHOD = Ffx()
