@@ -6,9 +6,8 @@ import click
 
 from keyshard import options
 from keyshard.errors import KeyshardError
-from keyshard.train.presets import CLASSIFY_MODELS, PRESETS, by_preset
-
-PAPER_MICRO_BATCH_CAP = 32  # --batch-size B without --micro-batch: min(B, this) with --preset paper
+from keyshard.train.presets import (CLASSIFIERS, CLASSIFY_MODELS, PRESETS, SEGMENTATION_MODELS, by_preset,
+                                    micro_batch_for, micro_batch_rule)
 
 
 @click.command("train")
@@ -19,7 +18,7 @@ PAPER_MICRO_BATCH_CAP = 32  # --batch-size B without --micro-batch: min(B, this)
               help="Defaults of the model and its recipe (each option below names both presets' values). "
                    "paper: the paper's FCN-ResNet50 recipe (plain cross-entropy, SGD with cosine warm restarts, "
                    "global batch 256). demo: a small network that trains on the CPU in minutes.")
-@click.option("--model", type=click.Choice(["fcn_resnet50", "small", "block_aligned", "patch_vit", "resnet18"]),
+@click.option("--model", type=click.Choice([*SEGMENTATION_MODELS, *CLASSIFIERS]),
               default=None,
               help="Override the preset's model. block_aligned: a stem that sees whole key blocks "
                    "(no accuracy loss from the key; see `keyshard protect`). Classification: patch_vit (ViT-style, "
@@ -42,7 +41,7 @@ PAPER_MICRO_BATCH_CAP = 32  # --batch-size B without --micro-batch: min(B, this)
 @click.option("--micro-batch", type=options.BATCH, default=None,
               help="Most samples per forward pass and rank (what BatchNorm sees); gradients are accumulated "
                    f"up to the rank's share of --batch-size. Default: {by_preset('micro_batch')}; with --batch-size "
-                   f"B: min(B, {PAPER_MICRO_BATCH_CAP}) with --preset paper, B with --preset demo.")
+                   f"B: {micro_batch_rule()}.")
 @click.option("--lr", type=options.POSITIVE, default=None,
               help=f"Peak learning rate (SGD; > 0). Default: {by_preset('lr')}.")
 @click.option("--momentum", type=options.FiniteFloat(0, 1, max_open=True), default=None,
@@ -76,9 +75,7 @@ PAPER_MICRO_BATCH_CAP = 32  # --batch-size B without --micro-batch: min(B, this)
               help="Public signing key of the data publisher: refuse the shards unless manifest.json.sig is "
                    "its valid signature over manifest.json. Checkpoints record the result.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def train(shards, output, preset, model, task, train_fraction, block_size, epochs, batch_size, micro_batch, lr, momentum, weight_decay,
-          restart_epochs, min_lr, aux_weight, weights, seed, workers, shuffle_buffer, amp, channels_last,
-          block_flip, block_crop, resume, trust, quiet):
+def train(shards, output, resume, trust, quiet, **settings):
     """Train a segmentation model by streaming (plain or keyed) shards.
 
     Method, block size, key fingerprint and pixel divisor come from the shards' manifest.  Runs on
@@ -91,14 +88,10 @@ def train(shards, output, preset, model, task, train_fraction, block_size, epoch
     """
     from keyshard.train.loop import TrainConfig, Trainer
 
-    if micro_batch is None and batch_size is not None:  # each rank then uses min(this, its share)
-        micro_batch = batch_size if preset == "demo" else min(batch_size, PAPER_MICRO_BATCH_CAP)
-    config = TrainConfig.from_preset(
-        preset, model=model, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, lr=lr,
-        momentum=momentum, weight_decay=weight_decay, restart_epochs=restart_epochs, min_lr=min_lr,
-        aux_weight=aux_weight, weights=weights, seed=seed, workers=workers, shuffle_buffer=shuffle_buffer,
-        amp=amp, channels_last=channels_last, block_size=block_size, block_flip=block_flip, block_crop=block_crop,
-        task=task, train_fraction=train_fraction)
+    # every other option is a TrainConfig field of the same name (None: the preset's value)
+    if settings["micro_batch"] is None and settings["batch_size"] is not None:  # each rank: min(this, its share)
+        settings["micro_batch"] = micro_batch_for(settings["preset"], settings["batch_size"])
+    config = TrainConfig.from_preset(**settings)
     trainer = Trainer(shards, output, config, resume=resume, progress=not quiet, log=click.echo, trust=trust)
     if trainer.dist.main and trainer.provenance["signature_verified"]:
         click.echo(f"manifest signature verified: signer {trainer.provenance['signer_fingerprint']} ({trust})")

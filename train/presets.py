@@ -19,6 +19,21 @@ PRESETS = {
                  weight_decay=1e-4, restart_epochs=12, min_lr=1e-4, aux_weight=0.0),
 }
 
+# --batch-size B without --micro-batch: each rank's micro-batch is min(B, cap) (None: B)
+MICRO_BATCH_CAPS = {"paper": 32, "demo": None}
+
+
+def micro_batch_for(preset: str, batch_size: int) -> int:
+    """The micro-batch ``train --batch-size`` implies when --micro-batch is not given."""
+    cap = MICRO_BATCH_CAPS[preset]
+    return batch_size if cap is None else min(batch_size, cap)
+
+
+def micro_batch_rule() -> str:
+    """``"min(B, 32) with --preset paper, B with --preset demo"``: ``micro_batch_for`` for --help."""
+    return ", ".join(f"{'B' if cap is None else f'min(B, {cap})'} with --preset {name}"
+                     for name, cap in MICRO_BATCH_CAPS.items())
+
 
 def by_preset(setting: str) -> str:
     """``"100 with --preset paper, 12 with --preset demo"`` (or ``"0.9 with every preset"``)."""
