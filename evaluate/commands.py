@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from keyshard import options
+from keyshard import options, params
 from keyshard.errors import KeyshardError
 from keyshard.evaluate.near_miss import MAX_KEYS_PER_DISTANCE
 from keyshard.evaluate.wrong_keys import MAX_COUNT as MAX_WRONG_KEYS
@@ -48,6 +48,7 @@ MAX_PREDICTIONS = 64  # evaluate --save-predictions: rows of predictions.png
                    "test images: the model's input, ground truth and the predictions with the correct key, plain "
                    "images and one wrong key, each with its per-image mIoU (from the same pass). 0: none.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@params.names_flags
 def evaluate(ckpt, key_file, test_dir, wrong_keys, seed, output, batch_size, workers, ignore_fingerprint,
              randomize_ffx_password, near_miss, near_miss_keys, trust, save_predictions, quiet):
     """Audit a protected model: mIoU with the correct key, plain images and N random wrong keys.

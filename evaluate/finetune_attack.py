@@ -9,11 +9,9 @@ trainer's loss and model builder; the test split is scored with the audit's scor
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from keyshard import seeded
+from keyshard import params, seeded
 from keyshard.errors import KeyshardError
 from keyshard.evaluate.audit import score_on_split, test_batches
 from keyshard.pipeline.manifest import load as load_manifest
@@ -91,10 +89,11 @@ def run(ckpt_path: str, train_dir: str, test_dir: str, fractions: list[float], e
 
 
 def parse_fractions(text: str) -> list[float]:
+    """``"0.01,0.05"`` → [0.01, 0.05], each a train-subset fraction (``params.SUBSET_FRACTION``)."""
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise KeyshardError(f"--fraction {text!r}: expected comma-separated numbers such as 0.01,0.05,0.1") from None
-    if not values or any(not (0 < v <= 1) or math.isnan(v) for v in values):
-        raise KeyshardError("--fraction values must be in (0, 1]")
-    return values
+        values = []
+    if not values:
+        raise KeyshardError(f"`fraction` {text!r}: expected comma-separated numbers such as 0.01,0.05,0.1")
+    return [params.SUBSET_FRACTION.check(v) for v in values]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from keyshard import keys, options, signing, sources
+from keyshard import keys, options, params, signing, sources
 from keyshard.errors import KeyshardError
 from keyshard.pipeline import MAX_PIXELS
 from keyshard.pipeline.splits import SPLITS
@@ -48,6 +48,7 @@ def _parse_scale(ctx, param, value):
 @click.option("--classes", type=click.IntRange(2, 255), default=21, show_default=True, metavar="K",
               help="Number of classes K including background 0 (objects are 1..K-1). With K != 21 encrypt it "
                    "with --image-dir OUT/VOCdevkit/VOC2012/JPEGImages --mask-dir .../SegmentationClass --num-classes K.")
+@params.names_flags
 def toy_voc(out, images, voc_sizes, make_tar, seed, min_side, max_side, classes):
     """Write a small synthetic dataset in the exact VOC2012 layout (OUT/VOCdevkit/VOC2012)."""
     from keyshard.pipeline.toy_voc import TAR_NAME, make_toy_voc
@@ -79,10 +80,10 @@ def toy_voc(out, images, voc_sizes, make_tar, seed, min_side, max_side, classes)
 @click.option("--image-folder", "image_folder", default=None, type=click.Path(file_okay=False),
               help="Classification: a torchvision ImageFolder layout (one sub-folder per class); samples hold "
                    "the keyed image and its class index (<key>.cls).")
-@click.option("--val-fraction", type=float, default=None, metavar="F",
+@click.option("--val-fraction", type=params.Fraction(params.VAL_FRACTION), default=None, metavar="F",
               help="Without split files: the fraction drawn (seeded by --split-seed) as the test split; "
                    "--image-folder: per class (default 0.2).")
-@click.option("--splits-from", "splits_from", default=None, metavar="train=FILE,val=FILE",
+@click.option("--splits-from", "splits_from", type=params.SplitFiles(), default=None, metavar="train=FILE,val=FILE",
               help="Split lists (one id a line: --image-folder the path relative to the folder, --image-dir the "
                    "file stem); holdout is drawn from train.")
 @click.option("--key", "key_file", type=click.Path(dir_okay=False), help="Key file from `keyshard keygen`.")
@@ -122,6 +123,7 @@ def toy_voc(out, images, voc_sizes, make_tar, seed, min_side, max_side, classes)
               help="Ed25519 signing key from `keyshard signing-key -o NAME`: also write manifest.json.sig, "
                    "a detached signature over the exact bytes of manifest.json (checked before any work).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@params.names_flags
 def encrypt(voc, image_dir, mask_dir, num_classes, ignore_index, label_map, reduce_zero_label, class_names,
             image_folder, val_fraction, splits_from, key_file, plain, output, splits, image_size, shard_size, jobs,
             backend, dask_scheduler, augment_copies, augment_seed, crop_scale, split_seed, holdout, skip_bad,
@@ -142,21 +144,17 @@ def encrypt(voc, image_dir, mask_dir, num_classes, ignore_index, label_map, redu
     """
     from keyshard.pipeline import encrypt_job
 
-    if sum(bool(s) for s in (voc, image_folder, image_dir or mask_dir)) > 1:
-        raise KeyshardError("give exactly one source: --voc PATH, --image-dir DIR with --mask-dir DIR, "
-                            "or --image-folder DIR")
+    params.exactly_one({"--voc PATH": voc, "--image-dir DIR with --mask-dir DIR": image_dir or mask_dir,
+                        "--image-folder DIR": image_folder}, "source")
     seg_only = [name for name, v in (("--num-classes", num_classes), ("--ignore-index", ignore_index),
                                      ("--label-map", label_map), ("--reduce-zero-label", reduce_zero_label),
                                      ("--class-names", class_names)) if v is not None and v is not False]
     if seg_only and not (image_dir or mask_dir):
         raise KeyshardError(f"{seg_only[0]} is for --image-dir/--mask-dir datasets")
-    if voc is None and image_folder is None and not (image_dir or mask_dir):
-        raise KeyshardError("give the source: --voc DIR_OR_TAR, --image-dir DIR --mask-dir DIR, or --image-folder DIR")
     if voc is not None and (val_fraction is not None or splits_from is not None):
         raise KeyshardError("--splits-from and --val-fraction are not for --voc (VOC's splits are its "
                             "ImageSets/Segmentation files)")
-    if plain == bool(key_file):
-        raise KeyshardError("give exactly one of --key KEY_FILE or --plain")
+    params.exactly_one({"--key KEY_FILE": key_file, "--plain": plain})
     if image_folder is not None:
         from keyshard.pipeline.classify_commands import image_folder_dataset
 
@@ -202,20 +200,8 @@ def _folder_dataset(image_dir, mask_dir, num_classes, ignore_index, label_map, r
         raise KeyshardError("--image-dir and --mask-dir go together (images and their label maps, paired by stem)")
     if num_classes is None:
         raise KeyshardError("--image-dir needs --num-classes K")
-    if (splits_from is None) == (val_fraction is None):
-        raise KeyshardError("--image-dir needs exactly one of --splits-from train=FILE,val=FILE or --val-fraction F")
-    if val_fraction is not None and not 0 < val_fraction < 1:
-        raise KeyshardError(f"--val-fraction {val_fraction} must be between 0 and 1")
-    lists = None
-    if splits_from is not None:
-        lists = {}
-        for part in splits_from.split(","):
-            name, sep, path = (x.strip() for x in part.partition("="))
-            if not sep or name not in ("train", "val") or not path or name in lists:
-                raise KeyshardError(f"--splits-from {splits_from}: expected train=FILE,val=FILE (each split once)")
-            lists[name] = path
     folders = FolderDataset(image_dir, mask_dir, num_classes, 255 if ignore_index is None else ignore_index,
-                            label_map, reduce_zero_label, class_names, lists, val_fraction)
+                            label_map, reduce_zero_label, class_names, splits_from, val_fraction)
     folders.check()
     return folders
 

@@ -285,7 +285,7 @@ def _refuse_output(out: Path, resume: bool) -> None:
         shutil.rmtree(partial)  # a run that died before it recorded its job: nothing to keep
     if partial.is_dir():
         if not resume:
-            raise KeyshardError(f"{out}: holds an unfinished run; pass --resume to continue it, or choose a new output directory")
+            raise KeyshardError(f"{out}: holds an unfinished run; pass `resume=True` to continue it, or choose a new output directory")
     else:
         try:
             if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -302,7 +302,7 @@ def prepare_output(out: Path, identity: dict, resume: bool) -> Path:
         try:
             previous = json.loads((partial / "job.json").read_text())
         except (OSError, json.JSONDecodeError):
-            raise KeyshardError(f"{partial / 'job.json'}: unreadable; cannot check that --resume continues the same job") from None
+            raise KeyshardError(f"{partial / 'job.json'}: unreadable; cannot check that `resume` continues the same job") from None
         changed = [k for k in identity if previous.get(k) != identity[k]]
         if changed:
             raise KeyshardError(
@@ -344,7 +344,7 @@ def run(voc: str | None, out: str, key: Key | None, options: EncryptOptions, job
     ``folders``: a ``folders.FolderDataset`` (``--image-dir/--mask-dir``) or an
     ``image_folder.ImageFolderDataset`` (``--image-folder``) instead of ``voc``."""
     if key is not None and options.size % key.block_size:
-        raise KeyshardError(f"{key.path or 'key'}: block size {key.block_size} does not divide --image-size {options.size}")
+        raise KeyshardError(f"{key.path or 'key'}: block size {key.block_size} does not divide the image size {options.size}")
     material = key.material if key is not None else None
     labels, dataset, label_record = folders.check() if folders is not None else (None, None, {})
     _refuse_output(Path(out), resume)  # the usual mistake is reported before any worker starts

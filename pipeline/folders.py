@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from keyshard import seeded
+from keyshard import params, seeded
 from keyshard.errors import KeyshardError
 from keyshard.pipeline.voc import Blob, SampleRef, VocSource
 
@@ -43,7 +43,7 @@ class LabelSpec:
     num_classes: int
     ignore_index: int | None
     lut: bytes | None = None  # None: identity
-    how: str = ""  # for error messages: "after --label-map" etc.
+    how: str = ""  # for error messages: " (after `label_map`)" etc.
 
     def apply(self, arr: np.ndarray, label: str) -> np.ndarray:
         from keyshard.pipeline.samples import BadSample
@@ -57,22 +57,21 @@ class LabelSpec:
             if bad:
                 allowed = f"0..{k - 1}" + (f" and the ignore index {v}" if v is not None else "")
                 raise BadSample(f"{label}: label map has values {bad[:5]}{self.how} outside {allowed} "
-                                f"(--num-classes {k})")
+                                f"(`num_classes={k}`)")
         return arr
 
 
 def build_lut(num_classes: int, ignore_index: int | None, label_map: str | None,
               reduce_zero_label: bool) -> tuple[bytes | None, str, dict]:
     """(lookup table or None, how it was made for messages, record for the manifest)."""
-    if label_map and reduce_zero_label:
-        raise KeyshardError("give --label-map or --reduce-zero-label, not both")
+    params.exactly_one({"`label_map`": label_map, "`reduce_zero_label`": reduce_zero_label}, required=False)
     if reduce_zero_label:
         if ignore_index is None:
-            raise KeyshardError("--reduce-zero-label needs an ignore index")
+            raise KeyshardError("`reduce_zero_label` needs an ignore index")
         lut = np.arange(256, dtype=np.int64) - 1
         lut[0] = ignore_index
         lut[ignore_index] = ignore_index  # already ignored pixels stay ignored
-        return bytes(lut.astype(np.uint8)), " (after --reduce-zero-label)", {"reduce_zero_label": True}
+        return bytes(lut.astype(np.uint8)), " (after `reduce_zero_label`)", {"reduce_zero_label": True}
     if not label_map:
         return None, "", {}
     p = Path(label_map)
@@ -97,7 +96,7 @@ def build_lut(num_classes: int, ignore_index: int | None, label_map: str | None,
             allowed = f"0..{num_classes - 1}" + (f" or the ignore index {ignore_index}" if ignore_index is not None else "")
             raise KeyshardError(f"{p}: {k!r} maps to {v!r}, not a class id {allowed}")
         lut[src] = v
-    return bytes(lut), " (after --label-map)", {"label_map_sha256": hashlib.sha256(raw).hexdigest()}
+    return bytes(lut), " (after `label_map`)", {"label_map_sha256": hashlib.sha256(raw).hexdigest()}
 
 
 def read_class_names(path: str | None, num_classes: int) -> list[str]:
@@ -116,7 +115,7 @@ def read_class_names(path: str | None, num_classes: int) -> list[str]:
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise KeyshardError(f"{p}: expected one class name per line or a JSON list of strings")
     if len(names) != num_classes:
-        raise KeyshardError(f"{p}: lists {len(names)} class names but --num-classes is {num_classes}")
+        raise KeyshardError(f"{p}: lists {len(names)} class names but `num_classes` is {num_classes}")
     return names
 
 
@@ -154,13 +153,9 @@ class FolderSource(VocSource):
             if stem not in images:
                 raise KeyshardError(f"{p}: has no image named {stem}.* in {self.path}")
         self.images, self.masks = images, masks
-        if (splits_from is None) == (val_fraction is None):
-            raise KeyshardError("give exactly one of --splits-from train=FILE,val=FILE or --val-fraction F")
         self.splits_from = splits_from
         self._lists: dict[str, bytes] = {}
         if splits_from is None:
-            if not 0 < val_fraction < 1:
-                raise KeyshardError(f"--val-fraction {val_fraction} must be between 0 and 1")
             ids = sorted(images)
             n_val = max(1, round(len(ids) * val_fraction))
             ranked = seeded.ranked(ids, seed, tag="val")
@@ -171,16 +166,13 @@ class FolderSource(VocSource):
             self.rule = (f"test = the round({val_fraction} x n) ids with the smallest sha256('<seed>|val|<id>'); "
                          "holdout = ids of the rest with the smallest sha256('<seed>|<id>')")
         else:
-            unknown = sorted(set(splits_from) - {"train", "val"})
-            if unknown:
-                raise KeyshardError(f"--splits-from: unknown split {unknown[0]!r} (give train=FILE,val=FILE)")
             self.rule = ("test = the ids of --splits-from val; holdout = ids of --splits-from train with the "
                          "smallest sha256('<seed>|<id>')")
 
     def _split_label(self, name: str) -> str:
         if self.splits_from is not None and name in self.splits_from:
             return str(self.splits_from[name])
-        return f"--val-fraction {name} part"
+        return f"the `val_fraction` {name} part"
 
     def describe(self, rel: str) -> str:
         return rel
@@ -189,7 +181,7 @@ class FolderSource(VocSource):
         if self.splits_from is None:
             return self._lists[name]
         if name not in self.splits_from:
-            raise KeyshardError(f"--splits-from gives no {name}=FILE")
+            raise KeyshardError(f"no {name} split file given (`splits_from` has no {name}=FILE)")
         p = Path(self.splits_from[name])
         try:
             return p.read_bytes()
@@ -232,9 +224,13 @@ class FolderDataset:
         """(worker label spec, manifest ``dataset`` entry, extra ``source`` fields)."""
         k, v = self.num_classes, self.ignore_index
         if not 1 <= k <= MAX_SEG_CLASSES:
-            raise KeyshardError(f"--num-classes {k} must be 1..{MAX_SEG_CLASSES} (masks are 8-bit)")
+            raise KeyshardError(f"`num_classes` {k} must be 1..{MAX_SEG_CLASSES} (masks are 8-bit)")
         if v is not None and not k <= v <= 255:
-            raise KeyshardError(f"--ignore-index {v} must be {k}..255 (0..{k - 1} are class ids)")
+            raise KeyshardError(f"`ignore_index` {v} must be {k}..255 (0..{k - 1} are class ids)")
+        params.exactly_one({"`splits_from`": self.splits_from, "`val_fraction`": self.val_fraction}, "split rule")
+        if self.val_fraction is not None:
+            params.VAL_FRACTION.check(self.val_fraction)
+        params.check_split_files(self.splits_from)
         lut, how, record = build_lut(k, v, self.label_map, self.reduce_zero_label)
         names = read_class_names(self.class_names, k)
         dataset = {"kind": "folders", "num_classes": k, "ignore_index": v, "class_names": names}

@@ -22,12 +22,13 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from keyshard import seeded, shardformat
+from keyshard import params, seeded, shardformat
 from keyshard.errors import KeyshardError
 from keyshard.pipeline.voc import Blob
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 MASK_RESIZE = "none (classification: labels are class indices)"
+DEFAULT_VAL_FRACTION = 0.2  # per class, when neither a val fraction nor split files are given
 
 
 @dataclass(frozen=True)
@@ -99,44 +100,46 @@ class ImageFolderSource:
         self.splits_from = splits_from
         self.val_fraction = val_fraction
         if splits_from:
-            train = _read_list(splits_from["train"], self.labels)
-            val = _read_list(splits_from["val"], self.labels) if "val" in splits_from else []
-            both = set(train) & set(val)
+            self._ids = {name: _read_list(path, self.labels) for name, path in splits_from.items()}
+            both = set(self._ids.get("train", ())) & set(self._ids.get("val", ()))
             if both:
                 raise KeyshardError(f"{splits_from['val']}: id {min(both)!r} is also in the train list")
             self.rule = "train/test from --splits-from lists"
         else:
-            f = val_fraction
-            by_class: dict[int, list[str]] = {}
-            for i, c in self.labels.items():
-                by_class.setdefault(c, []).append(i)
-            val = []
-            for c, ids in sorted(by_class.items()):
-                ranked = seeded.ranked(ids, seed, tag="val")
-                val += ranked[:max(1, round(f * len(ids)))] if f > 0 else []
-            chosen = set(val)
-            train = [i for i in self.labels if i not in chosen]
-            self.rule = f"test = per class the round({f} x n) ids with the smallest sha256('<seed>|val|<id>')"
+            self._ids = self._draw_val(val_fraction, seed)
+            self.rule = f"test = per class the round({val_fraction} x n) ids with the smallest sha256('<seed>|val|<id>')"
         self.rule += "; holdout = ids of train with the smallest sha256('<seed>|<id>')"
         self.mask_resize = MASK_RESIZE
-        self._ids = {"train": train, "val": val}
+
+    def _draw_val(self, fraction: float, seed: int) -> dict[str, list[str]]:
+        """Per class, the round(fraction x n) (at least 1) ids of smallest seeded rank are val."""
+        by_class: dict[int, list[str]] = {}
+        for i, c in self.labels.items():
+            by_class.setdefault(c, []).append(i)
+        val = []
+        for c, ids in sorted(by_class.items()):
+            val += seeded.ranked(ids, seed, tag="val")[:max(1, round(fraction * len(ids)))]
+        chosen = set(val)
+        return {"train": [i for i in self.labels if i not in chosen], "val": val}
 
     def split_ids(self, name: str) -> list[str]:
+        if name not in self._ids:
+            raise KeyshardError(f"no {name} split file given (`splits_from` has no {name}=FILE)")
         ids = self._ids[name]
         if name == "val" and not ids:
-            raise KeyshardError("the test split is empty (give --val-fraction > 0 or a val= list)")
+            raise KeyshardError(f"{self.splits_from['val']}: the test split is empty")
         return ids
 
     def split_sha256(self, name: str) -> str:
         if not self.splits_from or name not in self.splits_from:
-            raise KeyshardError(f"no {name} list")  # --val-fraction: the rule and identity() say it
+            raise KeyshardError(f"no {name} list")  # a drawn split: the rule and identity() say it
         return hashlib.sha256(Path(self.splits_from[name]).read_bytes()).hexdigest()
 
     def split_file_label(self, split: str) -> str:
         name = {"train": "train", "holdout": "train", "test": "val"}[split]
         if self.splits_from and name in self.splits_from:
             return str(self.splits_from[name])
-        return f"--val-fraction {name} part"
+        return f"the `val_fraction` {name} part"
 
     def ref(self, sample_id: str, split_file: str) -> ClassRef:
         if sample_id not in self.labels:
@@ -159,10 +162,15 @@ class ImageFolderDataset:
 
     root: str
     splits_from: dict | None = None
-    val_fraction: float | None = 0.2
+    val_fraction: float | None = None  # None: DEFAULT_VAL_FRACTION unless splits_from is given
 
     def check(self) -> tuple[None, dict, dict]:
         """(worker label spec: none, the class is in each ref; manifest ``dataset`` entry; extra ``source`` fields)."""
+        params.exactly_one({"`val_fraction`": self.val_fraction, "`splits_from`": self.splits_from},
+                           "split rule", required=False)
+        if self.val_fraction is not None:
+            params.VAL_FRACTION.check(self.val_fraction)
+        params.check_split_files(self.splits_from)
         names = class_names(Path(self.root))
         return None, {"kind": "image-folder", "num_classes": len(names), "ignore_index": None,
                       "class_names": names}, {}
@@ -172,5 +180,5 @@ class ImageFolderDataset:
 
         splits_from = None if not self.splits_from else {
             name: os.path.abspath(p) for name, p in self.splits_from.items()}
-        return ImageFolderSource(os.path.abspath(self.root), splits_from,
-                                 None if splits_from else self.val_fraction, seed)
+        fraction = DEFAULT_VAL_FRACTION if self.val_fraction is None else self.val_fraction
+        return ImageFolderSource(os.path.abspath(self.root), splits_from, None if splits_from else fraction, seed)

@@ -138,7 +138,7 @@ def check_pixels(size: tuple[int, int], label: str, what: str, max_pixels: int) 
     w, h = size
     if w * h > max_pixels:
         raise BadSample(f"{label}: {what} is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} "
-                        "(--max-pixels; read from its header, nothing decoded)")
+                        "(`max_pixels`; read from its header, nothing decoded)")
 
 
 @contextlib.contextmanager
@@ -159,7 +159,7 @@ def _pillow_capped(label: str, what: str, max_pixels: int):
         try:
             yield
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise BadSample(f"{label}: {what} has more than {max_pixels:,} pixels (--max-pixels; "
+            raise BadSample(f"{label}: {what} has more than {max_pixels:,} pixels (`max_pixels`; "
                             "read from its header, nothing decoded)") from None
         finally:
             Image.MAX_IMAGE_PIXELS = saved

@@ -25,9 +25,9 @@ def split_ids(train_file_ids: list[str], val_file_ids: list[str] | None, seed: i
     k = holdout_count(n) if holdout is None else holdout
     if holdout is None and n < 2:
         raise KeyshardError(f"train.txt lists {n} id: the train/holdout split needs at least 2 "
-                            "(or give --holdout 0)")
+                            "(or give `holdout=0`)")
     if not 0 <= k < n:
-        raise KeyshardError(f"--holdout {k} must be between 0 and {n - 1} (train.txt lists {n} ids)")
+        raise KeyshardError(f"`holdout` {k} must be between 0 and {n - 1} (train.txt lists {n} ids)")
     ranked = seeded.ranked(train_file_ids, seed)
     out = {"train": sorted(ranked[k:]), "holdout": sorted(ranked[:k])}
     if val_file_ids is not None:

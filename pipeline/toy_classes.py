@@ -51,9 +51,9 @@ def make_toy_classes(out: str | Path, classes: int = 4, images: int = 120, seed:
     """Write ``images`` images in total (dealt round-robin over ``classes`` sub-folders)."""
     out = Path(out)
     if not 2 <= classes <= MAX_CLASSES:
-        raise KeyshardError(f"--classes must be in 2..{MAX_CLASSES}")
+        raise KeyshardError(f"`classes` {classes} must be in 2..{MAX_CLASSES}")
     if images < 2 * classes:
-        raise KeyshardError(f"--images {images}: need at least 2 per class ({2 * classes})")
+        raise KeyshardError(f"`images` {images}: need at least 2 per class ({2 * classes})")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise KeyshardError(f"{out}: exists and is not an empty directory; refusing to overwrite")
     rng = np.random.default_rng(seed)

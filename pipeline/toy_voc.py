@@ -81,13 +81,13 @@ def make_toy_voc(out: str | Path, images: int = 60, seed: int = 0, voc_sizes: bo
     .../JPEGImages --mask-dir .../SegmentationClass --num-classes K``).
     """
     if not 2 <= classes <= 255:
-        raise KeyshardError(f"--classes {classes} must be 2..255 (masks are 8-bit, 255 is void)")
+        raise KeyshardError(f"`classes` {classes} must be 2..255 (masks are 8-bit, 255 is void)")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise KeyshardError(f"{out}: exists and is not an empty directory; refusing to overwrite")
     n_train, n_val = (VOC_TRAIN, VOC_VAL) if voc_sizes else ((images + 1) // 2, images // 2)
     if n_train < 2 or n_val < 1:
-        raise KeyshardError("--images must be at least 3 (train.txt needs 2 ids, val.txt 1)")
+        raise KeyshardError("`images` must be at least 3 (train.txt needs 2 ids, val.txt 1)")
     root = out / "VOCdevkit" / "VOC2012"
     try:
         for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):

@@ -133,7 +133,7 @@ class VocSource:
                 j, where = owner[base]
                 raise KeyshardError(
                     f"{self._split_label(split)}: id {i!r} has the sample key of replica {r} of id {j!r} "
-                    f"({where}.txt) under --augment-copies; rename one of them")
+                    f"({where}.txt) under `augment_copies`; rename one of them")
 
     def split_sha256(self, name: str) -> str:
         return hashlib.sha256(self.split_bytes(name)).hexdigest()

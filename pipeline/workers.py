@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from keyshard.errors import KeyshardError
 
 DEFAULT_BACKEND = "processes"
-WORKER_DIED = "a worker process ended abruptly (killed, or out of memory?); continue with --resume"
+WORKER_DIED = "a worker process ended abruptly (killed, or out of memory?); continue with `resume=True`"
 BACKENDS = ("processes", "loky", "multiprocessing", "threading", "sequential", "dask")
 
 
