@@ -83,20 +83,42 @@ def validate(state, path, resume: bool = False) -> dict:
     """Check the fields the code reads, with one line naming the file for anything missing or of
     the wrong type: a checkpoint that loads safely (``weights_only``) can still be hand-made or
     damaged.  ``resume``: also what ``train --resume`` restores (optimizer, scheduler, RNG, metrics)."""
-    from keyshard.keys import METHODS
     from keyshard.train.presets import SEGMENTATION_MODELS
 
-    MODELS = (*SEGMENTATION_MODELS, *CLASSIFIERS)
+    models = (*SEGMENTATION_MODELS, *CLASSIFIERS)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise KeyshardError(f"{path}: not a keyshard checkpoint (format {FORMAT} expected)")
     _check_fields(path, "", state, {
-        "model_name": (lambda v: v in MODELS, f"one of {', '.join(MODELS)}"),
+        "model_name": (lambda v: v in models, f"one of {', '.join(models)}"),
         "model": (_state_dict, "a state dict of tensors"),
         "epoch": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
         "config": (lambda v: isinstance(v, dict), "a dict"),
         "data": (lambda v: isinstance(v, dict), "a dict"),
     })
     data = state["data"]
+    _validate_data(path, data)
+    mbs = state.get("model_block_size")
+    if state["model_name"] in BLOCK_MODELS or mbs is not None:
+        if not (_positive_int(mbs) and mbs <= data["image_size"]):
+            raise KeyshardError(f"{path}: malformed checkpoint: model_block_size is missing or not a positive "
+                                "integer no larger than the image size")
+    if state.get("manifest") is not None:
+        _validate_provenance(path, state["manifest"])
+    if resume:
+        _check_fields(path, "", state, {
+            "optimizer": (lambda v: isinstance(v, dict), "a dict (optimizer state)"),
+            "scheduler": (lambda v: isinstance(v, dict), "a dict (scheduler state)"),
+            "rng": (lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8, "a uint8 tensor (RNG state)"),
+            "metrics": (lambda v: isinstance(v, list), "a list"),
+            "best_holdout_loss": (_is_number, "a number"),
+        })
+    return state
+
+
+def _validate_data(path, data: dict) -> None:
+    """``state["data"]``: the image size and divisor, the dataset, and for keyed data the key's identity."""
+    from keyshard.keys import METHODS
+
     _check_fields(path, "data.", data, {
         "plain": (lambda v: isinstance(v, bool), "true or false"),
         "image_size": (lambda v: _positive_int(v) and v <= MAX_IMAGE_SIZE, f"an integer in 1..{MAX_IMAGE_SIZE}"),
@@ -117,30 +139,18 @@ def validate(state, path, resume: bool = False) -> dict:
                            "a positive integer dividing the image size"),
             "key_fingerprint": (_text, "a string"),
         })
-    mbs = state.get("model_block_size")
-    if state["model_name"] in BLOCK_MODELS or mbs is not None:
-        if not (_positive_int(mbs) and mbs <= data["image_size"]):
-            raise KeyshardError(f"{path}: malformed checkpoint: model_block_size is missing or not a positive "
-                                "integer no larger than the image size")
-    if state.get("manifest") is not None:
-        record = state["manifest"]
-        if not isinstance(record, dict):
-            raise KeyshardError(f"{path}: malformed checkpoint: manifest is not a dict")
-        _check_fields(path, "manifest.", record, {
-            "manifest_sha256": (_text, "a string"),
-            "signature_verified": (lambda v: isinstance(v, bool), "true or false"),
-            "signer_fingerprint": (_text if record.get("signature_verified") is True else _text_or_none,
-                                   "a string" if record.get("signature_verified") is True else "a string or null"),
-        })
-    if resume:
-        _check_fields(path, "", state, {
-            "optimizer": (lambda v: isinstance(v, dict), "a dict (optimizer state)"),
-            "scheduler": (lambda v: isinstance(v, dict), "a dict (scheduler state)"),
-            "rng": (lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8, "a uint8 tensor (RNG state)"),
-            "metrics": (lambda v: isinstance(v, list), "a list"),
-            "best_holdout_loss": (_is_number, "a number"),
-        })
-    return state
+
+
+def _validate_provenance(path, record) -> None:
+    """``state["manifest"]``: the training manifest's sha256 and signature record."""
+    if not isinstance(record, dict):
+        raise KeyshardError(f"{path}: malformed checkpoint: manifest is not a dict")
+    verified = record.get("signature_verified") is True
+    _check_fields(path, "manifest.", record, {
+        "manifest_sha256": (_text, "a string"),
+        "signature_verified": (lambda v: isinstance(v, bool), "true or false"),
+        "signer_fingerprint": (_text if verified else _text_or_none, "a string" if verified else "a string or null"),
+    })
 
 
 def load(path: str | Path, resume: bool = False) -> dict:
