@@ -118,7 +118,6 @@ def run_search(ckpt, labelled_dir, labelled_split: str, n_labelled: int, test_di
     from tqdm import tqdm
 
     from keyshard.evaluate.audit import check_dataset, score_on_split, test_batches
-    from keyshard.evaluate.near_miss import distance
     from keyshard.pipeline.manifest import load as load_manifest
     from keyshard.evaluate.classify_audit import score_classifier
     from keyshard.shardformat import dataset_info
@@ -171,14 +170,21 @@ def run_search(ckpt, labelled_dir, labelled_split: str, n_labelled: int, test_di
               "labelled_images": int(objective.pixels.shape[0]), "evaluations": objective.evaluations,
               "best": [{"labelled_loss": round(loss, 6), **s} for (loss, _), s in zip(best, scores)]}
     if truth is not None:
-        correct = truth.material
-        for entry, (_, mat) in zip(report["best"], best):
-            entry["distance_to_true_key"] = distance(mat, correct)
-        true_loss = objective(correct)
-        report["true_key_labelled_loss"] = round(true_loss, 6)
-        report["true_key_rank"] = 1 + sum(1 for loss, _ in ranked if loss < true_loss)
-        report["true_key_found"] = any(mat.equals(correct) for _, mat in best)
+        _compare_with_truth(report, objective, ranked, best, truth.material)
     return report
+
+
+def _compare_with_truth(report: dict, objective: Objective, ranked: list, best: list,
+                        correct: methods.Material) -> None:
+    """Auditors: each best key's distance to the true key, the true key's loss and rank."""
+    from keyshard.evaluate.near_miss import distance
+
+    for entry, (_, mat) in zip(report["best"], best):
+        entry["distance_to_true_key"] = distance(mat, correct)
+    true_loss = objective(correct)
+    report["true_key_labelled_loss"] = round(true_loss, 6)
+    report["true_key_rank"] = 1 + sum(1 for loss, _ in ranked if loss < true_loss)
+    report["true_key_found"] = any(mat.equals(correct) for _, mat in best)
 
 
 def _attacker_template(truth: keys.Key | None, method: str, m: int, derivation: str,

@@ -139,7 +139,7 @@ def ffx_table(password: bytes) -> np.ndarray:
 
 def KeyMaterial(method: str, block_size: int, **arrays):  # noqa: N802 (it was a class; callers keep the name)
     """Key material of ``method`` for block size M from its arrays, e.g.
-    ``KeyMaterial("shf", 2, perm=...)``: the method's own ``Material`` class (keyshard.methods)."""
+    ``KeyMaterial(name, 2, perm=...)``: the method's own ``Material`` class (keyshard.methods)."""
     return methods.get(method).Material(block_size, **arrays)
 
 
