@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import sys
 import threading
 import time
@@ -26,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from keyshard import __version__, shardformat
+from keyshard import __version__, faults, shardformat
 from keyshard.errors import KeyshardError
 from keyshard.fsutil import fsync_path, sha256_file, write_json_atomic
 from keyshard.keys import Key, KeyMaterial
@@ -153,8 +152,8 @@ def process_shard(task: ShardTask, material: KeyMaterial | None, options: Encryp
     dataset; None for VOC, whose masks meet VOC's own checks.  Refs with a ``cls`` (image folders,
     ``image_folder.ClassRef``) have no mask: their sample holds ``<key>.cls`` instead of ``<key>.mask.png``."""
     exit_with_parent(owner)
-    if os.environ.get("KEYSHARD_TEST_KILL_WORKER_AT") == task.name and owner not in (None, os.getpid()):
-        os.kill(os.getpid(), signal.SIGKILL)  # test hook: a worker dies (as by the OOM killer) at this shard
+    if owner not in (None, os.getpid()):  # a pool worker: a test may kill it at this shard (keyshard.faults)
+        faults.point("encrypt.worker", task.name)
     _single_threaded_torch()
     plan = _plan_for(material, options.size)
     partial = Path(partial_dir)
@@ -406,16 +405,9 @@ def _encode(workers, todo, tasks, records, material, options, out_path, partial,
         results = workers.run_unordered(process_shard, [
             (t, material, options, str(partial.absolute()), os.getpid(), labels)
             for t in todo])
-        # test hook "N" (SIGKILL this process) or "N:INT" (Ctrl-C to its process group) right after
-        # the N-th shard: the job stops at an exact point, its workers still busy
-        kill_after, _, how = os.environ.get("KEYSHARD_TEST_KILL_AFTER_SHARDS", "0").partition(":")
-        for committed, rec in enumerate(results, 1):
+        for rec in results:
             rec = commit_shard(out_path, partial, rec)
-            if committed == int(kill_after or 0):
-                if how == "INT":
-                    os.killpg(os.getpgid(0), signal.SIGINT)
-                else:
-                    os.kill(os.getpid(), signal.SIGKILL)
+            faults.point("encrypt.commit")  # a test may stop the job here, its workers still busy
             records[rec["file"]] = rec
             synced.append(syncer.submit(fsync_path, out_path / rec["file"]))
             bar.update(rec["samples"] + len(rec["failed"]))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from keyshard import keys
+from keyshard import faults, keys
 from keyshard.pipeline import encrypt_job
 from keyshard.pipeline.manifest import load as load_manifest
 from keyshard.shardformat import decode_mask, decode_npy, iter_tar_samples
@@ -176,7 +176,7 @@ def test_kill_and_resume_is_byte_identical(toy, key_files, enc_ffx_single, tmp_p
     args = ["encrypt", "--voc", toy, "--key", key_files["ffx"], "-o", out, "--jobs", 1, *COMMON, "--shard-size", 1]
     proc = subprocess.run([sys.executable, "-c", "from keyshard.cli import main; main()", *map(str, args)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120, check=False,
-                          env={**os.environ, "KEYSHARD_TEST_KILL_AFTER_SHARDS": "3"})
+                          env={**os.environ, **faults.arm("encrypt.commit", 3)})
     assert proc.returncode == -signal.SIGKILL
     reference = shard_bytes(enc_ffx_single)
     finished = shard_bytes(out)
@@ -299,7 +299,7 @@ def test_workers_die_with_a_killed_parent_and_write_nothing_more(toy, key_files,
     args = ["encrypt", "--voc", toy, "--key", key_files["ffx"], "-o", out, "--jobs", 2, *COMMON, "--shard-size", 1]
     proc = subprocess.Popen([sys.executable, "-c", "from keyshard.cli import main; main()", *map(str, args)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "KEYSHARD_TEST_KILL_AFTER_SHARDS": "2"})
+                            env={**os.environ, **faults.arm("encrypt.commit", 2)})
     parent, workers = psutil.Process(proc.pid), []
     while proc.poll() is None:  # note the workers while the job lives
         try:
@@ -335,7 +335,7 @@ def test_a_killed_worker_stops_the_run_with_one_line_and_resume_finishes(backend
     args = ["encrypt", "--voc", toy, "--key", key_files["ffx"], "-o", out, "--jobs", 2, *COMMON, "--shard-size", 1]
     proc = subprocess.Popen([sys.executable, "-c", "from keyshard.cli import main; main()", *map(str, args),
                              "--backend", backend], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "KEYSHARD_TEST_KILL_WORKER_AT": "test-000003.tar"})
+                            env={**os.environ, **faults.arm("encrypt.worker", "test-000003.tar")})
     workers = []
     while proc.poll() is None and not workers:
         workers = psutil.Process(proc.pid).children()
@@ -368,7 +368,7 @@ def test_ctrl_c_stops_the_job_and_its_workers_with_one_line(toy, key_files, enc_
     proc = subprocess.Popen([sys.executable, "-c", "from keyshard.cli import main; main()", *map(str, args)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-                            env={**os.environ, "KEYSHARD_TEST_KILL_AFTER_SHARDS": "2:INT"})
+                            env={**os.environ, **faults.arm("encrypt.commit", 2, "INT")})
     workers = []
     while proc.poll() is None and len(workers) < 2:
         try:
