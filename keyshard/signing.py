@@ -218,7 +218,7 @@ def manifest_provenance(source, raw_manifest: bytes, trust: str | os.PathLike | 
         return {"manifest_sha256": digest, "signature_verified": False, "signer_fingerprint": None}
     public_key = load_public(trust)
     location = sources.join(source, SIGNATURE_FILE)
-    unsigned = f"{location}: missing — the manifest is unsigned, and --trust {trust} requires a signature"
+    unsigned = f"{location}: missing — the manifest is unsigned, and the public key {trust} requires a signature"
     if not sources.is_url(source) and not Path(location).is_file():
         raise KeyshardError(unsigned)
     try:
