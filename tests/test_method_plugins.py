@@ -169,6 +169,15 @@ def test_schemas_on_disk_are_the_registry_s_for_the_builtins():
     assert enc["method"]["enum"] == [*methods.builtin_names(), None]
 
 
+def test_the_methods_package_is_installed():
+    """pyproject lists its packages one by one: keyshard.methods must be among them (a wheel
+    without it cannot load a key)."""
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert "keyshard.methods" in packages
+
+
 def test_no_method_names_outside_the_methods_package():
     """No product code branches on a method name: only keyshard/methods/ (and its defaults) may."""
     pattern = re.compile(r'\.method *(==|!=|in)|method *(==|!=) *"|"(shf|np|ffx)"')
