@@ -25,7 +25,7 @@ def main():
     ap.add_argument("--evaluations", type=int, default=200)
     args = ap.parse_args()
 
-    from keyshard import keys
+    from keyshard import keys, methods
     from keyshard.evaluate import wrong_keys
     from keyshard.evaluate.key_search import Objective, exhaustive, hill_climb
     from keyshard.evaluate.metrics import Confusion
@@ -43,7 +43,7 @@ def main():
     np2 = keys.generate("np", 2)
     obj = Objective(model, pixels, masks, device)
     t = time.perf_counter()
-    exhaustive(obj, "np", 2, 6, None)
+    exhaustive(obj, methods.get("np").exhaustive(np2.material, limit=10_000))
     rows.append(("search NP M=2, exhaustive (924 keys)", obj.evaluations / (time.perf_counter() - t), "keys/s"))
 
     shf8 = keys.generate("shf", 8)

@@ -8,13 +8,12 @@ known-plaintext attack on the holdout pairs → report.  Every artifact's path i
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import click
 import numpy as np
 
-from keyshard import options
+from keyshard import options, seeded
 from keyshard.errors import KeyshardError
 from keyshard.evaluate.wrong_keys import MAX_COUNT as MAX_WRONG_KEYS
 from keyshard.methods.defaults import DEMO_BLOCK_SIZE as DEFAULT_BLOCK
@@ -23,7 +22,7 @@ from keyshard.methods.defaults import DEMO_METHOD as DEFAULT_METHOD
 
 def demo_secret(key_seed: int) -> bytes:
     """The demo key's secret for ``--key-seed``: SHA-256 of ``keyshard-demo-key/1|<seed>``."""
-    return hashlib.sha256(f"keyshard-demo-key/1|{key_seed}".encode()).digest()
+    return seeded.public_secret("demo-key", key_seed)
 
 
 @click.command("demo")

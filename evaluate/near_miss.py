@@ -11,11 +11,10 @@ own shape too.
 
 from __future__ import annotations
 
-import hashlib
 
 import numpy as np
 
-from keyshard import keys, methods
+from keyshard import keys, methods, seeded
 from keyshard.errors import KeyshardError
 
 # The most near-miss keys per distance (``evaluate --near-miss-keys``): "several keys per
@@ -49,7 +48,7 @@ def near_miss_keys(correct: keys.Key, d: int, count: int, seed: int) -> list[key
         if ident in seen:
             continue
         seen.add(ident)
-        secret = hashlib.sha256(f"keyshard-near-miss/1|{seed}|{d}|{attempt}".encode()).digest()
+        secret = seeded.public_secret("near-miss", seed, d, attempt)
         out.append(keys.Key(correct.method, base.block_size, secret, explicit=material))
     if len(out) < count:
         raise KeyshardError(f"only {len(out)} distinct keys exist at distance {d}; ask for fewer --near-miss-keys")

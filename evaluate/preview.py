@@ -11,14 +11,13 @@ decryption.  FFX codes (0..999) are scaled to 0–255 for display only: ``round(
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from dataclasses import dataclass
 
 import click
 import numpy as np
 
-from keyshard import keys, methods, options
+from keyshard import keys, methods, options, seeded
 from keyshard.errors import KeyshardError
 
 PAPER_BLOCK_SIZES = (2, 4, 8, 16, 256)  # Fig. 4's columns (256 = the whole 256² image)
@@ -26,7 +25,7 @@ PAPER_BLOCK_SIZES = (2, 4, 8, 16, 256)  # Fig. 4's columns (256 = the whole 256�
 
 def preview_secret(key_seed: int, method: str, block_size: int) -> bytes:
     """The secret of the preview key for (method, M) under ``--key-seed``: public, for pictures only."""
-    return hashlib.sha256(f"keyshard-preview-key/1|{key_seed}|{method}|{block_size}".encode()).digest()
+    return seeded.public_secret("preview-key", key_seed, method, block_size)
 
 
 def preview_key(method: str, block_size: int, key_seed: int | None = None) -> keys.Key:

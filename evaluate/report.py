@@ -361,6 +361,17 @@ def classification_table(audits: list[dict]) -> tuple[list[str], list[dict]]:
     return md, rows
 
 
+
+def full_scale(audit: dict) -> bool:
+    """Whether an audit is comparable with the paper's Table 1: its preset's model (FCN-ResNet50)
+    at 256×256 on the 1449 VOC val images."""
+    from keyshard.options import DEFAULT_IMAGE_SIZE
+    from keyshard.train.presets import PRESETS
+
+    return (audit["test"]["images"] == VOC_VAL_IMAGES and audit["checkpoint"]["model"] == PRESETS["paper"]["model"]
+            and audit["checkpoint"]["data"]["image_size"] == DEFAULT_IMAGE_SIZE)
+
+
 def table(audits: list[dict], sources: list | None = None) -> tuple[str, str]:
     """Table-1 style rows (markdown, CSV): method × block size → per model: correct key, plain
     images, wrong keys; plain-trained baselines alongside; the paper's number when full scale.
@@ -382,9 +393,7 @@ def table(audits: list[dict], sources: list | None = None) -> tuple[str, str]:
     for a in sorted(keyed, key=lambda a: (a["key"]["method"], a["key"]["block_size"], a["checkpoint"]["model"],
                                           a.get("_source", ""))):
         k, r = a["key"], a["results"]
-        full_scale = (a["test"]["images"] == VOC_VAL_IMAGES and a["checkpoint"]["model"] == "fcn_resnet50"
-                      and a["checkpoint"]["data"]["image_size"] == 256)
-        paper = PAPER_TABLE1.get(k["method"], {}).get(k["block_size"]) if full_scale else None
+        paper = PAPER_TABLE1.get(k["method"], {}).get(k["block_size"]) if full_scale(a) else None
         rows.append({"method": k["method"], "block_size": k["block_size"], "model": a["checkpoint"]["model"],
                      "test_images": a["test"]["images"],
                      "plain_trained_baseline_miou": baselines.get(a["checkpoint"]["model"]),

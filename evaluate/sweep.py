@@ -29,7 +29,6 @@ entirely and started afresh.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import shutil
@@ -40,11 +39,12 @@ from pathlib import Path
 
 import click
 
-from keyshard import methods, options
+from keyshard import methods, options, seeded
 from keyshard.errors import KeyshardError
 from keyshard.evaluate.wrong_keys import MAX_COUNT as MAX_WRONG_KEYS
 from keyshard.methods.defaults import PAPER_BASELINE, PAPER_TABLE1, SWEEP_METHODS
-from keyshard.train.presets import by_preset
+from keyshard.evaluate import report
+from keyshard.train.presets import PRESETS, by_preset
 
 PAPER_BLOCK_SIZES = (2, 4, 8, 16, 32, 64, 128, 256)
 SWEEP_FORMAT = "keyshard-sweep/1"
@@ -68,7 +68,7 @@ def takes_password(method_names) -> bool:
 
 def sweep_secret(key_seed: int, method: str, block_size: int) -> bytes:
     """A cell's secret for ``--key-seed``: SHA-256 of ``keyshard-sweep-key/1|<seed>|<method>|<M>``."""
-    return hashlib.sha256(f"keyshard-sweep-key/1|{key_seed}|{method}|{block_size}".encode()).digest()
+    return seeded.public_secret("sweep-key", key_seed, method, block_size)
 
 
 def cell_name(method: str, block_size: int) -> str:
@@ -319,13 +319,6 @@ class Sweep:
 
 # -- Table 1 and Fig. 6 ----------------------------------------------------------------------
 
-def _full_scale(audit: dict) -> bool:
-    from keyshard.evaluate.report import VOC_VAL_IMAGES
-
-    return (audit["test"]["images"] == VOC_VAL_IMAGES and audit["checkpoint"]["model"] == "fcn_resnet50"
-            and audit["checkpoint"]["data"]["image_size"] == 256)
-
-
 def rows(audits: list[tuple[dict, Path]], baseline: tuple[dict, Path] | None, root: Path | None = None) -> list[dict]:
     """One CSV row per cell (values exactly as in its audit.json) plus a ``baseline`` row."""
 
@@ -378,7 +371,7 @@ def tables(audits: list[tuple[dict, Path]], baseline: tuple[dict, Path] | None, 
 
     keyed = [x for x in data if x["method"] != "baseline"]
     sample = (audits[0][0] if audits else baseline[0]) if (audits or baseline) else None
-    full = bool(audits) and all(_full_scale(a) for a, _ in audits)
+    full = bool(audits) and all(report.full_scale(a) for a, _ in audits)
     md = ["# keyshard sweep — Table 1 (mean IoU)", ""]
     if sample is not None:
         c = sample["checkpoint"]
@@ -481,9 +474,9 @@ def fig6(audits: list[tuple[dict, Path]], baseline: tuple[dict, Path] | None) ->
 @click.option("--block-sizes", type=options.CommaList(options.BLOCK_SIZE, sort=True),
               default=",".join(map(str, PAPER_BLOCK_SIZES)), show_default=True,
               help="Comma-separated block sizes M; each must divide --image-size.")
-@click.option("--preset", type=click.Choice(["paper", "demo"]), default="paper", show_default=True,
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="paper", show_default=True,
               help="Training preset of every model (see `keyshard train --help`).")
-@click.option("--image-size", type=options.IMAGE_SIZE, default=256, show_default=True, metavar="SIZE",
+@click.option("--image-size", type=options.IMAGE_SIZE, default=options.DEFAULT_IMAGE_SIZE, show_default=True, metavar="SIZE",
               help="Images and masks are resized to SIZE x SIZE pixels (as `encrypt --image-size`).")
 @click.option("--epochs", type=options.EPOCHS, default=None,
               help=f"Training epochs of every model. Default: {by_preset('epochs')}.")

@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import hashlib
 
-from keyshard import keys, methods
+from keyshard import keys, methods, seeded
 from keyshard.errors import KeyshardError
 
 
 def _secret(seed: int, index: int) -> bytes:
-    return hashlib.sha256(f"keyshard-wrong-key/1|{seed}|{index}".encode()).digest()
+    return seeded.public_secret("wrong-key", seed, index)
 
 
 def rule(correct: keys.Key, randomize_password: bool = False) -> str:

@@ -14,7 +14,7 @@ from keyshard.fsutil import make_parent
 @click.option("--block-size", "-M", type=click.IntRange(1, keys.MAX_BLOCK_SIZE), required=True,
               help=f"Block size M (e.g. 2, 4, ..., at most {keys.MAX_BLOCK_SIZE}).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="Key file to create (mode 0600).")
-@click.option("--image-size", type=options.IMAGE_SIZE, default=256, show_default=True,
+@click.option("--image-size", type=options.IMAGE_SIZE, default=options.DEFAULT_IMAGE_SIZE, show_default=True,
               help="Image size the key will be used with; M must divide it.")
 @click.option("--reference-seed", type=click.IntRange(0, keys.MAX_REFERENCE_SEED), default=None,
               help="Derive the key exactly as the authors' reference code (torch.manual_seed + randperm); "

@@ -16,6 +16,7 @@ from click.core import ParameterSource
 from keyshard import methods
 from keyshard.keys import MAX_BLOCK_SIZE
 
+DEFAULT_IMAGE_SIZE = 256  # the paper's images are resized to 256×256 (section 3.1)
 MAX_IMAGE_SIZE = 4096      # --image-size: a 4096² SHF plan is already ~400 MB
 MAX_JOBS = 1024            # worker processes (encrypt, demo)
 MAX_WORKERS = 256          # DataLoader workers

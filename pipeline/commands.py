@@ -91,7 +91,7 @@ def toy_voc(out, images, voc_sizes, make_tar, seed, min_side, max_side, classes)
 @click.option("--output", "-o", required=True, type=click.Path(), metavar="DIR", help="Output directory (new, or --resume).")
 @click.option("--splits", default="train,holdout,test", show_default=True, callback=_parse_splits,
               help="Which splits to write: train/holdout come from train.txt, test is val.txt.")
-@options.image_size_option(default=256, show_default=True, metavar="SIZE",
+@options.image_size_option(default=options.DEFAULT_IMAGE_SIZE, show_default=True, metavar="SIZE",
                            help="Images and masks are resized to SIZE x SIZE pixels (the key's block size must divide it).")
 @click.option("--shard-size", type=click.IntRange(1, options.MAX_IMAGES), default=128, show_default=True, metavar="N",
               help="Samples per shard.")

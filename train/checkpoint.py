@@ -117,7 +117,7 @@ def validate(state, path, resume: bool = False) -> dict:
 
 def _validate_data(path, data: dict) -> None:
     """``state["data"]``: the image size and divisor, the dataset, and for keyed data the key's identity."""
-    from keyshard.keys import METHODS
+    from keyshard import methods
 
     _check_fields(path, "data.", data, {
         "plain": (lambda v: isinstance(v, bool), "true or false"),
@@ -134,7 +134,7 @@ def _validate_data(path, data: dict) -> None:
                                 "ignore_index and class_names")
     if not data["plain"]:
         _check_fields(path, "data.", data, {
-            "method": (lambda v: v in METHODS, f"one of {', '.join(METHODS)}"),
+            "method": (lambda v: v in methods.names(), f"one of {', '.join(methods.names())}"),
             "block_size": (lambda v: _positive_int(v) and data["image_size"] % v == 0,
                            "a positive integer dividing the image size"),
             "key_fingerprint": (_text, "a string"),
