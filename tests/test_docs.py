@@ -51,6 +51,20 @@ def test_site_builds_strictly(tmp_path):
     assert (tmp_path / "site" / "reference" / "cli" / "index.html").stat().st_size > 10_000
     api = " ".join((tmp_path / "site" / "reference" / "api" / "index.html").read_text(encoding="utf-8").split())
     assert "shuffle_buffer" in api and "pixel divisor" in api  # signatures and docstrings rendered
+    assert _list_items_swallowed_by_paragraphs(tmp_path / "site") == []
+
+
+def _list_items_swallowed_by_paragraphs(site: Path) -> list[str]:
+    """Markdown list items that rendered as text inside a paragraph (a list item right after an
+    indented paragraph, without a blank line, is a lazy continuation line to Python-Markdown)."""
+    found = []
+    for page in sorted(site.rglob("*.html")):
+        for paragraph in re.findall(r"<p>(.*?)</p>", page.read_text(encoding="utf-8"), re.S):
+            for line in paragraph.split("\n")[1:]:
+                text = re.sub(r"<[^>]+>", "", line).strip()
+                if re.match(r"(\d+\.|[*+-]) \S", text):
+                    found.append(f"{page.relative_to(site)}: {text[:60]}")
+    return found
 
 
 def _quoted_numbers(pattern: str) -> list[tuple[str, int]]:
