@@ -182,6 +182,15 @@ class Method(abc.ABC):
         transform is not one (then a model cannot absorb the key into its stem)."""
         return None
 
+    # -- deployment --------------------------------------------------------------------------
+    def onnx_transform(self, material: Material, height: int, width: int):
+        """The key transform as an ``onnx.GraphProto`` (opset 18) for ``keyshard export``: input
+        ``pixels``, uint8 N×H×W×3; output ``keyed``, N×H×W×3 in ``storage_dtype``; equal to the
+        compiled plan's ``encrypt`` bit for bit, so build it from the plan's own arrays
+        (``methods.onnx_graph`` has the shared pieces).  None (the default) when the method has
+        no ONNX form; export then refuses the method."""
+        return None
+
 
 # -- the registry ------------------------------------------------------------------------------
 

@@ -113,6 +113,19 @@ class Ffx(MaskMethod):
     def describe(self, material):
         return super().describe(material) + [("pixel divisor", str(material.divisor))]
 
+    def onnx_transform(self, material, height, width):
+        """The numpy plan's gather: ``keyed = lut.reshape(-1)[fwd_base + pixels]`` (uint16 codes)."""
+        from onnx import TensorProto, helper
+
+        from keyshard.methods.onnx_graph import INPUT, OUTPUT, transform_graph
+
+        plan = self.compile(material, height, width)
+        nodes = [helper.make_node("Cast", [INPUT], ["wide"], to=TensorProto.INT32),
+                 helper.make_node("Add", ["wide", "base"], ["index"]),
+                 helper.make_node("Gather", ["lut", "index"], [OUTPUT], axis=0)]
+        consts = {"lut": plan.lut.reshape(-1), "base": plan.fwd_base.astype(np.int32)}
+        return transform_graph("keyshard_ffx", nodes, consts, height, width, self.storage_dtype)
+
     def wrong_material(self, base, secret, vary_password):
         """A random mask; the key's own table, or with ``vary_password`` that of the secret's password."""
         table = keys.ffx_table(keys.Key(self.name, base.block_size, secret).password) if vary_password else base.table

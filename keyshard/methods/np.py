@@ -79,5 +79,15 @@ class Np(MaskMethod):
         flip = material.mask[k]
         return Fold((c, y, x), np.where(flip, -1.0, 1.0), np.where(flip, (1 - 2 * mean[c]) / std[c], 0.0))
 
+    def onnx_transform(self, material, height, width):
+        """One BitwiseXor with the plan's 0/255 image (broadcast over the batch)."""
+        from onnx import helper
+
+        from keyshard.methods.onnx_graph import INPUT, OUTPUT, transform_graph
+
+        xor = self.compile(material, height, width).xor
+        nodes = [helper.make_node("BitwiseXor", [INPUT, "xor"], [OUTPUT])]
+        return transform_graph("keyshard_np", nodes, {"xor": xor}, height, width, np.uint8)
+
 
 METHOD = Np()

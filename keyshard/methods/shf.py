@@ -158,5 +158,11 @@ class Shf(Method):
         r, col, sc = block_coords(material.perm[k], m)
         return Fold((sc, y - y % m + r, x - x % m + col), std[sc] / std[c], (mean[sc] - mean[c]) / std[c])
 
+    def onnx_transform(self, material, height, width):
+        """One Gather on each flattened image with the plan's gather index."""
+        from keyshard.methods.onnx_graph import flat_gather
+
+        return flat_gather("keyshard_shf", self.compile(material, height, width).gather, height, width, np.uint8)
+
 
 METHOD = Shf()
