@@ -3,7 +3,8 @@
 The public Python API is exported lazily (PEP 562): ``import keyshard`` loads no torch or
 webdataset; each name imports its module on first use.
 
-* ``read_manifest(source)`` — manifest.json of a shard directory or URL base, schema-checked.
+* ``read_manifest(source, trust=None)`` — manifest.json of a shard directory or URL base,
+  schema-checked, as a ``keyshard.manifest.Manifest`` of frozen records (``.raw``: the JSON).
 * ``open_shards(source, split, *, batch_size, ...)`` — one rank's batches
   ``(pixels, targets, ids, n_padding)``; the loader ``keyshard train`` uses.
 * ``model_input(pixels, manifest, device)`` — stored pixels → normalised float NCHW on the device.
@@ -16,12 +17,12 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # the same names for type checkers and the API docs; at run time see __getattr__
     from keyshard.keys import load as load_key
-    from keyshard.pipeline.manifest import load as read_manifest
+    from keyshard.manifest import read as read_manifest
     from keyshard.train.data import model_input, open_shards
     from keyshard.transforms import decrypt_image, encrypt_image
 
 _EXPORTS = {
-    "read_manifest": ("keyshard.pipeline.manifest", "load"),
+    "read_manifest": ("keyshard.manifest", "read"),
     "open_shards": ("keyshard.train.data", "open_shards"),
     "model_input": ("keyshard.train.data", "model_input"),
     "load_key": ("keyshard.keys", "load"),

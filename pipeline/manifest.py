@@ -1,4 +1,7 @@
-"""manifest.json: what a shard directory holds and how it was made; ``verify`` checks it.
+"""Writing manifest.json: what a shard directory holds and how it was made; ``verify`` checks it.
+
+Reading it is the core's (``keyshard/manifest.py``: ``keyshard.read_manifest`` and the schema);
+this module builds the manifest of a finished encryption job and writes it last, atomically.
 
 The manifest carries the key *fingerprint* (a keyed HMAC), never the secret, password or
 permutation.  ``source.content_sha256`` is a checksum of exactly the inputs used: SHA-256 over
@@ -10,10 +13,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import json
-import platform
-import zlib
-from importlib import metadata, resources
 from pathlib import Path
 
 import numpy as np
@@ -21,33 +20,7 @@ import numpy as np
 from keyshard import __version__, methods
 from keyshard.errors import KeyshardError
 from keyshard.fsutil import write_json_atomic
-
-MANIFEST = "manifest.json"
-FORMAT = "keyshard-manifest/1"
-_LIBRARIES = ("numpy", "torch", "torchvision", "pillow", "webdataset", "pyffx", "joblib")
-
-
-def library_versions() -> dict:
-    """What the output bytes depend on besides keyshard (zlib: the shard masks' compression)."""
-    out = {"python": platform.python_version(), "zlib": zlib.ZLIB_RUNTIME_VERSION}
-    for name in _LIBRARIES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def schema() -> dict:
-    """``manifests/manifest.schema.json`` with the method and dtype enums of the registered methods
-    (for the built-ins that is the file as written; a test checks it)."""
-    doc = json.loads(resources.files("keyshard.manifests").joinpath("manifest.schema.json").read_text())
-    enc = doc["properties"]["encryption"]["properties"]
-    enc["method"]["enum"] = [*methods.names(), None]
-    enc["dtype"]["enum"] = list(dict.fromkeys(["uint8"] + [np.dtype(methods.get(n).storage_dtype).name
-                                                          for n in methods.names()]))
-    return doc
-
+from keyshard.manifest import FORMAT, MANIFEST, Manifest, as_manifest, library_versions, read, validate
 
 def content_checksum(records: list[dict], split_files: dict) -> str:
     lines = sorted({" ".join(entry) for r in records for entry in r["inputs"]})
@@ -102,79 +75,13 @@ def build(identity: dict, key, options, records: list[dict], counts: dict, comma
     }
 
 
-def validate(doc: dict, where: str) -> None:
-    import jsonschema
-
-    try:
-        jsonschema.validate(doc, schema())
-    except jsonschema.ValidationError as exc:
-        path = "/".join(str(p) for p in exc.absolute_path) or "(top)"
-        raise KeyshardError(f"{where}: manifest does not match the schema at {path}: {exc.message}") from None
-
-
 def write(out: Path, doc: dict) -> None:
+    """Schema-check ``doc`` and write it atomically as ``out/manifest.json``: the job's last step."""
     validate(doc, str(out / MANIFEST))
     write_json_atomic(out / MANIFEST, doc, tmp_dir=out / ".keyshard-partial" / "tmp")
 
 
-def load_bytes(source: str | Path) -> tuple[dict, bytes]:
-    """Read and schema-check ``manifest.json`` of a shard directory or URL base; also its exact bytes
-    (what a signature covers).  One clear error if it is not there."""
-    from keyshard import sources
-
-    path = _location(source)
-    raw = sources.read_bytes(path)
-    return parse(raw, path), raw
-
-
-def _location(source) -> str:
-    """Where ``manifest.json`` of ``source`` is; for a directory, one clear error if it is not there."""
-    from keyshard import sources
-
-    path = sources.join(source, MANIFEST)
-    if not sources.is_url(source):
-        if not Path(source).is_dir():
-            raise KeyshardError(f"{source}: not a directory of shards")
-        if not Path(path).exists():
-            raise KeyshardError(f"{path}: missing — the directory is not a finished keyshard dataset")
-    return path
-
-
-def parse(raw: bytes, path: str) -> dict:
-    """A manifest from its bytes, schema-checked; one clear error naming ``path`` otherwise."""
-    try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise KeyshardError(f"{path}: not JSON") from None
-    if not isinstance(doc, dict):
-        raise KeyshardError(f"{path}: not a JSON object")
-    validate(doc, path)
-    return doc
-
-
-def load(source: str | Path) -> dict:
-    """The manifest of a shard directory or URL base (``keyshard.read_manifest``)."""
-    return load_bytes(source)[0]
-
-
-def load_trusted(source: str | Path, trust: str | Path | None = None) -> tuple[dict, dict]:
-    """The manifest and its provenance (``keyshard.signing.manifest_provenance``: sha256, whether
-    a signature was verified, signer fingerprint).  With ``trust`` (a public-key file) the
-    signature is checked over the exact bytes *before* they are parsed, and the manifest returned
-    is parsed from those same bytes: a tampered manifest is refused as a bad signature."""
-    from keyshard import signing, sources
-
-    if trust is None:
-        doc, raw = load_bytes(source)
-        return doc, signing.manifest_provenance(source, raw, None)
-    signing.load_public(trust)  # a bad --trust file fails before anything is fetched
-    path = _location(source)
-    raw = sources.read_bytes(path)
-    provenance = signing.manifest_provenance(source, raw, trust)
-    return parse(raw, path), provenance
-
-
-def verify(source: str | Path, progress: bool = True, doc: dict | None = None) -> list[str]:
+def verify(source: str | Path, progress: bool = True, doc: Manifest | dict | None = None) -> list[str]:
     """Re-read every shard (local or remote), re-hash it and recount its samples against the
     manifest (``doc``, e.g. one whose signature was checked, or read from ``source``); return
     one line per problem (empty = OK)."""
@@ -183,17 +90,31 @@ def verify(source: str | Path, progress: bool = True, doc: dict | None = None) -
     from keyshard import sources
     from keyshard.shardformat import stream_shard
 
-    doc = load(source) if doc is None else doc
+    manifest = read(source) if doc is None else as_manifest(doc)
     problems = []
-    for shard in tqdm(doc["shards"], desc="verify", unit="shard", disable=not progress):
-        location = sources.join(source, shard["file"])
+    for shard in tqdm(manifest.shards, desc="verify", unit="shard", disable=not progress):
+        location = sources.join(source, shard.file)
         try:
-            for _ in stream_shard(location, shard, verify=True):
+            for _ in stream_shard(location, shard.entry(), verify=True):
                 pass
         except KeyshardError as exc:
             problems.append(str(exc))
     if not sources.is_url(source):
-        listed = {s["file"] for s in doc["shards"]}
+        listed = {s.file for s in manifest.shards}
         for extra in sorted(p.name for p in Path(source).glob("*.tar") if p.name not in listed):
             problems.append(f"{Path(source) / extra}: shard not listed in the manifest")
     return problems
+
+
+# -- transitional: the 0.1 readers, for the modules that still index the JSON ------------------
+# pipeline/commands.py (verify, decrypt), evaluate/audit.py and evaluate/classify_audit.py read
+# through these until they take the typed ``keyshard.manifest.Manifest``; then they go.
+def load(source: str | Path) -> dict:
+    """The manifest JSON of a shard directory or URL base (``keyshard.manifest.read(source).raw``)."""
+    return read(source).raw
+
+
+def load_trusted(source: str | Path, trust: str | Path | None = None) -> tuple[dict, dict]:
+    """The manifest JSON and its provenance record (``keyshard.manifest.read(source, trust)``)."""
+    manifest = read(source, trust)
+    return manifest.raw, manifest.provenance.record()

@@ -72,7 +72,7 @@ def test_batches_are_stored_integers_and_model_input_normalises_on_the_device(sh
         assert np.array_equal(keyshard.encrypt_image(plain[k].numpy(), key), p.numpy())
         assert np.array_equal(keyshard.decrypt_image(p.numpy(), shards / "key.json"), plain[k].numpy())
     x = keyshard.model_input(pixels, manifest, "cpu")
-    divisor = manifest["encryption"]["pixel_divisor"]
+    divisor = manifest.encryption.pixel_divisor
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
     expected = (pixels.permute(0, 3, 1, 2).double() / divisor - mean.view(1, 3, 1, 1).double()) / std.view(1, 3, 1, 1)
     assert x.dtype == torch.float32 and x.shape == (len(ids), 3, SIZE, SIZE)
@@ -100,8 +100,7 @@ def test_a_corrupt_shard_stops_the_stream_with_one_line_with_two_workers(shards,
     # verification off: the same stream runs to its end (the bytes still parse)
     n = sum(len(ks) for _, _, ks, _ in keyshard.open_shards(str(tmp_path / "bad"), "train", batch_size=4,
                                                             workers=2, verify_stream=False))
-    assert n == sum(s["samples"] for s in keyshard.read_manifest(str(tmp_path / "bad"))["shards"]
-                    if s["split"] == "train")
+    assert n == sum(s.samples for s in keyshard.read_manifest(str(tmp_path / "bad")).shards_of("train"))
 
 
 def test_train_and_evaluate_stop_on_a_corrupt_shard_and_save_nothing(shards, tmp_path):

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from keyshard.errors import KeyshardError
+from keyshard.manifest import Manifest, Provenance
 from keyshard.options import MAX_IMAGE_SIZE
 from keyshard.train.presets import BLOCK_MODELS, CLASSIFIERS
 
@@ -175,19 +176,17 @@ def fit_state_dict(module: torch.nn.Module, weights: dict, path, what: str) -> N
         raise KeyshardError(f"{path}: {what} does not fit ({type(exc).__name__})") from None
 
 
-def data_identity(manifest: dict) -> dict:
-    """What a model is bound to: the shards' key fingerprint, method, block size, divisor, and
-    the dataset (kind, class count, ignore index, class names: ``shardformat.dataset_info``)."""
-    from keyshard.shardformat import dataset_info
-
-    enc = manifest["encryption"]
-    info = dataset_info(manifest)
+def data_identity(manifest: Manifest) -> dict:
+    """What a model is bound to (``state["data"]``): the shards' key fingerprint, method, block
+    size, divisor, image size and source checksum, and the dataset (kind, class count, ignore
+    index, class names)."""
+    enc = manifest.encryption
     return {
-        "dataset": {k: info[k] for k in ("kind", "num_classes", "ignore_index", "class_names")},
-        "plain": enc["plain"], "method": enc["method"], "block_size": enc["block_size"],
-        "key_fingerprint": enc["key_fingerprint"], "key_derivation": enc["key_derivation"],
-        "pixel_divisor": enc["pixel_divisor"], "image_size": manifest["image"]["height"],
-        "source_content_sha256": manifest["source"]["content_sha256"],
+        "dataset": manifest.dataset.record(),
+        "plain": enc.plain, "method": enc.method, "block_size": enc.block_size,
+        "key_fingerprint": enc.key_fingerprint, "key_derivation": enc.key_derivation,
+        "pixel_divisor": enc.pixel_divisor, "image_size": manifest.image.size,
+        "source_content_sha256": manifest.source.content_sha256,
     }
 
 
@@ -208,19 +207,19 @@ def same_data(saved: dict, current: dict) -> bool:
     return {"dataset": voc_dataset(), **saved} == current
 
 
-def check_resume_provenance(state: dict, provenance: dict, path) -> None:
-    """``--resume`` continues on the very manifest the run started on (same sha256), and a run
-    whose manifest signature was verified is resumed with ``--trust`` again.  Checkpoints made
+def check_resume_provenance(state: dict, provenance: Provenance, path) -> None:
+    """A resumed run continues on the very manifest it started on (same sha256), and a run whose
+    manifest signature was verified is resumed with a trusted key again.  Checkpoints made
     before manifests were recorded carry no ``manifest`` and are not checked."""
     old = state.get("manifest")
     if not old:
         return
-    if old["manifest_sha256"] != provenance["manifest_sha256"]:
+    if old["manifest_sha256"] != provenance.manifest_sha256:
         raise KeyshardError(f"{path}: was trained on another manifest.json (sha256 {old['manifest_sha256'][:16]}…, "
-                            f"now {provenance['manifest_sha256'][:16]}…); refusing to resume")
-    if old["signature_verified"] and not provenance["signature_verified"]:
+                            f"now {provenance.manifest_sha256[:16]}…); refusing to resume")
+    if old["signature_verified"] and not provenance.signature_verified:
         raise KeyshardError(f"{path}: the run verified the manifest's signature (signer "
-                            f"{old['signer_fingerprint'][:16]}…); resume with --trust NAME.pub")
+                            f"{old['signer_fingerprint'][:16]}…); resume with `trust=NAME.pub`")
 
 
 def load_model(ckpt_path: str | Path, device) -> tuple[torch.nn.Module, dict]:

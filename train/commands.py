@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from keyshard import options
+from keyshard import options, params
 from keyshard.errors import KeyshardError
 from keyshard.train.presets import (CLASSIFIERS, CLASSIFY_MODELS, PRESETS, SEGMENTATION_MODELS, by_preset,
                                     micro_batch_for, micro_batch_rule)
@@ -75,6 +75,7 @@ from keyshard.train.presets import (CLASSIFIERS, CLASSIFY_MODELS, PRESETS, SEGME
               help="Public signing key of the data publisher: refuse the shards unless manifest.json.sig is "
                    "its valid signature over manifest.json. Checkpoints record the result.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@params.names_flags
 def train(shards, output, resume, trust, quiet, **settings):
     """Train a segmentation model by streaming (plain or keyed) shards.
 
@@ -93,8 +94,9 @@ def train(shards, output, resume, trust, quiet, **settings):
         settings["micro_batch"] = micro_batch_for(settings["preset"], settings["batch_size"])
     config = TrainConfig.from_preset(**settings)
     trainer = Trainer(shards, output, config, resume=resume, progress=not quiet, log=click.echo, trust=trust)
-    if trainer.dist.main and trainer.provenance["signature_verified"]:
-        click.echo(f"manifest signature verified: signer {trainer.provenance['signer_fingerprint']} ({trust})")
+    provenance = trainer.manifest.provenance
+    if trainer.dist.main and provenance.signature_verified:
+        click.echo(f"manifest signature verified: signer {provenance.signer_fingerprint} ({trust})")
     result = trainer.fit()
     if result["history"]:
         click.echo(f"best holdout loss {result['best_holdout_loss']:.4f}; checkpoints in {output}/best.pt and {output}/last.pt")

@@ -30,7 +30,8 @@ import webdataset as wds
 
 from keyshard import sources
 from keyshard.errors import KeyshardError
-from keyshard.shardformat import VOID, dataset_info, decode_mask, decode_npy, stream_shard
+from keyshard.manifest import Manifest, Shard, as_manifest
+from keyshard.shardformat import VOID, decode_mask, decode_npy, stream_shard
 from keyshard.train.batch_ring import BatchRing, SlotBatch, join_rows
 from keyshard.train.copy_ahead import CopyAhead
 from keyshard.train.device import pick_device
@@ -42,7 +43,7 @@ class EpochPlan:
     """Which shards one rank reads in one epoch, and how much padding evens the ranks out."""
 
     locations: list[str]   # this rank's shards, in reading order
-    shards: list[dict]     # their manifest entries
+    shards: list[Shard]    # their manifest records
     samples: int           # real samples this rank will read
     target: int            # samples every rank yields (real + padding)
 
@@ -51,29 +52,26 @@ class EpochPlan:
         return self.target - self.samples
 
 
-def shards_for(manifest: dict, split: str, replica: int) -> list[dict]:
-    shards = [s for s in manifest["shards"] if s["split"] == split and s["replica"] == replica]
+def shards_for(manifest: Manifest, split: str, replica: int) -> list[Shard]:
+    shards = list(manifest.shards_of(split, replica))
     if not shards:
         raise KeyshardError(f"manifest lists no {split!r} shards (replica {replica})")
     return shards
 
 
-def replicas(manifest: dict, split: str) -> int:
-    return 1 + max((s["replica"] for s in manifest["shards"] if s["split"] == split), default=0)
-
-
-def epoch_plan(source, manifest: dict, split: str, epoch: int, seed: int, rank: int = 0, world: int = 1,
+def epoch_plan(source, manifest: Manifest | dict, split: str, epoch: int, seed: int, rank: int = 0, world: int = 1,
                shuffle: bool = True) -> EpochPlan:
     """The rank's shard list for this epoch (from one order all ranks agree on) and its padding."""
-    replica = epoch % replicas(manifest, split) if split == "train" else 0
+    manifest = as_manifest(manifest)
+    replica = epoch % manifest.replicas(split) if split == "train" else 0
     shards = shards_for(manifest, split, replica)
     order = np.arange(len(shards))
     if shuffle:
         order = np.random.default_rng([seed, epoch, 7]).permutation(len(shards))
     ordered = [shards[i] for i in order]
-    counts = [sum(s["samples"] for s in ordered[r::world]) for r in range(world)]
+    counts = [sum(s.samples for s in ordered[r::world]) for r in range(world)]
     mine = ordered[rank::world]
-    return EpochPlan(locations=[sources.join(source, s["file"]) for s in mine], shards=mine,
+    return EpochPlan(locations=[sources.join(source, s.file) for s in mine], shards=mine,
                      samples=counts[rank], target=max(counts))
 
 
@@ -104,10 +102,9 @@ class _ShardStream(torch.utils.data.IterableDataset):
         self.source, self.manifest, self.split, self.batch_size = source, manifest, split, batch_size
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
         self.rank, self.world, self.augment, self.verify = rank, world, augment, verify
-        enc = manifest["encryption"]
-        self.dtype = np.dtype(enc.get("dtype", "uint8"))
-        self.shape = (manifest["image"]["height"], manifest["image"]["width"], 3)
-        self.classification = dataset_info(manifest)["task"] == "classification"  # targets: <key>.cls
+        self.dtype = np.dtype(manifest.encryption.dtype)
+        self.shape = manifest.image.shape
+        self.classification = manifest.dataset.task == "classification"  # targets: <key>.cls
         self.epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.keep = None  # classification --train-fraction: key -> bool (train/classify.py)
         self.ring = None  # BatchRing when read by DataLoader workers (ShardLoader sets it)
@@ -126,7 +123,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
 
     def _raw(self, assigned):
         for location, shard in assigned:
-            for key, files in stream_shard(location, shard, self.verify):
+            for key, files in stream_shard(location, shard.entry(), self.verify):
                 yield location, key, files
 
     def _decode(self, item):
@@ -230,7 +227,7 @@ class ShardLoader:
             return plan
         # a subset: its exact size (the keys of this epoch's shards that ``keep`` accepts) before
         # the epoch, so the step count and the schedule count it; counted once per shard list
-        files = tuple(sorted(s["file"] for s in plan.shards))
+        files = tuple(sorted(s.file for s in plan.shards))
         if files not in self._kept:
             self._kept[files] = sum(sum(1 for key in _shard_keys(loc, shard) if self.stream.keep(key))
                                     for loc, shard in zip(plan.locations, plan.shards))
@@ -272,7 +269,7 @@ class ShardLoader:
         Yields ``(pixels, targets, ids)`` pieces; ``__iter__`` joins them into batches."""
         queues = [collections.deque() for _ in range(self.workers)]
         for i, shard in enumerate(plan.shards):
-            queue, need = queues[i % self.workers], shard["samples"]
+            queue, need = queues[i % self.workers], shard.samples
             while need:
                 while not queue and (item := next(received, None)) is not None:
                     queues[item[3]].append([*item[:3], 0])
@@ -328,7 +325,7 @@ class ShardLoader:
         if self.stream.classification:  # padding targets are never scored (train_step skips padding rows)
             fill = torch.full((pad,), -100, dtype=torch.int64)
         else:
-            ignore = dataset_info(self.manifest)["ignore_index"]  # every padding pixel is ignored
+            ignore = self.manifest.dataset.ignore_index  # every padding pixel is ignored
             fill = torch.full((pad, *shape[:2]), VOID if ignore is None else ignore, dtype=torch.uint8)
         masks = self._join([p[1] for p in pending] + [fill])
         ids = [k for p in pending for k in p[2]] + [""] * pad
@@ -337,7 +334,7 @@ class ShardLoader:
             yield pixels[i:i + bs], masks[i:i + bs], ids[i:i + bs], max(0, min(n, i + n - n_pending))
 
 
-def _shard_keys(location: str, shard: dict):
+def _shard_keys(location: str, shard: Shard):
     """The sample keys of one shard: a local tar's member headers only (tarfile seeks past the
     data), a remote one streamed and checked."""
     import os
@@ -355,7 +352,7 @@ def _shard_keys(location: str, shard: dict):
         except (tarfile.TarError, OSError) as exc:
             raise KeyshardError(f"{location}: not a readable shard ({exc}); run `keyshard verify`") from None
         return
-    for key, _ in stream_shard(location, shard, verify=True):
+    for key, _ in stream_shard(location, shard.entry(), verify=True):
         yield key
 
 
@@ -374,7 +371,7 @@ def _rank_world(rank, world) -> tuple[int, int]:
 def open_shards(source, split: str = "train", *, batch_size: int, epoch: int = 0, seed: int = 0,
                 workers: int = 0, shuffle_buffer: int = 256, rank: int | None = None,
                 world: int | None = None, augment=None, verify_stream: bool = True,
-                shuffle: bool = True, manifest: dict | None = None) -> ShardLoader:
+                shuffle: bool = True, manifest: Manifest | None = None) -> ShardLoader:
     """Batches of one split of a shard directory or URL base for this rank (see ``ShardLoader``).
 
     ``rank``/``world`` default to the initialised ``torch.distributed`` group (else 0 of 1).
@@ -382,14 +379,16 @@ def open_shards(source, split: str = "train", *, batch_size: int, epoch: int = 0
     batches, in the same order, at any worker count (the main process holds up to about
     (workers − 1) shards' rows to put them back in order; not with a ``set_keep`` subset).
     ``augment(pixels, mask, key) -> (pixels, mask)`` runs per sample in the workers on numpy
-    arrays (its ``set_epoch(epoch)``, if it has one, is called at the start of every epoch).  ``manifest`` skips re-reading it when the caller already has it.
+    arrays (its ``set_epoch(epoch)``, if it has one, is called at the start of every epoch).
+    ``manifest``: the ``keyshard.read_manifest(source)`` the caller already has (read once per
+    command; a 0.1-style manifest dict is accepted too), else it is read here.
     """
-    from keyshard.pipeline.manifest import load as load_manifest
+    from keyshard.manifest import read
 
     if batch_size < 1 or workers < 0 or shuffle_buffer < 0:
         raise KeyshardError("batch_size must be ≥ 1, workers and shuffle_buffer ≥ 0")
-    manifest = manifest if manifest is not None else load_manifest(source)
-    if split not in manifest["splits"]["counts"]:
+    manifest = as_manifest(manifest) if manifest is not None else read(source)
+    if split not in manifest.splits:
         raise KeyshardError(f"{source}: holds no {split!r} split")
     rank, world = _rank_world(rank, world)
     stream = _ShardStream(source, manifest, split, batch_size, seed, shuffle, shuffle_buffer, rank, world,
@@ -399,11 +398,12 @@ def open_shards(source, split: str = "train", *, batch_size: int, epoch: int = 0
     return loader
 
 
-def model_input(pixels: torch.Tensor, manifest: dict, device) -> torch.Tensor:
+def model_input(pixels: torch.Tensor, manifest: Manifest | dict, device) -> torch.Tensor:
     """Stored pixels → normalised float N×3×H×W model input on ``device``.
 
     The copy moves the compact integers (uint8/uint16); division by the manifest's pixel
-    divisor and ImageNet normalisation happen on the device, after the copy.
+    divisor and ImageNet normalisation happen on the device, after the copy.  ``manifest``:
+    ``keyshard.read_manifest``'s ``Manifest`` (a manifest dict, as keyshard 0.1 returned, works too).
     """
     x = pixels.to(device, non_blocking=True)
-    return normalize_pixels(x, manifest["encryption"]["pixel_divisor"])
+    return normalize_pixels(x, as_manifest(manifest).encryption.pixel_divisor)

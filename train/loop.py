@@ -27,8 +27,7 @@ from torch import nn
 
 from keyshard import faults
 from keyshard.errors import KeyshardError
-from keyshard.pipeline.manifest import load_trusted
-from keyshard.shardformat import dataset_info
+from keyshard.manifest import Manifest, Provenance, read
 from keyshard.train import checkpoint
 from keyshard.train.augment import KeySafeAugment
 from keyshard.train.data import open_shards
@@ -115,70 +114,71 @@ def gather_digests(model: nn.Module, dist: Dist) -> list[str]:
 
 
 # -- checks: configuration + manifest -> run ------------------------------------------------
-def check_data(shards: str, data: dict, manifest: dict, config: TrainConfig) -> None:
+def check_data(shards: str, manifest: Manifest, config: TrainConfig) -> None:
     """The shards hold train and holdout splits, and a key-safe crop fits their blocks and size."""
-    if "train" not in manifest["splits"]["counts"] or "holdout" not in manifest["splits"]["counts"]:
-        raise KeyshardError(f"{shards}: needs train and holdout splits (encrypt --splits train,holdout,...)")
-    m, size = data["block_size"] or 1, data["image_size"]
+    if "train" not in manifest.splits or "holdout" not in manifest.splits:
+        raise KeyshardError(f"{shards}: needs train and holdout splits (encrypt with the splits train and holdout)")
+    m, size = manifest.encryption.block_size or 1, manifest.image.size
     if config.block_crop and (config.block_crop % m or not 0 < config.block_crop <= size):
-        raise KeyshardError(f"--block-crop {config.block_crop} must be a multiple of the block size {m} "
+        raise KeyshardError(f"`block_crop` {config.block_crop} must be a multiple of the block size {m} "
                             f"and at most the image size {size}")
 
 
-def resolve_task(config: TrainConfig, manifest: dict, shards: str, world: int) -> tuple[str, TrainConfig]:
-    """The task comes from the manifest; --task, if given, must agree.  Classification swaps the
-    preset's segmentation model for its classifier (demo: patch_vit, paper: resnet18)."""
-    info = dataset_info(manifest)
-    task = info["task"]
+def resolve_task(config: TrainConfig, manifest: Manifest, shards: str, world: int) -> tuple[str, TrainConfig]:
+    """The task comes from the manifest; ``config.task``, if given, must agree.  Classification
+    swaps the preset's segmentation model for its classifier (demo: patch_vit, paper: resnet18)."""
+    task = manifest.dataset.task
     if config.task is not None and config.task != task:
-        raise KeyshardError(f"--task {config.task}, but {shards} holds {task} data (dataset kind {info['kind']})")
+        raise KeyshardError(f"`task={config.task}`, but {shards} holds {task} data "
+                            f"(dataset kind {manifest.dataset.kind})")
     if task == "classification":
         if config.model not in CLASSIFIERS:
             if config.model != PRESETS[config.preset]["model"]:
-                raise KeyshardError(f"--model {config.model} is a segmentation model; for classification "
+                raise KeyshardError(f"`model={config.model}` is a segmentation model; for classification "
                                     f"choose {' or '.join(CLASSIFIERS)}")
             config = replace(config, model=CLASSIFY_MODELS[config.preset])
         if config.block_flip or config.block_crop:
-            raise KeyshardError("--block-flip/--block-crop are for segmentation shards")
+            raise KeyshardError("`block_flip`/`block_crop` are for segmentation shards")
     else:
         if config.model in CLASSIFIERS:
-            raise KeyshardError(f"--model {config.model} is a classifier, but {shards} holds segmentation data")
+            raise KeyshardError(f"`model={config.model}` is a classifier, but {shards} holds segmentation data")
         if config.train_fraction is not None:
-            raise KeyshardError("--train-fraction is for classification shards")
+            raise KeyshardError("`train_fraction` is for classification shards")
     if config.train_fraction is not None and world > 1:
-        raise KeyshardError("--train-fraction runs on one process")
+        raise KeyshardError("`train_fraction` runs on one process")
     return task, config
 
 
-def model_block_size(config: TrainConfig, data: dict) -> int | None:
-    """Block size a block-aligned model is built for: the shards' key, or --block-size on plain shards."""
-    data_m, flag_m = data["block_size"], config.block_size
+def model_block_size(config: TrainConfig, manifest: Manifest) -> int | None:
+    """Block size a block-aligned model is built for: the shards' key, or ``config.block_size``
+    on plain shards."""
+    data_m, flag_m = manifest.encryption.block_size, config.block_size
     if data_m is not None and flag_m is not None and flag_m != data_m:
-        raise KeyshardError(f"--block-size {flag_m} disagrees with the shards' key (M={data_m}); "
+        raise KeyshardError(f"`block_size={flag_m}` disagrees with the shards' key (M={data_m}); "
                             "on keyed shards the manifest decides")
     m = data_m or flag_m
     if config.model in BLOCK_MODELS and m is None:
-        raise KeyshardError(f"--model {config.model} on plain shards needs --block-size M "
-                            "(the key it will be used with)")
-    if m is not None and data["image_size"] % m:
-        raise KeyshardError(f"block size {m} does not divide the image size {data['image_size']}")
+        raise KeyshardError(f"`model={config.model}` on plain shards needs `block_size` "
+                            "(the block size M of the key it will be used with)")
+    if m is not None and manifest.image.size % m:
+        raise KeyshardError(f"block size {m} does not divide the image size {manifest.image.size}")
     return m
 
 
 def batch_split(config: TrainConfig, world: int) -> tuple[int, int]:
-    """Per-rank batch and micro-batch: --batch-size is global (divided over the ranks, each
-    accumulating micro-batches of at most --micro-batch); BatchNorm sees one micro-batch."""
+    """Per-rank batch and micro-batch: ``batch_size`` is global (divided over the ranks, each
+    accumulating micro-batches of at most ``micro_batch``); BatchNorm sees one micro-batch."""
     rank_batch = config.batch_size // world if config.global_batch else config.batch_size
     if config.global_batch and config.batch_size % world:
-        raise KeyshardError(f"--batch-size {config.batch_size} (global) is not a multiple of the {world} ranks")
+        raise KeyshardError(f"`batch_size` {config.batch_size} (global) is not a multiple of the {world} ranks")
     micro = min(config.micro_batch, rank_batch)
     if rank_batch % micro:
-        raise KeyshardError(f"--batch-size {config.batch_size} must be a multiple of {world} rank(s) × "
-                            f"--micro-batch {micro} = {world * micro}")
+        raise KeyshardError(f"`batch_size` {config.batch_size} must be a multiple of {world} rank(s) × "
+                            f"`micro_batch` {micro} = {world * micro}")
     return rank_batch, micro
 
 
-def resume_state(out: Path, config: TrainConfig, data: dict, provenance: dict) -> tuple[dict, TrainConfig]:
+def resume_state(out: Path, config: TrainConfig, data: dict, provenance: Provenance) -> tuple[dict, TrainConfig]:
     """``out/last.pt`` and the configuration to continue with: the same data, manifest and
     settings (only epochs and workers may change), and the batch meaning the run was saved with."""
     last = out / "last.pt"
@@ -200,7 +200,7 @@ def resume_state(out: Path, config: TrainConfig, data: dict, provenance: dict) -
 def create_run_dir(out: Path, main: bool) -> None:
     """A new run needs an empty or absent directory; rank 0 creates it."""
     if out.exists() and any(out.iterdir()):
-        raise KeyshardError(f"{out}: exists and is not empty (use --resume to continue a run there)")
+        raise KeyshardError(f"{out}: exists and is not empty (`resume=True` continues a run there)")
     if main:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -209,14 +209,14 @@ def create_run_dir(out: Path, main: bool) -> None:
 
 
 # -- building -------------------------------------------------------------------------------
-def build_training_model(config: TrainConfig, task: str, data: dict, model_block: int | None,
+def build_training_model(config: TrainConfig, task: str, manifest: Manifest, model_block: int | None,
                          device) -> nn.Module:
     """The task's model on ``device`` (channels_last when asked), from ``config.weights`` if given."""
-    num_classes = data["dataset"]["num_classes"]
+    num_classes = manifest.dataset.num_classes
     if task == "classification":
         from keyshard.train.classifiers import build_classifier
 
-        model = build_classifier(config.model, num_classes, model_block, data["image_size"], config.weights)
+        model = build_classifier(config.model, num_classes, model_block, manifest.image.size, config.weights)
     else:
         model = build_model(config.model, config.weights, aux_loss=config.aux_weight > 0, block_size=model_block,
                             num_classes=num_classes)
@@ -255,22 +255,22 @@ class Trainer:
         self.shards, self.out, self.progress, self.log = str(shards), Path(out), progress, log
         self.dist = setup_distributed()
         self.device = pick_device(self.dist.local_rank)
-        self.manifest, self.provenance = load_trusted(self.shards, trust)
+        self.manifest = read(self.shards, trust)  # read once; everything below takes this object
         self.data = checkpoint.data_identity(self.manifest)
-        check_data(self.shards, self.data, self.manifest, config)
+        check_data(self.shards, self.manifest, config)
         self.task, config = resolve_task(config, self.manifest, self.shards, self.dist.world)
-        self.model_block = model_block_size(config, self.data)
+        self.model_block = model_block_size(config, self.manifest)
         self.start_epoch, self.history, self.best_loss = 0, [], math.inf
         self.loaders = {}  # split -> its ShardLoader, workers kept across epochs
         previous = None
         if resume:  # a resumed run keeps the batch meaning it was saved with
-            previous, config = resume_state(self.out, config, self.data, self.provenance)
+            previous, config = resume_state(self.out, config, self.data, self.manifest.provenance)
         else:
             create_run_dir(self.out, self.dist.main)
         self.cfg = config
         self.rank_batch, self.micro_batch = batch_split(config, self.dist.world)
         torch.manual_seed(config.seed)
-        self.model = build_training_model(config, self.task, self.data, self.model_block, self.device)
+        self.model = build_training_model(config, self.task, self.manifest, self.model_block, self.device)
         self.optimizer, self.scheduler, self.scaler = build_optimizer(self.model, config, self.device)
         if previous is not None:
             restore(self, previous)
@@ -303,7 +303,8 @@ def epoch_batches(run: Trainer, split: str, epoch: int, shuffle: bool):
     if loader is None:
         cfg, augment = run.cfg, None
         if split == "train" and (cfg.block_flip or cfg.block_crop):
-            augment = KeySafeAugment(run.data["block_size"] or 1, cfg.block_flip, cfg.block_crop, cfg.seed)
+            augment = KeySafeAugment(run.manifest.encryption.block_size or 1, cfg.block_flip, cfg.block_crop,
+                                     cfg.seed)
         loader = open_shards(run.shards, split, batch_size=run.rank_batch, seed=cfg.seed, workers=cfg.workers,
                              shuffle_buffer=cfg.shuffle_buffer, rank=run.dist.rank, world=run.dist.world,
                              augment=augment, shuffle=shuffle, manifest=run.manifest)
@@ -338,7 +339,7 @@ def train_one_epoch(run: Trainer, epoch: int) -> dict:
     for step, (pixels, masks, _, n_pad) in enumerate(batches):
         batch_loss, valid = train_step(run.ddp, run.optimizer, run.scaler, lambda x: forward(run, x), pixels,
                                        masks, n_pad, run.micro_batch, world, run.cfg.aux_weight,
-                                       ignore_index=run.data["dataset"]["ignore_index"])
+                                       ignore_index=run.manifest.dataset.ignore_index)
         run.scheduler.step(epoch + (step + 1) / steps)  # cosine within the epoch, restarts every N
         loss_sum += batch_loss
         pixels_sum += valid / world  # summed over ranks below
@@ -364,7 +365,7 @@ def evaluate(run: Trainer, epoch: int) -> float:
     """The holdout loss: summed cross-entropy over the real rows' valid pixels, over all ranks."""
     run.ddp.eval()
     _, batches = epoch_batches(run, "holdout", epoch, shuffle=False)
-    ignore = run.data["dataset"]["ignore_index"]
+    ignore = run.manifest.dataset.ignore_index
     loss_sum = pixels_sum = 0.0
     for pixels, masks, _, n_pad in batches:
         n_real = len(pixels) - n_pad
@@ -386,7 +387,7 @@ def save_epoch(run: Trainer, epoch: int, stats: dict, improved: bool) -> None:
         "epoch": epoch, "model_name": run.cfg.model, "model_block_size": run.model_block,
         "config": asdict(run.cfg),
         "metrics": run.history, "best_holdout_loss": run.best_loss, "data": run.data,
-        "manifest": run.provenance,
+        "manifest": run.manifest.provenance.record(),
         "world_size": run.dist.world,
     }
     checkpoint.save(run.out / "last.pt", state)
@@ -399,15 +400,15 @@ def save_epoch(run: Trainer, epoch: int, stats: dict, improved: bool) -> None:
 # -- the run ----------------------------------------------------------------------------------
 def log_start(run: Trainer) -> None:
     """What is trained on what, how the batch is split, and the paper preset's augmentation warning."""
-    cfg, data, world = run.cfg, run.data, run.dist.world
-    mode = ("plain images" if data["plain"]
-            else f"{data['method']} M={data['block_size']} key {data['key_fingerprint'][:16]}…")
+    cfg, enc, world = run.cfg, run.manifest.encryption, run.dist.world
+    mode = ("plain images" if enc.plain
+            else f"{enc.method} M={enc.block_size} key {enc.key_fingerprint[:16]}…")
     init = f"weights from {cfg.weights}" if cfg.weights else "from scratch (no --weights given)"
     run.log(f"training {cfg.model} on {mode}, {init}, {world} process(es) on {run.device}")
     kind = "global" if cfg.global_batch else "per process (saved run)"
     run.log(f"batch {cfg.batch_size} {kind}: {run.rank_batch} per rank × {world} rank(s), "
             f"micro-batches of {run.micro_batch} — BatchNorm sees {run.micro_batch} images at a time")
-    if cfg.preset == "paper" and not data["plain"] and not run.manifest["augmentation"]["copies"]:
+    if cfg.preset == "paper" and not enc.plain and not run.manifest.augmentation.copies:
         run.log("warning: the paper augments every epoch (random resized crop + horizontal flip), but "
                 "these keyed shards have no augmentation replicas; re-encrypt with --augment-copies R "
                 "(e.g. 9: each epoch reads one of R+1 views, the resized crops made before encryption)")

@@ -22,11 +22,12 @@ from contextlib import nullcontext
 import torch
 from torch.nn import functional as F
 
+from keyshard.manifest import Manifest
 from keyshard.shardformat import VOID
 from keyshard.train.data import model_input
 
 
-def forward_stored(model, pixels: torch.Tensor, manifest: dict, device: torch.device,
+def forward_stored(model, pixels: torch.Tensor, manifest: Manifest, device: torch.device,
                    channels_last: bool = False, amp: bool = False) -> dict:
     """``model`` on stored pixels as ``train`` runs it: normalised on the device (``model_input``),
     in channels_last memory format and under autocast (CUDA only) when asked."""
@@ -39,8 +40,8 @@ def forward_stored(model, pixels: torch.Tensor, manifest: dict, device: torch.de
 
 def segmentation_loss(outputs: dict, masks: torch.Tensor, aux_weight: float,
                       ignore_index: int | None = VOID) -> torch.Tensor:
-    """Summed cross-entropy over pixels not labelled ``ignore_index`` (the dataset's, from
-    ``shardformat.dataset_info``; VOC's 255 by default); the caller normalises."""
+    """Summed cross-entropy over pixels not labelled ``ignore_index`` (the dataset's,
+    ``Manifest.dataset.ignore_index``; VOC's 255 by default); the caller normalises."""
     ignore = -100 if ignore_index is None else ignore_index
     loss = F.cross_entropy(outputs["out"], masks, ignore_index=ignore, reduction="sum")
     if aux_weight and "aux" in outputs:
