@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from keyshard import options, params
+from keyshard import options, params, tasks
 from keyshard.errors import KeyshardError
 from keyshard.evaluate.near_miss import MAX_KEYS_PER_DISTANCE
 from keyshard.evaluate.wrong_keys import MAX_COUNT as MAX_WRONG_KEYS
@@ -37,7 +37,8 @@ MAX_PREDICTIONS = 64  # evaluate --save-predictions: rows of predictions.png
 @click.option("--near-miss", default="", metavar="D1,D2,...",
               help="Also evaluate keys at these distances from the correct key (e.g. 1,2,4,8,16): "
                    "SHF transpositions, NP/FFX swaps of a selected and an unselected position. Default: none.")
-@click.option("--near-miss-keys", type=click.IntRange(1, MAX_KEYS_PER_DISTANCE), default=5, show_default=True,
+@click.option("--near-miss-keys", "near_miss_count", type=click.IntRange(1, MAX_KEYS_PER_DISTANCE), default=5,
+              show_default=True,
               help="Keys per near-miss distance.")
 @click.option("--trust", type=click.Path(dir_okay=False), default=None, metavar="NAME.pub",
               help="Public signing key of the test data's publisher: refuse the test shards unless their "
@@ -50,8 +51,9 @@ MAX_PREDICTIONS = 64  # evaluate --save-predictions: rows of predictions.png
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @params.names_flags
 def evaluate(ckpt, key_file, test_dir, wrong_keys, seed, output, batch_size, workers, ignore_fingerprint,
-             randomize_ffx_password, near_miss, near_miss_keys, trust, save_predictions, quiet):
-    """Audit a protected model: mIoU with the correct key, plain images and N random wrong keys.
+             randomize_ffx_password, near_miss, near_miss_count, trust, save_predictions, quiet):
+    """Audit a protected model: its score (segmentation: mIoU; classification: top-1 accuracy)
+    with the correct key, plain images and N random wrong keys.
 
     Keys are scored in chunks (as many compiled keys as fit in 256 MB, at most 128): each pass
     over the test split decodes every batch once and applies that chunk's keys to it on the
@@ -59,36 +61,20 @@ def evaluate(ckpt, key_file, test_dir, wrong_keys, seed, output, batch_size, wor
     audit.json, audit.md (a readable table) and audit.png (Fig. 6 style).
     """
     from keyshard.evaluate.audit import run_audit, run_baseline
-    from keyshard.evaluate.report import markdown, write_audit
-    from keyshard.train.checkpoint import load as load_checkpoint
+    from keyshard.evaluate.report import check_audit_dir, markdown, write_audit
+    from keyshard.train.checkpoint import dataset_of, load as load_checkpoint
 
-    from keyshard.fsutil import check_output
-
-    out = Path(output) if output else Path(ckpt).parent / "audit"
-    if (out / "audit.json").exists():
-        raise KeyshardError(f"{out}: already holds an audit; choose another --output")
-    check_output(out, directory=True)  # an unwritable --output is refused before the audit, not after it
-    ckpt_state = load_checkpoint(ckpt)
-    plain_model = ckpt_state["data"]["plain"]
-    from keyshard.train.checkpoint import model_task
-
-    if model_task(ckpt_state) == "classification":  # the task comes from the checkpoint
-        from keyshard.evaluate import classify_audit
-
-        if save_predictions or near_miss.strip():
-            raise KeyshardError("--save-predictions and --near-miss are for segmentation models")
-        if plain_model and key_file is None:
-            audit = classify_audit.run_baseline(ckpt, test_dir, batch_size, workers, progress=not quiet, trust=trust)
-        elif key_file is None:
-            raise KeyshardError(f"{ckpt}: was trained on keyed shards; give its key with --key")
-        else:
-            audit = classify_audit.run_audit(ckpt, key_file, test_dir, wrong_keys, seed, batch_size,
-                                             ignore_fingerprint, randomize_ffx_password, workers,
-                                             progress=not quiet, trust=trust)
-        paths = classify_audit.write_audit(audit, out)
-        click.echo(classify_audit.markdown(audit).split("<details>")[0].rstrip())
-        click.echo("\nwrote " + ", ".join(str(p) for p in paths))
-        return
+    out = check_audit_dir(output or Path(ckpt).parent / "audit")  # refused before the audit, not after it
+    state = load_checkpoint(ckpt)
+    plain_model, task = state["data"]["plain"], tasks.for_kind(dataset_of(state)["kind"])
+    try:
+        distances = tuple(sorted({int(d) for d in near_miss.split(",") if d.strip()}))
+    except ValueError:
+        raise KeyshardError(f"--near-miss {near_miss!r}: expected comma-separated integers") from None
+    for flag, given, supported in (("--near-miss", distances, task.near_miss),
+                                   ("--save-predictions", save_predictions, task.predictions)):
+        if given and not supported:
+            raise KeyshardError(f"{flag}: not for {task.name} models")
     capture = None
     if save_predictions:
         from keyshard.evaluate.predictions import Capture
@@ -96,18 +82,12 @@ def evaluate(ckpt, key_file, test_dir, wrong_keys, seed, output, batch_size, wor
         capture = Capture(save_predictions)
     if plain_model and key_file is None:
         audit = run_baseline(ckpt, test_dir, batch_size, workers, progress=not quiet, trust=trust, capture=capture)
-        paths = write_audit(audit, out, capture)
-        click.echo(markdown(audit).rstrip() + "\n\nwrote " + ", ".join(str(p) for p in paths))
-        return
-    if key_file is None:
+    elif key_file is None:
         raise KeyshardError(f"{ckpt}: was trained on keyed shards; give its key with --key")
-    try:
-        distances = tuple(sorted({int(d) for d in near_miss.split(",") if d.strip()}))
-    except ValueError:
-        raise KeyshardError(f"--near-miss {near_miss!r}: expected comma-separated integers") from None
-    audit = run_audit(ckpt, key_file, test_dir, wrong_keys, seed, batch_size, ignore_fingerprint,
-                      randomize_ffx_password, workers, progress=not quiet, near_miss=distances,
-                      near_miss_count=near_miss_keys, trust=trust, capture=capture)
+    else:
+        audit = run_audit(ckpt, key_file, test_dir, wrong_keys, seed, batch_size, ignore_fingerprint,
+                          randomize_ffx_password, workers, progress=not quiet, near_miss=distances,
+                          near_miss_count=near_miss_count, trust=trust, capture=capture)
     paths = write_audit(audit, out, capture)
     click.echo(markdown(audit).split("<details>")[0].rstrip())
     click.echo("\nwrote " + ", ".join(str(p) for p in paths))

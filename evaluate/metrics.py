@@ -1,4 +1,5 @@
-"""Segmentation metrics from one confusion matrix accumulated over the whole split.
+"""Audit metrics: segmentation's from one confusion matrix accumulated over the whole split, and
+each task's scorer (``SegmentationScorer``, ``TopOneScorer``), which the one audit loop feeds.
 
 mIoU is the mean IoU over the classes that occur in the labels *or* the predictions (a class
 absent from both is undefined and left out — torchvision's reference gives NaN for it,
@@ -116,3 +117,42 @@ class PerImage:
             values = torch.cat(self._values).cpu().tolist() if self._values else []
             out["per_image"] = [{"id": i, "miou": v} for i, v in zip(self._ids, values) if v == v]
         return out
+
+
+# -- scorers: what the audit loop (``audit.score_on_split``) accumulates per condition ------------
+# A task names its scorer (``keyshard/tasks/``: ``Task.scorer``); every scorer takes
+# ``(device, num_classes, ignore_index, keep_per_image)``, is given each batch's predictions and
+# targets (real rows only) with ``add`` and reports with ``scores()``.
+
+
+class SegmentationScorer:
+    """One condition's segmentation scores over a split: the dataset-level confusion matrix
+    (``Confusion``) and the per-image mIoUs (``PerImage``), both from one batched ``bincount``."""
+
+    def __init__(self, device, num_classes: int, ignore_index: int | None, keep_per_image: bool = False):
+        self.confusion = Confusion(device, num_classes, ignore_index)
+        self.per_image = PerImage(device, keep=keep_per_image)
+
+    def add(self, pred: torch.Tensor, masks: torch.Tensor, ids) -> torch.Tensor:
+        """Adds a batch; returns each image's mIoU (for the predictions figure)."""
+        mious = self.confusion.update_images(pred, masks)
+        self.per_image.add(mious, ids)
+        return mious
+
+    def scores(self) -> dict:
+        return {**self.confusion.scores(), **self.per_image.scores()}
+
+
+class TopOneScorer:
+    """One condition's top-1 accuracy over a split: images whose predicted class is their label."""
+
+    def __init__(self, device, num_classes: int, ignore_index: int | None, keep_per_image: bool = False):
+        self.correct = 0
+        self.images = 0
+
+    def add(self, pred: torch.Tensor, labels: torch.Tensor, ids) -> None:
+        self.correct += int((pred == labels).sum())
+        self.images += len(ids)
+
+    def scores(self) -> dict:
+        return {"top1_acc": self.correct / max(self.images, 1), "correct": self.correct, "images": self.images}

@@ -1,8 +1,8 @@
 """manifests/audit.schema.json describes the audit.json that `keyshard evaluate` writes.
 
 Audits are made here by the same functions `evaluate` calls (``run_audit`` / ``run_baseline`` and
-``write_audit`` of each task) on tiny toy data, then read back from disk and validated: a
-segmentation key audit (with near-miss keys and the predictions record), a segmentation baseline,
+``write_audit``, one audit loop for every task) on tiny toy data, then read back from disk and
+validated: a segmentation key audit (with near-miss keys and the predictions record), a segmentation baseline,
 a classification key audit and a classification baseline; plus the shipped example and audits
 that were damaged on purpose.
 """
@@ -68,7 +68,8 @@ def segmentation_audits(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def classification_audits(tmp_path_factory) -> dict:
     """Toy classes at 32², SHF M=4, the demo classifier one epoch; a key audit and a baseline audit."""
-    from keyshard.evaluate import classify_audit
+    from keyshard.evaluate.audit import run_audit, run_baseline
+    from keyshard.evaluate.report import write_audit
 
     root = tmp_path_factory.mktemp("cls")
     res = invoke("toy-classes", root / "toy", "--classes", 3, "--images", 45, "--seed", 3)
@@ -79,12 +80,12 @@ def classification_audits(tmp_path_factory) -> dict:
                      "--shard-size", 32, "-j", 1, "-q")
         assert res.exit_code == 0, res.output
     ckpt = _trainer(root / "enc", root / "run")
-    audit = classify_audit.run_audit(str(ckpt), str(root / "key.json"), str(root / "plain"), n_wrong=3, seed=1,
-                                     workers=0, progress=False)
-    classify_audit.write_audit(audit, root / "audit")
+    audit = run_audit(str(ckpt), str(root / "key.json"), str(root / "plain"), n_wrong=3, seed=1,
+                      workers=0, progress=False)
+    write_audit(audit, root / "audit")
     plain_ckpt = _trainer(root / "plain", root / "plainrun", block_size=4)  # patch_vit needs M on plain shards
-    base = classify_audit.run_baseline(str(plain_ckpt), str(root / "plain"), workers=0, progress=False)
-    classify_audit.write_audit(base, root / "base")
+    base = run_baseline(str(plain_ckpt), str(root / "plain"), workers=0, progress=False)
+    write_audit(base, root / "base")
     return {name: json.loads((root / name / "audit.json").read_text()) for name in ("audit", "base")}
 
 

@@ -70,7 +70,7 @@ def build_classifier(name: str, num_classes: int, block_size: int | None = None,
         model = _resnet18(num_classes)
     elif name == "patch_vit":
         if not block_size:
-            raise KeyshardError("the patch_vit model needs a block size (--block-size on plain shards)")
+            raise KeyshardError("the patch_vit model needs a block size (`block_size`, on plain shards)")
         model = PatchViT(block_size, num_classes, image_size)
     else:
         raise KeyshardError(f"unknown classifier {name!r}; choose from {', '.join(CLASSIFIERS)}")
@@ -103,3 +103,10 @@ def load_weights(model: nn.Module, name: str, path: str) -> None:
         raise KeyshardError(f"{p}: weights do not fit model {name} ({len(bad)} of another shape, {len(missing)} "
                             f"missing, {len(unexpected)} unexpected, e.g. {first[:80]!r})")
     model.load_state_dict(fitting, strict=False)
+
+
+def build(name: str, *, num_classes: int, block_size: int | None = None, image_size: int | None = None,
+          weights: str | None = None, aux_loss: bool = True) -> nn.Module:
+    """The classification task's model factory (``keyshard/tasks/classification.py``:
+    ``Task.model``), with the keywords every task's factory takes; classifiers have no auxiliary head."""
+    return build_classifier(name, num_classes, block_size, image_size, weights)

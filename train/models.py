@@ -85,7 +85,7 @@ def build_model(name: str, weights: str | None = None, aux_loss: bool = True,
         model = SmallSegNet(num_classes)
     elif name == "block_aligned":
         if not block_size:
-            raise KeyshardError("the block_aligned model needs a block size (--block-size on plain shards)")
+            raise KeyshardError("the block_aligned model needs a block size (`block_size`, on plain shards)")
         model = BlockAlignedSegNet(block_size, num_classes)
     elif name == "fcn_resnet50":
         from torchvision.models.segmentation import fcn_resnet50
@@ -121,3 +121,10 @@ def load_backbone(model: nn.Module, name: str, path: str) -> None:
     if unexpected or loaded == 0:
         raise KeyshardError(f"{p}: weights do not fit model {name} ({len(unexpected)} unexpected keys, "
                             f"{loaded} loaded)")
+
+
+def build(name: str, *, num_classes: int, block_size: int | None = None, image_size: int | None = None,
+          weights: str | None = None, aux_loss: bool = True) -> nn.Module:
+    """The segmentation task's model factory (``keyshard/tasks/segmentation.py``: ``Task.model``),
+    with the keywords every task's factory takes; ``image_size`` is not needed here."""
+    return build_model(name, weights, aux_loss=aux_loss, block_size=block_size, num_classes=num_classes)
