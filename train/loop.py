@@ -25,16 +25,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from keyshard import faults
+from keyshard import faults, tasks
 from keyshard.errors import KeyshardError
 from keyshard.manifest import Manifest, Provenance, read
 from keyshard.train import checkpoint
 from keyshard.train.augment import KeySafeAugment
 from keyshard.train.data import open_shards
 from keyshard.train.device import dist_backend, pick_device
-from keyshard.train.models import build_model
 from keyshard.train.presets import BLOCK_MODELS, CLASSIFIERS, CLASSIFY_MODELS, PRESETS
-from keyshard.train.step import all_reduce_sum, forward_stored, segmentation_loss, train_step
+from keyshard.train.step import all_reduce_sum, forward_stored, train_step
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -211,15 +210,11 @@ def create_run_dir(out: Path, main: bool) -> None:
 # -- building -------------------------------------------------------------------------------
 def build_training_model(config: TrainConfig, task: str, manifest: Manifest, model_block: int | None,
                          device) -> nn.Module:
-    """The task's model on ``device`` (channels_last when asked), from ``config.weights`` if given."""
-    num_classes = manifest.dataset.num_classes
-    if task == "classification":
-        from keyshard.train.classifiers import build_classifier
-
-        model = build_classifier(config.model, num_classes, model_block, manifest.image.size, config.weights)
-    else:
-        model = build_model(config.model, config.weights, aux_loss=config.aux_weight > 0, block_size=model_block,
-                            num_classes=num_classes)
+    """The task's model (its ``Task.model`` factory) on ``device`` (channels_last when asked),
+    from ``config.weights`` if given."""
+    build = tasks.get(task).hook("model")
+    model = build(config.model, num_classes=manifest.dataset.num_classes, block_size=model_block,
+                  image_size=manifest.image.size, weights=config.weights, aux_loss=config.aux_weight > 0)
     model = model.to(device)
     return model.to(memory_format=torch.channels_last) if config.channels_last else model
 
@@ -339,7 +334,8 @@ def train_one_epoch(run: Trainer, epoch: int) -> dict:
     for step, (pixels, masks, _, n_pad) in enumerate(batches):
         batch_loss, valid = train_step(run.ddp, run.optimizer, run.scaler, lambda x: forward(run, x), pixels,
                                        masks, n_pad, run.micro_batch, world, run.cfg.aux_weight,
-                                       ignore_index=run.manifest.dataset.ignore_index)
+                                       ignore_index=run.manifest.dataset.ignore_index,
+                                       loss_fn=tasks.get(run.task).hook("loss"))
         run.scheduler.step(epoch + (step + 1) / steps)  # cosine within the epoch, restarts every N
         loss_sum += batch_loss
         pixels_sum += valid / world  # summed over ranks below
@@ -365,7 +361,7 @@ def evaluate(run: Trainer, epoch: int) -> float:
     """The holdout loss: summed cross-entropy over the real rows' valid pixels, over all ranks."""
     run.ddp.eval()
     _, batches = epoch_batches(run, "holdout", epoch, shuffle=False)
-    ignore = run.manifest.dataset.ignore_index
+    ignore, loss_fn = run.manifest.dataset.ignore_index, tasks.get(run.task).hook("loss")
     loss_sum = pixels_sum = 0.0
     for pixels, masks, _, n_pad in batches:
         n_real = len(pixels) - n_pad
@@ -373,7 +369,7 @@ def evaluate(run: Trainer, epoch: int) -> float:
             continue
         masks = masks[:n_real].to(run.device).long()
         out = forward(run, pixels[:n_real], run.model)  # the plain module: no DDP collectives
-        loss_sum += float(segmentation_loss({"out": out["out"].float()}, masks, 0.0, ignore))
+        loss_sum += float(loss_fn({"out": out["out"].float()}, masks, 0.0, ignore))
         pixels_sum += float((masks != (-100 if ignore is None else ignore)).sum())
     loss_sum, pixels_sum = all_reduce_sum([loss_sum, pixels_sum], run.dist.world, run.device)
     return loss_sum / max(pixels_sum, 1)

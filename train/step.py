@@ -58,11 +58,13 @@ def all_reduce_sum(values: list[float], world: int, device) -> list[float]:
 
 
 def train_step(model, optimizer, scaler, forward, pixels, masks, n_pad: int, micro_batch: int, world: int,
-               aux_weight: float = 0.0, ignore_index: int | None = VOID) -> tuple[float, float]:
+               aux_weight: float = 0.0, ignore_index: int | None = VOID,
+               loss_fn=None) -> tuple[float, float]:
     """Forward/backward the real rows of one batch in micro-batches, then step.
 
     ``model`` is the (DDP-wrapped) module, ``forward(pixels) -> outputs`` runs it on stored
-    pixels.  Returns (summed loss over this rank's valid pixels, global valid pixel count);
+    pixels; ``loss_fn``: the task's summed loss (``Task.loss``; default ``segmentation_loss``).
+    Returns (summed loss over this rank's valid pixels, global valid pixel count);
     a count of 0 means no step was taken.
     """
     n_real = len(pixels) - n_pad
@@ -82,8 +84,8 @@ def train_step(model, optimizer, scaler, forward, pixels, masks, n_pad: int, mic
         with ctx:
             if end > i:
                 out = forward(pixels[i:end])
-                loss = segmentation_loss({k: v.float() for k, v in out.items()}, masks[i:end], aux_weight,
-                                         ignore_index)
+                loss = (loss_fn or segmentation_loss)({k: v.float() for k, v in out.items()}, masks[i:end],
+                                                      aux_weight, ignore_index)
                 scaler.scale(loss * scale).backward()
                 loss_sum += float(loss.detach())
             elif world > 1:  # keep DDP's collectives in step: no BN update, zero gradient
