@@ -32,7 +32,7 @@ from keyshard.errors import KeyshardError
 from keyshard.evaluate import wrong_keys
 from keyshard.evaluate.near_miss import MAX_KEYS_PER_DISTANCE, near_miss_keys
 from keyshard.fsutil import sha256_file
-from keyshard.manifest import as_manifest, library_versions
+from keyshard.manifest import Manifest, as_manifest, library_versions
 from keyshard.train.checkpoint import load_model
 from keyshard.train.data import epoch_plan, open_shards
 from keyshard.train.device import pick_device
@@ -175,7 +175,7 @@ class Scoring:
     model: torch.nn.Module
     device: torch.device
     test_dir: str
-    manifest: object
+    manifest: Manifest
     size: int
     batch_size: int
     workers: int
@@ -243,7 +243,7 @@ def audit_header(kind: str, task: tasks.Task, ckpt_path, state: dict, test_dir, 
         "created_utc": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         "tool": {"name": "keyshard", "version": __version__}, "libraries": library_versions(),
         "checkpoint": checkpoint, "key": None,
-        "test": {"path": str(test_dir), "images": epoch_plan(test_dir, test.raw, "test", 0, 0, shuffle=False).samples,
+        "test": {"path": str(test_dir), "images": epoch_plan(test_dir, test, "test", 0, 0, shuffle=False).samples,
                  "source_content_sha256": test.source.content_sha256,
                  **task.test_record(test.dataset), **test.provenance.record()},
         "device": str(device), "metrics": task.metrics_note,
@@ -268,7 +268,7 @@ def run_baseline(ckpt_path: str, test_dir: str, batch_size: int = 32, workers: i
     check_task_supports(task, capture=capture)
     check_test_split(test, test_dir)
     check_dataset(state, test, ckpt_path, test_dir)
-    scores = score_on_split(model, [(None, 255)], test_dir, test.raw, device, batch_size, workers, progress,
+    scores = score_on_split(model, [(None, 255)], test_dir, test, device, batch_size, workers, progress,
                             desc="baseline", keep_per_image=(0,),
                             capture=(capture, {0: "plain"}) if capture is not None else None)
     audit = {**audit_header("baseline", task, ckpt_path, state, test_dir, test, device),
@@ -343,13 +343,13 @@ def run_audit(ckpt_path: str, key_path: str, test_dir: str, n_wrong: int = 100, 
     wrong = wrong_keys.iter_draw(key, n_wrong, seed, randomize_password)  # too many keys: refused here
     first_wrong = len(near_miss) * near_miss_count  # stream position of the first random wrong key
     size = state["data"]["image_size"]
-    run = Scoring(model, device, test_dir, test.raw, size, batch_size, workers, key,
+    run = Scoring(model, device, test_dir, test, size, batch_size, workers, key,
                   compile_plan(key.material, size, size).to_torch(device),
                   other_keys(key, near_miss, near_miss_count, seed, wrong), first_wrong + n_wrong, first_wrong,
                   capture)
     per_pass = keys_per_pass or keys_per_pass_for(plan_nbytes(run.correct_plan))
     passes = 1 + math.ceil(max(0, run.n_others - (per_pass - 1)) / per_pass)
-    images = epoch_plan(test_dir, test.raw, "test", 0, 0, shuffle=False).samples
+    images = epoch_plan(test_dir, test, "test", 0, 0, shuffle=False).samples
     bar = tqdm(total=images * (2 + run.n_others), unit="img",
                desc=f"audit ({2 + run.n_others} keys, {passes} pass(es))", disable=not progress, file=sys.stderr,
                dynamic_ncols=True)
