@@ -125,15 +125,17 @@ def _encrypt(voc: Path, tar: Path, plain_dir: Path, enc_dir: Path, key, image_si
 
 def _verify_and_decrypt(plain_dir: Path, enc_dir: Path, key, image_size: int) -> None:
     """Step 4: both shard sets verify, and a keyed sample decrypts to a plain image."""
-    from keyshard.pipeline.manifest import load, verify
+    from keyshard.manifest import read
+    from keyshard.pipeline.manifest import verify
     from keyshard.shardformat import decode_npy, iter_tar_samples
     from keyshard.transforms import compile_plan
 
-    for d in (plain_dir, enc_dir):
-        problems = verify(d, progress=False)
+    manifests = {d: read(d) for d in (plain_dir, enc_dir)}
+    for d, manifest in manifests.items():
+        problems = verify(d, progress=False, doc=manifest)
         if problems:
             raise KeyshardError(f"{d}: verify failed: {problems[0]}")
-    name, files = next(iter_tar_samples(enc_dir / load(enc_dir)["shards"][0]["file"]))
+    name, files = next(iter_tar_samples(enc_dir / manifests[enc_dir].shards[0].file))
     restored = compile_plan(key.material, image_size, image_size).decrypt(decode_npy(files["img.npy"]))
     if restored.dtype != np.uint8 or restored.shape != (image_size, image_size, 3):
         raise KeyshardError("decrypted sample has the wrong shape (this is a bug)")
@@ -144,7 +146,7 @@ def _attack(work: Path, plain_dir: Path, enc_dir: Path, run_dir: Path, image_siz
     from keyshard import keys
     from keyshard.evaluate import known_plaintext
     from keyshard.evaluate.audit import score_on_split
-    from keyshard.pipeline.manifest import load
+    from keyshard.manifest import read
     from keyshard.train.checkpoint import load_model
     from keyshard.transforms import compile_plan
 
@@ -152,7 +154,7 @@ def _attack(work: Path, plain_dir: Path, enc_dir: Path, run_dir: Path, image_siz
     keys.save(recovered, work / "recovered-key.json")
     model, _ = load_model(str(run_dir / "best.pt"), "cpu")
     plan = compile_plan(recovered.material, image_size, image_size).to_torch("cpu")
-    scores = score_on_split(model, [(plan, recovered.material.divisor)], str(plain_dir), load(plain_dir), "cpu",
+    scores = score_on_split(model, [(plan, recovered.material.divisor)], str(plain_dir), read(plain_dir), "cpu",
                             progress=False)
     return kpa, scores[0]["miou"]
 

@@ -14,7 +14,7 @@ import torch
 from keyshard import params, seeded
 from keyshard.errors import KeyshardError
 from keyshard.evaluate.audit import score_on_split, test_batches
-from keyshard.pipeline.manifest import load as load_manifest
+from keyshard.manifest import Manifest, read
 from keyshard.shardformat import VOID
 from keyshard.train.data import epoch_plan
 from keyshard.train.step import segmentation_loss
@@ -23,11 +23,8 @@ from keyshard.train.models import build_model
 from keyshard.transforms import normalize_pixels
 
 
-def load_subset(shard_dir, fraction: float, seed: int):
+def load_subset(shard_dir, manifest: Manifest, fraction: float, seed: int):
     """The first round(fraction·n) (≥1) train ids by sha256('<seed>|<key>'), as tensors."""
-    manifest = load_manifest(shard_dir)
-    if not manifest["encryption"]["plain"]:
-        raise KeyshardError(f"{shard_dir}: must hold plain shards (the attacker's labelled plain data)")
     samples = [(k, px, mk) for pxs, mks, ks, _ in test_batches(shard_dir, manifest, 64, split="train")
                for k, px, mk in zip(ks, pxs, mks.long())]
     samples = seeded.ranked(samples, seed, key=lambda s: s[0])
@@ -62,22 +59,25 @@ def run(ckpt_path: str, train_dir: str, test_dir: str, fractions: list[float], e
 
     device = pick_device()
     stolen, state = load_model(ckpt_path, device)
-    test_doc = load_manifest(test_dir)
-    if not test_doc["encryption"]["plain"]:
+    test_manifest = read(test_dir)
+    if not test_manifest.encryption.plain:
         raise KeyshardError(f"{test_dir}: test shards must be plain")
-    check_dataset(state, test_doc, ckpt_path, test_dir)
+    check_dataset(state, test_manifest, ckpt_path, test_dir)
+    train_manifest = read(train_dir)
+    if not train_manifest.encryption.plain:
+        raise KeyshardError(f"{train_dir}: must hold plain shards (the attacker's labelled plain data)")
     dataset = dataset_of(state)
-    before = score_on_split(stolen, [(None, 255)], test_dir, test_doc, device, progress=False)[0]["miou"]
+    before = score_on_split(stolen, [(None, 255)], test_dir, test_manifest, device, progress=False)[0]["miou"]
     rows = []
     for fraction in fractions:
-        pixels, masks = load_subset(train_dir, fraction, seed)
+        pixels, masks = load_subset(train_dir, train_manifest, fraction, seed)
         finetuned, _ = load_model(ckpt_path, device)
         fit(finetuned, pixels, masks, epochs, lr, batch, seed, device, dataset["ignore_index"])
         torch.manual_seed(seed)
         scratch = build_model(state["model_name"], block_size=state.get("model_block_size"),
                               num_classes=dataset["num_classes"]).to(device)
         fit(scratch, pixels, masks, epochs, lr, batch, seed, device, dataset["ignore_index"])
-        ft, sc = (score_on_split(m, [(None, 255)], test_dir, test_doc, device, progress=False)[0]["miou"]
+        ft, sc = (score_on_split(m, [(None, 255)], test_dir, test_manifest, device, progress=False)[0]["miou"]
                   for m in (finetuned, scratch))
         rows.append({"fraction": fraction, "images": len(pixels), "finetuned_miou": ft, "scratch_miou": sc,
                      "head_start": ft - sc, "weak": ft - sc > 0.1})
@@ -85,7 +85,7 @@ def run(ckpt_path: str, train_dir: str, test_dir: str, fractions: list[float], e
             print(f"fraction {fraction:g} ({len(pixels)} images): fine-tuned stolen model {ft:.4f} mIoU, "
                   f"from scratch {sc:.4f}", flush=True)
     return {"checkpoint": str(ckpt_path), "plain_miou_before": before, "epochs": epochs, "lr": lr,
-            "rows": rows, "test_images": epoch_plan(test_dir, test_doc, "test", 0, 0, shuffle=False).samples}
+            "rows": rows, "test_images": epoch_plan(test_dir, test_manifest, "test", 0, 0, shuffle=False).samples}
 
 
 def parse_fractions(text: str) -> list[float]:

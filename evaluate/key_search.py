@@ -118,9 +118,8 @@ def run_search(ckpt, labelled_dir, labelled_split: str, n_labelled: int, test_di
     from tqdm import tqdm
 
     from keyshard.evaluate.audit import check_dataset, score_on_split, test_batches
-    from keyshard.pipeline.manifest import load as load_manifest
     from keyshard.evaluate.classify_audit import score_classifier
-    from keyshard.shardformat import dataset_info
+    from keyshard.manifest import read
     from keyshard.train.checkpoint import dataset_of, load_model
     from keyshard.train.device import pick_device
 
@@ -131,15 +130,15 @@ def run_search(ckpt, labelled_dir, labelled_split: str, n_labelled: int, test_di
         raise KeyshardError(f"{ckpt}: was trained on plain images; there is no key to search for")
     trained = dataset_of(state)
     task = trained["task"]  # the one place the task is decided: loss targets and the test score follow it
-    labelled_doc, test_doc = load_manifest(labelled_dir), load_manifest(test_dir)
-    for d, doc in ((labelled_dir, labelled_doc), (test_dir, test_doc)):
-        if not doc["encryption"]["plain"]:
+    labelled_manifest, test_manifest = read(labelled_dir), read(test_dir)
+    for d, doc in ((labelled_dir, labelled_manifest), (test_dir, test_manifest)):
+        if not doc.encryption.plain:
             raise KeyshardError(f"{d}: must hold plain shards")
-        if dataset_info(doc)["task"] != task:
-            raise KeyshardError(f"{d}: holds {dataset_info(doc)['task']} data, but {ckpt} is a {task} model")
+        if doc.dataset.task != task:
+            raise KeyshardError(f"{d}: holds {doc.dataset.task} data, but {ckpt} is a {task} model")
         check_dataset(state, doc, ckpt, d)
-        if doc["image"]["height"] != data["image_size"]:
-            raise KeyshardError(f"{d}: images are {doc['image']['height']}px, the model's {data['image_size']}px")
+        if doc.image.size != data["image_size"]:
+            raise KeyshardError(f"{d}: images are {doc.image.size}px, the model's {data['image_size']}px")
     method, m = data["method"], data["block_size"]
     truth = keys.load(true_key) if true_key else None
     if truth is not None and (truth.method, truth.block_size) != (method, m):
@@ -149,7 +148,7 @@ def run_search(ckpt, labelled_dir, labelled_split: str, n_labelled: int, test_di
         raise KeyshardError("FFX search needs the password the attacker knows: --ffx-password, "
                             "--ffx-password-file or $KEYSHARD_FFX_PASSWORD (or --key)")
     # the first N labelled images
-    pixels, masks, _, _ = next(iter(test_batches(labelled_dir, labelled_doc, n_labelled, split=labelled_split)))
+    pixels, masks, _, _ = next(iter(test_batches(labelled_dir, labelled_manifest, n_labelled, split=labelled_split)))
     objective = Objective(model, pixels, masks, device, trained["ignore_index"])
     # a random start with the model's derivation rule (wrong_keys draws exactly those), keyed
     # with the password the attacker knows
@@ -162,9 +161,9 @@ def run_search(ckpt, labelled_dir, labelled_split: str, n_labelled: int, test_di
     size = data["image_size"]
     configs = [(compile_plan(mat, size, size).to_torch(device), mat.divisor) for _, mat in best]
     if task == "classification":
-        scores = [{"test_top1_acc": s["top1_acc"]} for s in score_classifier(model, configs, test_dir, test_doc, device)]
+        scores = [{"test_top1_acc": s["top1_acc"]} for s in score_classifier(model, configs, test_dir, test_manifest, device)]
     else:
-        scores = [{"test_miou": s["miou"]} for s in score_on_split(model, configs, test_dir, test_doc, device,
+        scores = [{"test_miou": s["miou"]} for s in score_on_split(model, configs, test_dir, test_manifest, device,
                                                                    progress=False)]
     report = {"mode": mode, "task": task, "method": method, "block_size": m,
               "labelled_images": int(objective.pixels.shape[0]), "evaluations": objective.evaluations,

@@ -26,34 +26,34 @@ import numpy as np
 
 from keyshard import keys, methods, sources
 from keyshard.errors import KeyshardError
-from keyshard.pipeline.manifest import load as load_manifest
+from keyshard.manifest import Manifest, read
 from keyshard.shardformat import decode_npy, stream_shard
 from keyshard.transforms import compile_plan
 
 
-def read_pixels(source, manifest: dict) -> dict[str, np.ndarray]:
+def read_pixels(source, manifest: Manifest) -> dict[str, np.ndarray]:
     """Every sample's pixels by key, each shard streamed (local or URL) and checked."""
     out = {}
-    for shard in manifest["shards"]:
-        for key, files in stream_shard(sources.join(source, shard["file"]), shard):
+    for shard in manifest.shards:
+        for key, files in stream_shard(sources.join(source, shard.file), shard.entry()):
             out[key] = decode_npy(files["img.npy"])
     return out
 
 
-def matched_pairs(plain_dir, enc_dir) -> tuple[dict, list[tuple[str, np.ndarray, np.ndarray]]]:
+def matched_pairs(plain_dir, enc_dir) -> tuple[Manifest, list[tuple[str, np.ndarray, np.ndarray]]]:
     """(encrypted manifest, [(key, plain, encrypted)]) for the sample keys both hold; refuses mismatches."""
-    plain_doc, enc_doc = load_manifest(plain_dir), load_manifest(enc_dir)
-    if not plain_doc["encryption"]["plain"]:
+    plain_manifest, enc_manifest = read(plain_dir), read(enc_dir)
+    if not plain_manifest.encryption.plain:
         raise KeyshardError(f"{plain_dir}: is not plain (its manifest names a key); give the plain shards as --plain")
-    if enc_doc["encryption"]["plain"]:
+    if enc_manifest.encryption.plain:
         raise KeyshardError(f"{enc_dir}: holds plain shards; give the encrypted ones as --encrypted")
-    if plain_doc["image"]["height"] != enc_doc["image"]["height"] or plain_doc["image"]["width"] != enc_doc["image"]["width"]:
+    if plain_manifest.image.shape != enc_manifest.image.shape:
         raise KeyshardError(f"{plain_dir}: image size differs from {enc_dir}")
-    plain, enc = read_pixels(plain_dir, plain_doc), read_pixels(enc_dir, enc_doc)
+    plain, enc = read_pixels(plain_dir, plain_manifest), read_pixels(enc_dir, enc_manifest)
     common = sorted(set(plain) & set(enc))
     if not common:
         raise KeyshardError(f"{plain_dir}: no sample ids in common with {enc_dir}")
-    return enc_doc, [(k, plain[k], enc[k]) for k in common]
+    return enc_manifest, [(k, plain[k], enc[k]) for k in common]
 
 
 def recover_material(method: str, m: int, pairs: list) -> tuple[methods.Material, dict, np.ndarray]:
@@ -71,8 +71,8 @@ def reproduces(material: methods.Material, pairs: list) -> int:
 
 def attack(plain_dir, enc_dir) -> tuple[keys.Key, dict, np.ndarray]:
     """The recovered explicit key, a report, and what the pairs used determine (see recover_material)."""
-    enc_doc, pairs = matched_pairs(plain_dir, enc_dir)
-    method, m = enc_doc["encryption"]["method"], enc_doc["encryption"]["block_size"]
+    enc_manifest, pairs = matched_pairs(plain_dir, enc_dir)
+    method, m = enc_manifest.encryption.method, enc_manifest.encryption.block_size
     needed, k = None, 1
     while True:  # double the prefix until its key reproduces every pair
         material, info, determined = recover_material(method, m, pairs[:k])
@@ -92,6 +92,6 @@ def attack(plain_dir, enc_dir) -> tuple[keys.Key, dict, np.ndarray]:
             break
     key = keys.Key(method=method, block_size=m, secret=secrets.token_bytes(32), explicit=material)
     report = {"method": method, "block_size": m, "pairs_available": len(pairs), "pairs_needed": needed,
-              "reproduced": len(pairs), "encrypted_key_fingerprint": enc_doc["encryption"]["key_fingerprint"],
+              "reproduced": len(pairs), "encrypted_key_fingerprint": enc_manifest.encryption.key_fingerprint,
               "recovered_key_fingerprint": key.fingerprint, **info}
     return key, report, determined

@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-from keyshard.evaluate.figures import colorize, display_pixels, grid_png
+from keyshard.figures import colorize, display_pixels, grid_png
 
 class Capture:
     """The first ``n`` test images as the audit sees them, for ``predictions.png``."""

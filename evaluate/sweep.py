@@ -41,6 +41,7 @@ import click
 
 from keyshard import methods, options, seeded
 from keyshard.errors import KeyshardError
+from keyshard.manifest import MANIFEST
 from keyshard.evaluate.wrong_keys import MAX_COUNT as MAX_WRONG_KEYS
 from keyshard.methods.defaults import PAPER_BASELINE, PAPER_TABLE1, SWEEP_METHODS
 from keyshard.evaluate import report
@@ -177,7 +178,6 @@ class Sweep:
     def encrypt(self, out: Path, key, splits: tuple[str, ...]) -> bool:
         """Make (or finish) one shard directory; True when any work was done."""
         from keyshard.pipeline import encrypt_job
-        from keyshard.pipeline.manifest import MANIFEST
 
         if (out / MANIFEST).is_file():
             return False
@@ -273,7 +273,7 @@ class Sweep:
         done = total - len(todo) - (0 if base_done else 1)
         if done:
             self.log(f"sweep: {done} of {total} cells already finished (kept)")
-        self.log("plain shards: train/holdout/test" + (" (kept)" if (self.plain_dir / "manifest.json").is_file() else ""))
+        self.log("plain shards: train/holdout/test" + (" (kept)" if (self.plain_dir / MANIFEST).is_file() else ""))
         plain_remade = self.encrypt(self.plain_dir, None, ("train", "holdout", "test"))
         bar = self._tqdm(total=total, initial=done, unit="cell", desc="sweep", disable=not self.cfg.progress,
                          dynamic_ncols=True, file=sys.stderr)

@@ -83,10 +83,10 @@ def _register() -> None:
     from keyshard.evaluate.demo import demo
     from keyshard.key_commands import key_info, keygen, signing_key
     from keyshard.pipeline.commands import decrypt, encrypt, toy_voc, verify
+    from keyshard.pipeline.preview import preview
     from keyshard.train.commands import protect, train
     from keyshard.evaluate.attack_commands import attack
     from keyshard.evaluate.commands import evaluate, report
-    from keyshard.evaluate.preview import preview
     from keyshard.evaluate.sweep import sweep
     from keyshard.pipeline.classify_commands import toy_classes
 

@@ -78,7 +78,7 @@ def test_per_image_miou_matches_a_loop_and_torchmetrics():
 # -- preview (Fig. 4) ---------------------------------------------------------------------------
 
 def test_preview_writes_a_grid_whose_tiles_equal_the_transforms(run, tmp_path):
-    from keyshard.evaluate.preview import encrypt_tiles, read_voc_sample
+    from keyshard.pipeline.preview import encrypt_tiles, read_voc_sample
 
     root = run / "voc" / "VOCdevkit" / "VOC2012"
     voc_id = (root / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[0]
@@ -125,7 +125,7 @@ def test_preview_writes_a_grid_whose_tiles_equal_the_transforms(run, tmp_path):
 
 
 def test_preview_of_a_stored_sample_and_its_decryption(run, tmp_path):
-    from keyshard.evaluate.preview import read_shard_sample
+    from keyshard.pipeline.preview import read_shard_sample
 
     doc = load_manifest(run / "enc")
     first = doc["shards"][0]
@@ -266,7 +266,7 @@ def test_baseline_audit_has_per_image_scores_and_predictions(run, tmp_path):
 def test_colorize_draws_the_datasets_ignore_index_as_void():
     """A dataset whose unlabelled value is not 255 (here 10, with 5 classes): those pixels get
     VOC's void colour in the figures, not the palette's colour for id 10; class ids keep theirs."""
-    from keyshard.evaluate.figures import colorize
+    from keyshard.figures import colorize
     from keyshard.shardformat import VOID, voc_palette
 
     lut = np.asarray(voc_palette(), np.uint8).reshape(256, 3)

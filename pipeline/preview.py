@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import click
 import numpy as np
 
-from keyshard import keys, methods, options, seeded
+from keyshard import keys, methods, options, params, seeded
 from keyshard.errors import KeyshardError
+from keyshard.manifest import Manifest
 
 PAPER_BLOCK_SIZES = (2, 4, 8, 16, 256)  # Fig. 4's columns (256 = the whole 256² image)
 
@@ -55,7 +56,7 @@ def caption(divisor: int) -> str | None:
 
 def display_image(encrypted: np.ndarray, divisor: int) -> np.ndarray:
     """Stored pixels → the uint8 picture drawn (FFX codes scaled by 255 / max(table))."""
-    from keyshard.evaluate.figures import display_pixels
+    from keyshard.figures import display_pixels
 
     return display_pixels(encrypted, divisor)
 
@@ -67,7 +68,7 @@ def encrypt_tiles(image: np.ndarray, methods, block_sizes, key_seed: int | None 
     h, w = image.shape[:2]
     bad = [m for m in block_sizes if h % m or w % m]
     if bad:
-        raise KeyshardError(f"--block-sizes: {', '.join(map(str, bad))} do(es) not divide the image size {h}x{w}")
+        raise KeyshardError(f"`block_sizes`: {', '.join(map(str, bad))} do(es) not divide the image size {h}x{w}")
     tiles = []
     for method in methods:
         for m in block_sizes:
@@ -103,7 +104,7 @@ def read_voc_sample(src, voc_id: str, size: int) -> tuple[np.ndarray, np.ndarray
 
 def voc_grid(image: np.ndarray, tiles: list[Tile], methods, block_sizes, title: str) -> bytes:
     """Fig. 4 as PNG bytes: a row per method, a column per block size, the plain image first."""
-    from keyshard.evaluate.figures import grid_png
+    from keyshard.figures import grid_png
 
     by = {(t.method, t.block_size): t for t in tiles}
     rows = []
@@ -117,25 +118,24 @@ def voc_grid(image: np.ndarray, tiles: list[Tile], methods, block_sizes, title: 
                     row_labels=[m.upper() for m in methods], title=title)
 
 
-def read_shard_sample(shards, voc_id: str, key: keys.Key, key_path) -> tuple[np.ndarray, dict, str]:
+def read_shard_sample(shards, voc_id: str, key: keys.Key, key_path) -> tuple[np.ndarray, Manifest, str]:
     """The stored (encrypted) pixels of one sample, its manifest and the shard it came from."""
     from keyshard import sources
-    from keyshard.pipeline.manifest import load
+    from keyshard.manifest import read
     from keyshard.shardformat import decode_npy, sample_key, stream_shard
 
-    doc = load(shards)
-    enc = doc["encryption"]
-    if enc["plain"]:
-        raise KeyshardError(f"{shards}: holds plain shards; nothing to decrypt (use --voc for a preview)")
-    if key.fingerprint != enc["key_fingerprint"]:
+    manifest = read(shards)
+    if manifest.encryption.plain:
+        raise KeyshardError(f"{shards}: holds plain shards; nothing to decrypt (preview a `voc` source instead)")
+    if key.fingerprint != manifest.encryption.key_fingerprint:
         raise KeyshardError(f"{key_path}: fingerprint does not match {shards}/manifest.json (another key)")
     wanted = sample_key(voc_id)
-    for shard in doc["shards"]:
-        location = sources.join(shards, shard["file"])
-        for name, files in stream_shard(location, shard):
+    for shard in manifest.shards:
+        location = sources.join(shards, shard.file)
+        for name, files in stream_shard(location, shard.entry()):
             if name == wanted:
                 try:
-                    return decode_npy(files["img.npy"]), doc, location
+                    return decode_npy(files["img.npy"]), manifest, location
                 except (KeyError, ValueError) as exc:
                     raise KeyshardError(f"{location}: sample {wanted!r}: unreadable image ({exc})") from None
     raise KeyshardError(f"{shards}: no sample {wanted!r}")
@@ -143,11 +143,11 @@ def read_shard_sample(shards, voc_id: str, key: keys.Key, key_path) -> tuple[np.
 
 def shard_grid(shards, voc_id: str, key_path) -> bytes:
     """The stored encrypted sample and its decryption, side by side, as PNG bytes."""
-    from keyshard.evaluate.figures import grid_png
+    from keyshard.figures import grid_png
     from keyshard.transforms import compile_plan
 
     key = keys.load(key_path)
-    stored, doc, location = read_shard_sample(shards, voc_id, key, key_path)
+    stored, _, location = read_shard_sample(shards, voc_id, key, key_path)
     if stored.ndim != 3 or stored.shape[2] != 3:
         raise KeyshardError(f"{location}: sample {voc_id!r}: not an H×W×3 image (shape {stored.shape})")
     try:
@@ -179,6 +179,7 @@ def shard_grid(shards, voc_id: str, key_path) -> bytes:
               help="With --voc: derive the keys from this number (repeatable pictures; such keys are public) "
                    "instead of fresh random ones.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+@params.names_flags
 def preview(voc, shards, voc_id, key_file, method_names, block_sizes, image_size, key_seed, output):
     """Picture one sample encrypted: --voc SRC --id ID (every method x block size, the paper's
     Fig. 4) or --shards DIR --id ID --key KEY (a stored sample and its decryption).
@@ -206,7 +207,7 @@ def preview(voc, shards, voc_id, key_file, method_names, block_sizes, image_size
         block_sizes = block_sizes or default_block_sizes(size)
         bad = [m for m in block_sizes if size % m]
         if bad:
-            raise KeyshardError(f"--block-sizes: {', '.join(map(str, bad))} do(es) not divide --image-size {size}")
+            raise KeyshardError(f"`block_sizes`: {', '.join(map(str, bad))} do(es) not divide `image_size` {size}")
         check_output(output)
         image, _ = read_voc_sample(voc, voc_id, size)
         tiles = encrypt_tiles(image, method_names, block_sizes, key_seed)
