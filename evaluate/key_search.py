@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from keyshard import keys, methods
+from keyshard import keys, methods, tasks
 from keyshard.errors import KeyshardError
 from keyshard.shardformat import VOID
 from keyshard.transforms import compile_plan, normalize_pixels
@@ -118,7 +118,6 @@ def run_search(ckpt, labelled_dir, labelled_split: str, n_labelled: int, test_di
     from tqdm import tqdm
 
     from keyshard.evaluate.audit import check_dataset, score_on_split, test_batches
-    from keyshard.evaluate.classify_audit import score_classifier
     from keyshard.manifest import read
     from keyshard.train.checkpoint import dataset_of, load_model
     from keyshard.train.device import pick_device
@@ -160,11 +159,9 @@ def run_search(ckpt, labelled_dir, labelled_split: str, n_labelled: int, test_di
     best = ranked[:top]
     size = data["image_size"]
     configs = [(compile_plan(mat, size, size).to_torch(device), mat.divisor) for _, mat in best]
-    if task == "classification":
-        scores = [{"test_top1_acc": s["top1_acc"]} for s in score_classifier(model, configs, test_dir, test_manifest, device)]
-    else:
-        scores = [{"test_miou": s["miou"]} for s in score_on_split(model, configs, test_dir, test_manifest, device,
-                                                                   progress=False)]
+    headline = tasks.get(task).headline  # test_miou / test_top1_acc, by the audit's one loop
+    scores = [{f"test_{headline}": s[headline]}
+              for s in score_on_split(model, configs, test_dir, test_manifest, device, progress=False)]
     report = {"mode": mode, "task": task, "method": method, "block_size": m,
               "labelled_images": int(objective.pixels.shape[0]), "evaluations": objective.evaluations,
               "best": [{"labelled_loss": round(loss, 6), **s} for (loss, _), s in zip(best, scores)]}
