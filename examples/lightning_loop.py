@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import keyshard
+from keyshard.manifest import Manifest
 
 
 class ShardData(L.LightningDataModule):
@@ -34,14 +35,13 @@ class ShardData(L.LightningDataModule):
 
 
 class Segmenter(L.LightningModule):
-    def __init__(self, manifest: dict, lr: float = 0.1):
+    def __init__(self, manifest: Manifest, lr: float = 0.1):
         super().__init__()
         self.manifest, self.lr = manifest, lr
-        data = manifest.get("dataset") or {"num_classes": 21, "ignore_index": 255}  # older manifests: VOC
-        self.ignore = data["ignore_index"]
+        self.ignore = manifest.dataset.ignore_index  # older manifests without a dataset: VOC's 255
         def block(cin, cout):
             return [torch.nn.Conv2d(cin, cout, 3, padding=1), torch.nn.BatchNorm2d(cout), torch.nn.ReLU()]
-        self.net = torch.nn.Sequential(*block(3, 32), *block(32, 32), torch.nn.Conv2d(32, data["num_classes"], 1))
+        self.net = torch.nn.Sequential(*block(3, 32), *block(32, 32), torch.nn.Conv2d(32, manifest.dataset.num_classes, 1))
         self.epoch_losses = []
 
     def on_train_epoch_start(self):

@@ -34,14 +34,12 @@ def main() -> None:
 
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    manifest = keyshard.read_manifest(args.shards)        # checked against the schema
-    enc = manifest["encryption"]
-    data = manifest.get("dataset") or {"num_classes": 21, "ignore_index": 255}  # older manifests: VOC
-    ignore = data["ignore_index"]                          # void label: no loss, no metric
-    print("plain images" if enc["plain"] else
-          f"{enc['method']} M={enc['block_size']} key {enc['key_fingerprint'][:16]}…")
+    manifest = keyshard.read_manifest(args.shards)        # checked against the schema; typed records
+    enc, data = manifest.encryption, manifest.dataset     # older manifests without a dataset: VOC's
+    ignore = data.ignore_index                            # void label: no loss, no metric
+    print("plain images" if enc.plain else f"{enc.method} M={enc.block_size} key {enc.key_fingerprint[:16]}…")
 
-    model = small_net(data["num_classes"]).to(device)
+    model = small_net(data.num_classes).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     common = dict(batch_size=args.batch_size, workers=args.workers, manifest=manifest,
                   verify_stream=not args.no_verify)

@@ -12,7 +12,7 @@ import pytest
 
 from keyshard import keys
 from keyshard.pipeline import encrypt_job
-from keyshard.pipeline.manifest import load
+from keyshard.manifest import read
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 BATCH = 4
@@ -37,8 +37,7 @@ def run_example(name, *args):
 
 def train_batches(shards) -> int:
     """Batches per epoch: the train ids (one augmentation replica per epoch) in batches of BATCH."""
-    manifest = load(shards)
-    n = sum(s["samples"] for s in manifest["shards"] if s["split"] == "train" and s["replica"] == 0)
+    n = sum(s.samples for s in read(shards).shards_of("train", replica=0))
     return math.ceil(n / BATCH)
 
 
