@@ -13,7 +13,7 @@ webdataset; each name imports its module on first use.
 
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 if TYPE_CHECKING:  # the same names for type checkers and the API docs; at run time see __getattr__
     from keyshard.keys import load as load_key
