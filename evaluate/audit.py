@@ -309,7 +309,8 @@ def other_keys(key: keys.Key, distances: tuple, count: int, seed: int, wrong):
 
 def key_results(task: tasks.Task, correct: dict, plain: dict, scored: list, distances: tuple) -> dict:
     """audit.json's ``results``: the correct key, plain images, each wrong key's row and their
-    summary, and (tasks with near-miss keys) one summary with its rows per distance."""
+    summary, and (tasks with near-miss keys) one summary with its rows per distance (mean, min,
+    max and the task's own fields; no std, as near-miss rows have always been written)."""
     rows = {d: [] for d in (None, *distances)}
     for d, k, scores in scored:
         rows[d].append({"fingerprint": k.fingerprint, **task.key_row(scores)})
