@@ -155,14 +155,15 @@ def torch_to_onnx(model, size: int):
     example = (torch.zeros(2, 3, size, size),)  # a batch of 2: a batch of 1 would be fixed in the graph
     common = dict(input_names=[_MODEL_IN], output_names=[_MODEL_OUT], opset_version=OPSET)
     failures = []
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings():  # no torch.no_grad(): under it, nn.Transformer takes a fused path
+        # (aten::_transformer_encoder_layer_fwd) that the TorchScript exporter cannot write
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(wrapped, example, dynamo=True, external_data=False, verbose=False,
                                         dynamic_shapes=({0: torch.export.Dim(BATCH)},), **common)
             return program.model_proto, "torch.export"
         except Exception as exc:  # noqa: BLE001 - any failure: try the other exporter
-            failures.append(f"torch.export: {type(exc).__name__}")
+            failures.append(f"torch.export: {_why(exc)}")
         try:
             import onnx
 
@@ -171,8 +172,14 @@ def torch_to_onnx(model, size: int):
                               dynamic_axes={_MODEL_IN: {0: BATCH}, _MODEL_OUT: {0: BATCH}}, **common)
             return onnx.load_from_string(buffer.getvalue()), "torchscript"
         except Exception as exc:  # noqa: BLE001
-            failures.append(f"torchscript: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+            failures.append(f"torchscript: {_why(exc)}")
     raise KeyshardError("the model could not be exported to ONNX (" + "; ".join(failures) + ")")
+
+
+def _why(exc: Exception) -> str:
+    """An exporter's failure in a few words: its type and the first line of its message."""
+    first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def join(head, body, tail):

@@ -232,3 +232,22 @@ def test_report_agreement():
     """The measured numbers (pytest -s shows them)."""
     for method, (agreement, ratio) in sorted(AGREEMENT.items()):
         print(f"{method}: argmax agreement {agreement:.4%}, max |Δlogit| / max |logit| {ratio:.2e}")
+
+
+def test_torchscript_exporter_is_the_fallback(classifier, monkeypatch):
+    """Where torch.export fails on a model, the TorchScript exporter makes the file (same checks)."""
+    from keyshard.evaluate import export as ex
+
+    original = torch.onnx.export
+
+    def no_dynamo(*args, dynamo=True, **kwargs):
+        if dynamo:
+            raise RuntimeError("torch.export cannot trace this model")
+        return original(*args, dynamo=False, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", no_dynamo)
+    done = ex.build_model(classifier / "run" / "best.pt", include_key=classifier / "key.json")
+    assert done.exporter == "torchscript" and done.metadata["exporter"] == "torchscript"
+    assert done.check["max_abs_diff"] <= 1e-4 * done.check["max_abs_logit"]
+    (out,) = done.model.graph.output[1:]
+    assert out.name == "probabilities" and out.type.tensor_type.shape.dim[0].dim_param == "batch"
