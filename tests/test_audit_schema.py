@@ -132,7 +132,7 @@ def _damaged(doc: dict) -> list[tuple[str, dict]]:
     variant("missing wrong_keys", lambda d: d.pop("wrong_keys"))
     variant("unknown top-level field", lambda d: d.__setitem__("secret", "00" * 32))
     variant("fingerprint not hex", lambda d: d["key"].__setitem__("fingerprint", "not-a-fingerprint"))
-    variant("unknown method", lambda d: d["key"].__setitem__("method", "xor"))
+    variant("malformed method name", lambda d: d["key"].__setitem__("method", "Shf M=2"))  # any registered plug-in name is valid
     variant("another format", lambda d: d.__setitem__("format", "keyshard-audit/2"))
     variant("key audit without a key", lambda d: d.__setitem__("key", None))
     variant("count as text", lambda d: d["wrong_keys"].__setitem__("count", "3"))
