@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from keyshard.pipeline.manifest import load as load_manifest
+from keyshard.manifest import read as read_manifest
 
 from conftest import assert_user_error, invoke, run_subprocess
 
@@ -119,7 +119,7 @@ def test_skip_bad_lists_failures_in_the_manifest(voc, tmp_path):
     out = tmp_path / "out"
     res = encrypt_plain(voc, out, "--skip-bad")
     assert res.exit_code == 0, res.output
-    doc = load_manifest(out)
+    doc = read_manifest(out).raw
     assert [f["id"] for f in doc["failed"]] == [bad_id]
     assert "cannot decode image" in doc["failed"][0]["reason"]
     assert "skipped 1 bad" in res.output

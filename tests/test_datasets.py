@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from keyshard.pipeline.manifest import load as load_manifest
+from keyshard.manifest import read as read_manifest
 from keyshard.shardformat import VOC_CLASS_NAMES, dataset_info, decode_mask, iter_tar_samples
 
 from conftest import assert_user_error, invoke
@@ -52,7 +52,7 @@ def test_folder_k5_encrypt_train_evaluate(toy5, tmp_path):
     out = tmp_path / "plain"
     res = invoke("encrypt", *_folders(toy5), "--num-classes", 5, "--plain", "--image-size", 32, "-o", out, "-j", 1, "-q")
     assert res.exit_code == 0, res.output
-    doc = load_manifest(out)
+    doc = read_manifest(out).raw
     info = dataset_info(doc)
     assert (info["kind"], info["num_classes"], info["ignore_index"]) == ("folders", 5, 255)
     assert len(info["class_names"]) == 5 and doc["source"]["kind"] == "folders"
@@ -103,7 +103,7 @@ def test_label_map_and_reduce_zero_label(tmp_path):
     assert res.exit_code == 0, res.output
     for m in _masks(out).values():
         assert m.reshape(-1)[:8].tolist() == [255, 0, 1, 2, 255, 255, 255, 0]
-    assert "label_map_sha256" in load_manifest(out)["source"]
+    assert "label_map_sha256" in read_manifest(out).raw["source"]
 
     (tmp_path / "z").mkdir()
     img2, msk2 = _tiny(tmp_path / "z", [0, 1, 2, 3, 255, 4, 0, 1])
@@ -113,7 +113,7 @@ def test_label_map_and_reduce_zero_label(tmp_path):
     assert res.exit_code == 0, res.output
     for m in _masks(out).values():
         assert m.reshape(-1)[:8].tolist() == [255, 0, 1, 2, 255, 3, 255, 0]
-    assert load_manifest(out)["source"]["reduce_zero_label"] is True
+    assert read_manifest(out).raw["source"]["reduce_zero_label"] is True
 
 
 def test_missing_and_extra_partners_one_line(tmp_path):
@@ -138,7 +138,7 @@ def test_splits_from_and_val_fraction(tmp_path):
                  f"train={tmp_path / 'tr.txt'},val={tmp_path / 'va.txt'}", "--plain", "--image-size", 8, "-o", out, "-q",
                  "-j", 1)
     assert res.exit_code == 0, res.output
-    doc = load_manifest(out)
+    doc = read_manifest(out).raw
     assert doc["splits"]["counts"] == {"train": 2, "holdout": 1, "test": 1}
     assert {k for k in _masks(out)} == {"s0", "s1", "s2", "s3"}
     test_keys = {k for t in out.glob("test-*.tar") for k, _ in iter_tar_samples(t)}
@@ -151,7 +151,7 @@ def test_splits_from_and_val_fraction(tmp_path):
     res = invoke("encrypt", "--image-dir", img, "--mask-dir", msk, "--num-classes", 2, "--val-fraction", 0.25,
                  "--plain", "--image-size", 8, "-o", out, "-q", "-j", 1)
     assert res.exit_code == 0, res.output
-    assert load_manifest(out)["splits"]["counts"] == {"train": 2, "holdout": 1, "test": 1}
+    assert read_manifest(out).raw["splits"]["counts"] == {"train": 2, "holdout": 1, "test": 1}
     res = invoke("encrypt", "--image-dir", img, "--mask-dir", msk, "--num-classes", 2, "--plain", "-o",
                  tmp_path / "d", "-q")
     assert_user_error(res, "--splits-from", "--val-fraction")

@@ -5,7 +5,8 @@ import stat
 
 from keyshard import keys
 from keyshard.evaluate.demo import demo_secret
-from keyshard.pipeline.manifest import load, verify
+from keyshard.manifest import read
+from keyshard.pipeline.manifest import verify
 
 from conftest import assert_user_error, invoke
 
@@ -24,9 +25,9 @@ def test_demo_chain(tmp_path):
     assert "np M=8" in res.output and f"from --key-seed {KEY_SEED} (reproducible, not secret)" in res.output
     assert stat.S_IMODE((work / "key.json").stat().st_mode) == 0o600
     assert keys.load(work / "key.json").secret == demo_secret(KEY_SEED)
-    enc = load(work / "shards-enc")
+    enc = read(work / "shards-enc").raw
     assert enc["encryption"]["method"] == "np" and enc["augmentation"]["copies"] == 1
-    assert load(work / "shards-plain")["encryption"]["plain"]
+    assert read(work / "shards-plain").raw["encryption"]["plain"]
     assert verify(work / "shards-enc", progress=False) == []
     audit = json.loads((work / "run" / "audit" / "audit.json").read_text())
     r = audit["results"]

@@ -13,7 +13,7 @@ import webdataset as wds
 
 from keyshard import faults, keys
 from keyshard.pipeline import encrypt_job
-from keyshard.pipeline.manifest import load as load_manifest
+from keyshard.manifest import read as read_manifest
 from keyshard.shardformat import decode_mask, decode_npy, iter_tar_samples
 from keyshard.transforms import compile_plan
 
@@ -28,7 +28,7 @@ def encrypt(toy, out, *extra, key=None, jobs=1):
     args += ["--key", key] if key else ["--plain"]
     res = invoke(*args)
     assert res.exit_code == 0, res.output
-    return load_manifest(out)
+    return read_manifest(out).raw
 
 
 def shard_bytes(out: Path) -> dict:
@@ -71,8 +71,8 @@ def test_jobs_1_and_2_give_byte_identical_shards(toy, key_files, enc_ffx, tmp_pa
     out2 = tmp_path / "j2"
     doc2 = encrypt(toy, out2, key=key_files["ffx"], jobs=2)
     assert shard_bytes(out2) == shard_bytes(enc_ffx)
-    assert doc2["shards"] == load_manifest(enc_ffx)["shards"]
-    assert doc2["source"]["content_sha256"] == load_manifest(enc_ffx)["source"]["content_sha256"]
+    assert doc2["shards"] == read_manifest(enc_ffx).raw["shards"]
+    assert doc2["source"]["content_sha256"] == read_manifest(enc_ffx).raw["source"]["content_sha256"]
 
 
 def test_tar_source_gives_the_same_shards_as_the_directory(toy, key_files, enc_ffx, tmp_path):
@@ -80,7 +80,7 @@ def test_tar_source_gives_the_same_shards_as_the_directory(toy, key_files, enc_f
     doc = encrypt(toy / "VOCtrainval_11-May-2012.tar", out, key=key_files["ffx"])
     assert doc["source"]["kind"] == "tar"
     assert shard_bytes(out) == shard_bytes(enc_ffx)
-    assert doc["source"]["content_sha256"] == load_manifest(enc_ffx)["source"]["content_sha256"]
+    assert doc["source"]["content_sha256"] == read_manifest(enc_ffx).raw["source"]["content_sha256"]
 
 
 @pytest.mark.parametrize("method", keys.METHODS)
@@ -109,7 +109,7 @@ def test_encrypted_samples_decrypt_to_the_plain_shards(method, toy, key_files, p
 
 
 def test_every_id_once_and_readable_with_webdataset(toy, plain):
-    doc = load_manifest(plain)
+    doc = read_manifest(plain).raw
     counts = doc["splits"]["counts"]
     assert counts == {"train": 11, "holdout": 1, "test": 12}
     train_ids = (toy / "VOCdevkit/VOC2012/ImageSets/Segmentation/train.txt").read_text().split()
@@ -190,7 +190,7 @@ def test_kill_and_resume_is_byte_identical(toy, key_files, enc_ffx_single, tmp_p
     assert res.exit_code == 0, res.output
     assert {name: (out / name).stat().st_ino for name in finished} == kept  # not redone
     assert shard_bytes(out) == reference
-    assert load_manifest(out)["shards"] == load_manifest(enc_ffx_single)["shards"]
+    assert read_manifest(out).raw["shards"] == read_manifest(enc_ffx_single).raw["shards"]
     assert not (out / ".keyshard-partial").exists()
 
 
@@ -317,7 +317,7 @@ def test_workers_die_with_a_killed_parent_and_write_nothing_more(toy, key_files,
     res = invoke(*args, "--resume")
     assert res.exit_code == 0, res.output
     assert shard_bytes(out) == shard_bytes(enc_ffx_single)
-    assert load_manifest(out)["shards"] == load_manifest(enc_ffx_single)["shards"]
+    assert read_manifest(out).raw["shards"] == read_manifest(enc_ffx_single).raw["shards"]
 
 
 @pytest.mark.parametrize("backend", ["processes", "loky"])

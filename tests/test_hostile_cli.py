@@ -192,10 +192,10 @@ def test_evaluate_refuses_too_many_keys_in_one_line(run, tmp_path):
 # -- outputs: missing directories are created; unwritable places are one line ----------------
 
 def first_sample(shards):
-    from keyshard.pipeline.manifest import load
+    from keyshard.manifest import read
     from keyshard.shardformat import iter_tar_samples
 
-    return next(name for name, _ in iter_tar_samples(shards / load(shards)["shards"][0]["file"]))
+    return next(name for name, _ in iter_tar_samples(shards / read(shards).raw["shards"][0]["file"]))
 
 
 def test_outputs_into_missing_directories_are_created(run, tmp_path):

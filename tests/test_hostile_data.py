@@ -98,7 +98,7 @@ def test_long_and_non_ascii_ids_are_stored_with_pax_headers(voc, tmp_path):
 
     import webdataset as wds
 
-    from keyshard.pipeline.manifest import load as load_manifest
+    from keyshard.manifest import read as read_manifest
 
     like = ids(voc, "val")[0]
     long_id, accented = "2012_" + "x" * 145, "2012_caf\u00e9"
@@ -108,7 +108,7 @@ def test_long_and_non_ascii_ids_are_stored_with_pax_headers(voc, tmp_path):
     res = encrypt_plain(voc, out, "--splits", "test", "--shard-size", 64)
     assert res.exit_code == 0, res.output
     assert invoke("verify", out, "-q").exit_code == 0
-    doc = load_manifest(out)
+    doc = read_manifest(out).raw
     shard = out / doc["shards"][0]["file"]
     with tarfile.open(shard) as tf:
         members = tf.getmembers()
@@ -141,15 +141,15 @@ def _tar_with(toy, path, extra_roots):
 
 
 def test_tar_layouts_outside_the_tar_never_count(toy, tmp_path):
-    from keyshard.pipeline.manifest import load as load_manifest
+    from keyshard.manifest import read as read_manifest
 
     tar = _tar_with(toy, tmp_path / "voc.tar", ["../evil/VOCdevkit/VOC2012/", "/abs/VOCdevkit/VOC2012/"])
     out = tmp_path / "out"
     res = encrypt_plain(tar, out, "--splits", "train")
     assert res.exit_code == 0, res.output
-    source = load_manifest(out)["source"]
+    source = read_manifest(out).raw["source"]
     assert source["root"] == "VOCdevkit/VOC2012" and source["kind"] == "tar"
-    assert load_manifest(out)["splits"]["counts"]["train"] == 11  # the real train.txt (12 ids)
+    assert read_manifest(out).raw["splits"]["counts"]["train"] == 11  # the real train.txt (12 ids)
 
 
 def test_tar_with_two_layouts_is_refused(toy, tmp_path):
@@ -176,18 +176,18 @@ def test_directory_with_two_layouts_is_refused(voc, tmp_path):
     top = voc.parent.parent  # holds VOCdevkit/VOC2012
     shutil.copytree(voc, top / "VOC2012")
     assert_user_error(encrypt_plain(top, tmp_path / "out"), str(top), "more than one VOC2012 layout")
-    from keyshard.pipeline.manifest import load as load_manifest
+    from keyshard.manifest import read as read_manifest
 
     res = encrypt_plain(voc.parent, tmp_path / "ok", "--splits", "test")
     assert res.exit_code == 0, res.output
-    assert load_manifest(tmp_path / "ok")["source"]["root"] == "VOC2012"
+    assert read_manifest(tmp_path / "ok").raw["source"]["root"] == "VOC2012"
 
 
 def test_manifests_without_source_root_stay_valid():
     import json
     from pathlib import Path
 
-    from keyshard.pipeline.manifest import validate
+    from keyshard.manifest import validate
 
     doc = json.loads((Path(__file__).parent.parent / "manifests" / "example-manifest.json").read_text())
     del doc["source"]["root"]
@@ -202,7 +202,7 @@ def test_requantised_palette_mask_is_refused_and_skippable(voc, tmp_path):
     import numpy as np
     from PIL import Image
 
-    from keyshard.pipeline.manifest import load as load_manifest
+    from keyshard.manifest import read as read_manifest
 
     victim = ids(voc)[0]
     path = voc / "SegmentationClass" / f"{victim}.png"
@@ -215,7 +215,7 @@ def test_requantised_palette_mask_is_refused_and_skippable(voc, tmp_path):
     assert_nothing_final(out)
     res = encrypt_plain(voc, tmp_path / "skip", "--skip-bad")
     assert res.exit_code == 0, res.output
-    [failed] = load_manifest(tmp_path / "skip")["failed"]
+    [failed] = read_manifest(tmp_path / "skip").raw["failed"]
     assert failed["id"] == victim and "palette" in failed["reason"]
 
 
@@ -261,7 +261,7 @@ def png_bytes(arr, color_type, depth=8, width=None, height=None):
 def test_16_bit_grayscale_image_is_scaled_not_clipped(voc, tmp_path):
     import numpy as np
 
-    from keyshard.pipeline.manifest import load as load_manifest
+    from keyshard.manifest import read as read_manifest
     from keyshard.pipeline.samples import decode_rgb
     from keyshard.shardformat import decode_npy, iter_tar_samples
 
@@ -280,7 +280,7 @@ def test_16_bit_grayscale_image_is_scaled_not_clipped(voc, tmp_path):
     (voc / "JPEGImages" / f"{victim}.jpg").write_bytes(png_bytes(ramp, 0, 16))
     out = tmp_path / "out"
     assert encrypt_plain(voc, out, "--splits", "test").exit_code == 0
-    shard = out / load_manifest(out)["shards"][0]["file"]
+    shard = out / read_manifest(out).raw["shards"][0]["file"]
     img = next(decode_npy(f["img.npy"]) for k, f in iter_tar_samples(shard) if k == victim)
     assert 100 < img.mean() < 155 and (img == 255).mean() < 0.05  # was 99.5 % white
 
@@ -344,7 +344,7 @@ def _bomb(voc, kind):
 def test_header_bomb_is_refused_before_decoding_and_skippable(voc, tmp_path, kind):
     import time
 
-    from keyshard.pipeline.manifest import load as load_manifest
+    from keyshard.manifest import read as read_manifest
 
     victim, path = _bomb(voc, kind)
     out = tmp_path / "out"
@@ -355,12 +355,12 @@ def test_header_bomb_is_refused_before_decoding_and_skippable(voc, tmp_path, kin
     assert_nothing_final(out)
     res = encrypt_plain(voc, tmp_path / "skip", "--splits", "train", "--skip-bad")
     assert res.exit_code == 0, res.output
-    [failed] = load_manifest(tmp_path / "skip")["failed"]
+    [failed] = read_manifest(tmp_path / "skip").raw["failed"]
     assert failed["id"] == victim and "50000x50000" in failed["reason"] and str(path) in failed["reason"]
 
 
 def test_max_pixels_option(voc, tmp_path):
-    from keyshard.pipeline.manifest import load as load_manifest
+    from keyshard.manifest import read as read_manifest
 
     out = tmp_path / "out"
     first = voc / "JPEGImages" / f"{sorted(ids(voc, 'val'))[0]}.jpg"
@@ -368,7 +368,7 @@ def test_max_pixels_option(voc, tmp_path):
                       str(first), "over the limit of 100 (--max-pixels")
     res = encrypt_plain(voc, tmp_path / "ok", "--splits", "test", "--max-pixels", 64 * 64)
     assert res.exit_code == 0, res.output
-    assert load_manifest(tmp_path / "ok")["image"]["max_pixels"] == 64 * 64
+    assert read_manifest(tmp_path / "ok").raw["image"]["max_pixels"] == 64 * 64
     res = invoke("encrypt", "--voc", voc, "--plain", "-o", tmp_path / "x", "--max-pixels", 0)
     assert res.exit_code == 2 and "Traceback" not in res.output
 
@@ -428,7 +428,7 @@ def test_bad_jpegs_in_worker_processes(voc, tmp_path):
     import time
 
     from conftest import run_subprocess
-    from keyshard.pipeline.manifest import load as load_manifest
+    from keyshard.manifest import read as read_manifest
 
     val = ids(voc, "val")
     bomb = voc / "JPEGImages" / f"{val[0]}.jpg"
@@ -445,6 +445,6 @@ def test_bad_jpegs_in_worker_processes(voc, tmp_path):
     lines = res.stderr.splitlines()
     assert all(x.startswith(("keyshard: ", "warning: skipped")) for x in lines), res.stderr
     assert f"keyshard: warning: {recovered}: Corrupt JPEG data: 3 extraneous bytes" in res.stderr
-    failed = {f["id"]: f["reason"] for f in load_manifest(out)["failed"]}
+    failed = {f["id"]: f["reason"] for f in read_manifest(out).raw["failed"]}
     assert set(failed) == {val[0], val[2]}
     assert "50000x50000" in failed[val[0]] and "premature end of data segment" in failed[val[2]]

@@ -14,7 +14,7 @@ from keyshard.evaluate import audit as audit_mod
 from keyshard.evaluate import wrong_keys
 from keyshard.evaluate.metrics import PerImage, per_image_miou
 from keyshard.evaluate.predictions import Capture
-from keyshard.pipeline.manifest import load as load_manifest
+from keyshard.manifest import read as read_manifest
 from keyshard.pipeline.samples import prepare
 from keyshard.shardformat import decode_mask, decode_npy, iter_tar_samples
 from keyshard.transforms import compile_plan, normalize_pixels
@@ -127,7 +127,7 @@ def test_preview_writes_a_grid_whose_tiles_equal_the_transforms(run, tmp_path):
 def test_preview_of_a_stored_sample_and_its_decryption(run, tmp_path):
     from keyshard.pipeline.preview import read_shard_sample
 
-    doc = load_manifest(run / "enc")
+    doc = read_manifest(run / "enc").raw
     first = doc["shards"][0]
     voc_id, files = next(iter_tar_samples(run / "enc" / first["file"]))
     out = tmp_path / "pair.png"
@@ -137,7 +137,7 @@ def test_preview_of_a_stored_sample_and_its_decryption(run, tmp_path):
     key = keys.load(run / "key.json")
     stored, _, _ = read_shard_sample(run / "enc", voc_id, key, run / "key.json")
     np.testing.assert_array_equal(stored, decode_npy(files["img.npy"]))
-    plain = {k: decode_npy(f["img.npy"]) for s in load_manifest(run / "plain")["shards"]
+    plain = {k: decode_npy(f["img.npy"]) for s in read_manifest(run / "plain").raw["shards"]
              for k, f in iter_tar_samples(run / "plain" / s["file"])}
     np.testing.assert_array_equal(compile_plan(key.material, SIZE, SIZE).decrypt(stored), plain[voc_id])
     other = tmp_path / "other.json"
@@ -158,7 +158,7 @@ def independent_per_image(ckpt, plain_dir, plans):
     from keyshard.train.checkpoint import load_model
 
     model, _ = load_model(ckpt, "cpu")
-    doc = load_manifest(plain_dir)
+    doc = read_manifest(plain_dir).raw
     ids, pixels, masks = [], [], []
     for s in doc["shards"]:
         if s["split"] == "test":

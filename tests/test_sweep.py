@@ -12,6 +12,7 @@ import pytest
 
 from keyshard import keys
 from keyshard.evaluate import sweep as sweep_mod
+from keyshard.manifest import read
 from keyshard.pipeline import manifest as manifest_mod
 
 from conftest import assert_user_error, invoke
@@ -61,12 +62,12 @@ def test_sweep_cells_report_and_resume(toy, tmp_path, monkeypatch):
     assert mtimes(out, "run/best.pt") == {**mtimes(out, "run/best.pt"), **done_before}
     assert (partial / "key.json").read_bytes() == key_bytes
     assert (partial / "shards" / "train-000000.tar").stat().st_mtime_ns == kept_shard
-    assert manifest_mod.load(partial / "shards")["encryption"]["key_fingerprint"] == keys.load(partial / "key.json").fingerprint
+    assert read(partial / "shards").raw["encryption"]["key_fingerprint"] == keys.load(partial / "key.json").fingerprint
 
     # 3. Layout, keys, table, figure.
     for d in ("plain", "baseline/run", "baseline/audit"):
         assert (out / d).is_dir(), d
-    assert manifest_mod.load(out / "plain")["splits"]["counts"].keys() == {"train", "holdout", "test"}
+    assert read(out / "plain").raw["splits"]["counts"].keys() == {"train", "holdout", "test"}
     secrets = set()
     for m, b in CELLS:
         cell = out / f"{m}-m{b}"

@@ -10,7 +10,7 @@ import torch
 
 from keyshard import faults, keys
 from keyshard.pipeline import encrypt_job
-from keyshard.pipeline.manifest import load as load_manifest
+from keyshard.manifest import read as read_manifest
 from keyshard.pipeline.toy_voc import make_toy_voc
 from keyshard.train import checkpoint
 from keyshard.train.data import epoch_plan, model_input, open_shards
@@ -45,7 +45,7 @@ def small_config(**kw):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_loader_yields_each_manifest_sample_once(data, workers):
-    manifest = load_manifest(data / "plain")
+    manifest = read_manifest(data / "plain").raw
     loader = open_shards(str(data / "plain"), "train", batch_size=5, workers=workers, shuffle_buffer=8)
     for epoch, replica in ((0, 0), (1, 1), (2, 0)):  # one loader, its workers kept across epochs
         loader.set_epoch(epoch)
@@ -65,7 +65,7 @@ def test_loader_yields_each_manifest_sample_once(data, workers):
 
 
 def test_uneven_ranks_take_equal_steps_and_cover_everything(data):
-    manifest = load_manifest(data / "plain")
+    manifest = read_manifest(data / "plain").raw
     seen, steps, padding = [], [], []
     for rank in (0, 1):
         batches = list(open_shards(str(data / "plain"), "train", batch_size=3, rank=rank, world=2))
@@ -84,7 +84,7 @@ def test_uneven_ranks_take_equal_steps_and_cover_everything(data):
 
 
 def test_one_demo_epoch_lowers_the_loss(data, tmp_path):
-    manifest = load_manifest(data / "plain")
+    manifest = read_manifest(data / "plain")
 
     def train_loss(model):
         model.eval()
@@ -194,7 +194,7 @@ def test_torchrun_two_gloo_processes(data, tmp_path):
     assert "batch 8 global: 4 per rank × 2 rank(s), micro-batches of 2 — BatchNorm sees 2 images" in proc.stdout
     assert sorted(p.name for p in run.iterdir()) == ["best.pt", "last.pt", "metrics.jsonl"]
     lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-    manifest = load_manifest(data / "plain")
+    manifest = read_manifest(data / "plain")
     expected_pad = sum(epoch_plan(data / "plain", manifest, "train", 0, 0, r, 2).padding for r in (0, 1))
     assert lines[0]["train_samples"] == 25 and lines[0]["train_padding"] == expected_pad > 0
     plans = [epoch_plan(data / "plain", manifest, "train", 0, 0, r, 2) for r in (0, 1)]
@@ -303,7 +303,7 @@ def test_protect_command_end_to_end(data, tmp_path):
     # the protected model on keyed holdout shards == the plain model on plain holdout shards
     plain_model, _ = load_model(str(run / "best.pt"), "cpu")
     prot_model, _ = load_model(str(out), "cpu")
-    manifest_p, manifest_e = load_manifest(data / "plain"), load_manifest(data / "np4")
+    manifest_p, manifest_e = read_manifest(data / "plain"), read_manifest(data / "np4")
     a = score_on_split(plain_model, [(None, 255)], str(data / "plain"), manifest_p, "cpu", progress=False,
                        split="holdout")[0]
     b = score_on_split(prot_model, [(None, 255)], str(data / "np4"), manifest_e, "cpu", progress=False,
@@ -338,7 +338,7 @@ def test_block_aligned_model_keeps_its_accuracy_under_the_key(tmp_path):
     cfg = dict(model="block_aligned", epochs=16, batch_size=8, micro_batch=8, workers=0, lr=0.1, restart_epochs=16)
     Trainer(tmp_path / "plain", tmp_path / "rp", small_config(block_size=4, **cfg), progress=False, log=lambda m: None).fit()
     Trainer(tmp_path / "enc", tmp_path / "re", small_config(**cfg), progress=False, log=lambda m: None).fit()
-    test = (str(tmp_path / "plain"), load_manifest(tmp_path / "plain"))
+    test = (str(tmp_path / "plain"), read_manifest(tmp_path / "plain"))
     plain_model, _ = load_model(str(tmp_path / "rp" / "last.pt"), "cpu")  # same step count, no selection noise
     keyed_model, _ = load_model(str(tmp_path / "re" / "last.pt"), "cpu")
     baseline = score_on_split(plain_model, [(None, 255)], *test, "cpu", progress=False)[0]["miou"]
