@@ -19,6 +19,7 @@ COMMAND_SECTIONS = (
     ("Prepare", ("keygen", "key-info", "signing-key", "encrypt", "verify", "decrypt", "preview")),
     ("Train", ("train", "protect")),
     ("Audit", ("evaluate", "report", "attack")),
+    ("Use", ("predict", "export")),
     ("Reproduce", ("sweep", "demo")),
     ("Sample data", ("toy-voc", "toy-classes")),
 )
@@ -87,11 +88,12 @@ def _register() -> None:
     from keyshard.train.commands import protect, train
     from keyshard.evaluate.attack_commands import attack
     from keyshard.evaluate.commands import evaluate, report
+    from keyshard.evaluate.export_commands import export
     from keyshard.evaluate.sweep import sweep
     from keyshard.pipeline.classify_commands import toy_classes
 
     for command in (demo, keygen, key_info, signing_key, toy_voc, encrypt, verify, decrypt, train, protect,
-                    evaluate, report, preview, attack, sweep, toy_classes):
+                    evaluate, report, preview, attack, sweep, toy_classes, export):
         cli.add_command(command)
 
 

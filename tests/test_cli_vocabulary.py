@@ -186,6 +186,7 @@ SECTIONS = [
     ("Prepare", ["keygen", "key-info", "signing-key", "encrypt", "verify", "decrypt", "preview"]),
     ("Train", ["train", "protect"]),
     ("Audit", ["evaluate", "report", "attack"]),
+    ("Use", ["export"]),
     ("Reproduce", ["sweep", "demo"]),
     ("Sample data", ["toy-voc", "toy-classes"]),
 ]
