@@ -6,7 +6,7 @@ import json
 
 import click
 
-from keyshard import options
+from keyshard import options, params
 from keyshard.fsutil import check_output, make_parent, write_output
 
 
@@ -21,6 +21,7 @@ def attack():
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="Recovered explicit key file (0600).")
 @click.option("--key", "true_key", type=click.Path(dir_okay=False), default=None,
               help="The true key, to report how much of it was recovered (auditors only).")
+@params.names_flags
 def known_plaintext(plain_dir, enc_dir, output, true_key):
     """Recover the key from plain/encrypted samples of the same ids.
 

@@ -44,9 +44,9 @@ def matched_pairs(plain_dir, enc_dir) -> tuple[Manifest, list[tuple[str, np.ndar
     """(encrypted manifest, [(key, plain, encrypted)]) for the sample keys both hold; refuses mismatches."""
     plain_manifest, enc_manifest = read(plain_dir), read(enc_dir)
     if not plain_manifest.encryption.plain:
-        raise KeyshardError(f"{plain_dir}: is not plain (its manifest names a key); give the plain shards as --plain")
+        raise KeyshardError(f"{plain_dir}: is not plain (its manifest names a key); give the plain shards as `plain_dir`")
     if enc_manifest.encryption.plain:
-        raise KeyshardError(f"{enc_dir}: holds plain shards; give the encrypted ones as --encrypted")
+        raise KeyshardError(f"{enc_dir}: holds plain shards; give the encrypted ones as `enc_dir`")
     if plain_manifest.image.shape != enc_manifest.image.shape:
         raise KeyshardError(f"{plain_dir}: image size differs from {enc_dir}")
     plain, enc = read_pixels(plain_dir, plain_manifest), read_pixels(enc_dir, enc_manifest)
