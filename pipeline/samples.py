@@ -20,9 +20,8 @@ import numpy as np
 from PIL import Image
 
 from keyshard import label_png, seeded
-# the core's decoding; BadSample, load_torch, RGB_MODE and image_library_path are also used from here
-from keyshard.images import (MAX_PIXELS, RGB_MODE, BadSample, decode_rgb, image_library_path,  # noqa: F401
-                             load_image, load_torch, open_capped, resize_bilinear)
+from keyshard.images import (MAX_PIXELS, BadSample, decode_rgb, load_image, load_torch, open_capped,
+                             resize_bilinear)
 from keyshard.shardformat import NUM_CLASSES, VOID, voc_palette
 
 CROP_RATIO = (3 / 4, 4 / 3)

@@ -1,6 +1,7 @@
 """The encryption worker's fast path gives exactly torchvision's results.
 
-``pipeline/samples.py`` calls torchvision's compiled image operators and torch's resize directly,
+``keyshard/images.py`` (decode, resize) and ``pipeline/samples.py`` (augmentation crops) call
+torchvision's compiled image operators and torch's resize directly,
 without importing the torchvision package (its model zoo costs seconds per worker).  Each piece
 is checked here against the torchvision call it replaces, bit for bit.  No timings.
 """
@@ -19,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from keyshard import label_png
+from keyshard import images, label_png
 from keyshard.pipeline import samples
 
 tv = pytest.importorskip("torchvision")
@@ -68,13 +69,13 @@ def _tv_prepare(img, mask, size, seed, scale):
 
 
 def test_rgb_mode_is_torchvisions():
-    assert samples.RGB_MODE == ImageReadMode.RGB.value
+    assert images.RGB_MODE == ImageReadMode.RGB.value
 
 
 def test_image_library_is_torchvisions():
     from torchvision.extension import _get_extension_path
 
-    assert samples.image_library_path() == _get_extension_path("image_stable")
+    assert images.image_library_path() == _get_extension_path("image_stable")
 
 
 @pytest.mark.parametrize("hw", [(375, 500), (500, 375), (64, 64), (10, 400), (400, 10), (1, 1), (33, 17)])
@@ -110,7 +111,7 @@ def test_decode_matches_torchvision(kind):
     data = {"rgb": lambda: _jpeg(arr, quality=90), "gray": lambda: _jpeg(arr, "L"),
             "cmyk": lambda: _jpeg(arr, "CMYK"), "progressive": lambda: _jpeg(arr, progressive=True),
             "444": lambda: _jpeg(arr, subsampling=0, quality=95), "q50": lambda: _jpeg(arr, quality=50)}[kind]()
-    got = samples.decode_rgb(data, "x.jpg")
+    got = images.decode_rgb(data, "x.jpg")
     want = _tv_decode(data)
     assert got.dtype == torch.uint8 and got.shape == want.shape == (3, 123, 77)
     assert got.stride() == want.stride()
@@ -119,8 +120,8 @@ def test_decode_matches_torchvision(kind):
 
 def test_truncated_jpeg_is_a_bad_sample():
     data = _jpeg(_photo(64, 64, 2))
-    with pytest.raises(samples.BadSample, match="x.jpg: cannot decode image"):
-        samples.decode_rgb(data[: len(data) // 2], "x.jpg")
+    with pytest.raises(images.BadSample, match="x.jpg: cannot decode image"):
+        images.decode_rgb(data[: len(data) // 2], "x.jpg")
 
 
 def _cases():
