@@ -20,7 +20,9 @@ import numpy as np
 from keyshard import __version__, methods
 from keyshard.errors import KeyshardError
 from keyshard.fsutil import write_json_atomic
-from keyshard.manifest import FORMAT, MANIFEST, Manifest, as_manifest, library_versions, read, validate
+from keyshard.manifest import FORMAT, MANIFEST, Manifest, as_manifest, read, validate
+from keyshard.manifest import library_versions  # noqa: F401  (the encryption job records them from here)
+
 
 def content_checksum(records: list[dict], split_files: dict) -> str:
     lines = sorted({" ".join(entry) for r in records for entry in r["inputs"]})
@@ -106,9 +108,9 @@ def verify(source: str | Path, progress: bool = True, doc: Manifest | dict | Non
     return problems
 
 
-# -- transitional: the 0.1 readers, for the modules that still index the JSON ------------------
-# pipeline/commands.py (verify, decrypt), evaluate/audit.py and evaluate/classify_audit.py read
-# through these until they take the typed ``keyshard.manifest.Manifest``; then they go.
+# -- transitional: the 0.1 readers, for the module that still indexes the JSON -----------------
+# pipeline/commands.py (verify, decrypt) reads through these until it takes the typed
+# ``keyshard.manifest.Manifest``; then they go.
 def load(source: str | Path) -> dict:
     """The manifest JSON of a shard directory or URL base (``keyshard.manifest.read(source).raw``)."""
     return read(source).raw
