@@ -35,12 +35,13 @@ def dataset_info(manifest: dict) -> dict:
     "class_names"}`` from the manifest's ``dataset`` entry.  Manifests written before that entry
     existed are PASCAL VOC (21 classes, 255 = void).  Everything downstream (loss, metrics,
     models, plots) takes the class count and ignore index from here, never from a constant."""
+    from keyshard import tasks  # the kind → task rule is the task registry's (tasks.for_kind)
+
     info = manifest.get("dataset")
     if info is None:
-        return {"kind": "voc", "task": "segmentation", "num_classes": NUM_CLASSES, "ignore_index": VOID,
+        return {"kind": "voc", "task": tasks.for_kind("voc").name, "num_classes": NUM_CLASSES, "ignore_index": VOID,
                 "class_names": list(VOC_CLASS_NAMES)}
-    task = "classification" if info["kind"] == "image-folder" else "segmentation"
-    return {"kind": info["kind"], "task": task, "num_classes": info["num_classes"],
+    return {"kind": info["kind"], "task": tasks.for_kind(info["kind"]).name, "num_classes": info["num_classes"],
             "ignore_index": info.get("ignore_index"), "class_names": list(info["class_names"])}
 
 
