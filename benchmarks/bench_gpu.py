@@ -219,7 +219,7 @@ def run(args, work: Path, device) -> None:
     t = time.perf_counter()
     dirs = make_shards(work, args.images, args.size, methods, jobs=cores)
     manifests = {m: keyshard.read_manifest(d) for m, d in dirs.items()}
-    train_n = manifests[methods[0]]["splits"]["counts"]["train"]
+    train_n = manifests[methods[0]].splits.counts["train"]
     print(f"shards: {args.images} toy-VOC images -> {args.size}x{args.size}, train split {train_n} samples, "
           + ", ".join(f"{m.upper()} M={BLOCK}" for m in methods) + f"; made in {time.perf_counter() - t:.0f} s",
           flush=True)
@@ -269,7 +269,7 @@ def run(args, work: Path, device) -> None:
             table.append((m, w, *rates))
             print(f"{m} workers={w}: loader alone {rates[0]:.0f}, training {rates[1]:.0f} (copy on the caller's "
                   f"thread), {rates[2]:.0f} (copy ahead) images/s", file=sys.stderr, flush=True)
-    n = manifests[methods[0]]["splits"]["counts"]["train"]
+    n = manifests[methods[0]].splits.counts["train"]
     print(f"\nloader (open_shards, train split {n} samples, batch 256, shuffle buffer 256, verification on, "
           f"copied to the device) and training fed by it; {args.epochs} epochs after a warm-up; model alone "
           f"{model_rate:.0f} images/s (as `train` runs it)\n")

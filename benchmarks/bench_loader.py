@@ -109,11 +109,11 @@ class Source:
 
         self.method, self.dir = method, directory
         self.manifest = keyshard.read_manifest(directory)
-        shards = [s for s in self.manifest["shards"] if s["split"] == SPLIT]
-        self.urls = [str(Path(directory) / s["file"]) for s in shards]
-        self.samples = sum(s["samples"] for s in shards)
-        self.bytes = sum(s["bytes"] for s in shards)
-        self.dtype = self.manifest["encryption"].get("dtype", "uint8")
+        shards = self.manifest.shards_of(SPLIT)
+        self.urls = [str(Path(directory) / s.file) for s in shards]
+        self.samples = sum(s.samples for s in shards)
+        self.bytes = sum(s.bytes for s in shards)
+        self.dtype = self.manifest.encryption.dtype
 
 
 def stock_loader(src: Source, workers: int, batch: int, shuffle_buffer: int):
@@ -219,7 +219,7 @@ def read_alone(src: Source, verify: bool, repeats: int = 3) -> float:
     tar reading and, with ``verify``, one core's SHA-256 put on any loader."""
     from keyshard.shardformat import stream_shard
 
-    shards = [s for s in src.manifest["shards"] if s["split"] == SPLIT]
+    shards = [s.entry() for s in src.manifest.shards_of(SPLIT)]
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
