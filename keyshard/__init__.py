@@ -9,6 +9,8 @@ webdataset; each name imports its module on first use.
   ``(pixels, targets, ids, n_padding)``; the loader ``keyshard train`` uses.
 * ``model_input(pixels, manifest, device)`` — stored pixels → normalised float NCHW on the device.
 * ``load_key(path)``, ``encrypt_image(array, key)``, ``decrypt_image(array, key)``.
+* ``load_predictor(checkpoint, key=None, device=None)`` — a model and its key, ready for new
+  images: ``.predict(images)`` gives label maps or class probabilities (``keyshard predict``).
 """
 
 from typing import TYPE_CHECKING
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING
 __version__ = "0.2.0"
 
 if TYPE_CHECKING:  # the same names for type checkers and the API docs; at run time see __getattr__
+    from keyshard.evaluate.predict import load_predictor
     from keyshard.keys import load as load_key
     from keyshard.manifest import read as read_manifest
     from keyshard.train.data import model_input, open_shards
@@ -28,6 +31,7 @@ _EXPORTS = {
     "load_key": ("keyshard.keys", "load"),
     "encrypt_image": ("keyshard.transforms", "encrypt_image"),
     "decrypt_image": ("keyshard.transforms", "decrypt_image"),
+    "load_predictor": ("keyshard.evaluate.predict", "load_predictor"),
 }
 __all__ = sorted(_EXPORTS)
 

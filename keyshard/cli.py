@@ -89,11 +89,12 @@ def _register() -> None:
     from keyshard.evaluate.attack_commands import attack
     from keyshard.evaluate.commands import evaluate, report
     from keyshard.evaluate.export_commands import export
+    from keyshard.evaluate.predict_commands import predict
     from keyshard.evaluate.sweep import sweep
     from keyshard.pipeline.classify_commands import toy_classes
 
     for command in (demo, keygen, key_info, signing_key, toy_voc, encrypt, verify, decrypt, train, protect,
-                    evaluate, report, preview, attack, sweep, toy_classes, export):
+                    evaluate, report, preview, attack, sweep, toy_classes, predict, export):
         cli.add_command(command)
 
 

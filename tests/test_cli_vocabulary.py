@@ -186,7 +186,7 @@ SECTIONS = [
     ("Prepare", ["keygen", "key-info", "signing-key", "encrypt", "verify", "decrypt", "preview"]),
     ("Train", ["train", "protect"]),
     ("Audit", ["evaluate", "report", "attack"]),
-    ("Use", ["export"]),
+    ("Use", ["predict", "export"]),
     ("Reproduce", ["sweep", "demo"]),
     ("Sample data", ["toy-voc", "toy-classes"]),
 ]
