@@ -28,10 +28,10 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from keyshard import sources
+from keyshard import sources, tasks
 from keyshard.errors import KeyshardError
 from keyshard.manifest import Manifest, Shard, as_manifest
-from keyshard.shardformat import VOID, decode_mask, decode_npy, stream_shard
+from keyshard.shardformat import decode_npy, stream_shard
 from keyshard.train.batch_ring import BatchRing, SlotBatch, join_rows
 from keyshard.train.copy_ahead import CopyAhead
 from keyshard.train.device import pick_device
@@ -104,7 +104,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
         self.rank, self.world, self.augment, self.verify = rank, world, augment, verify
         self.dtype = np.dtype(manifest.encryption.dtype)
         self.shape = manifest.image.shape
-        self.classification = manifest.dataset.task == "classification"  # targets: <key>.cls
+        self.task = tasks.for_kind(manifest.dataset.kind)  # what a sample's target is (<key>.mask.png, <key>.cls)
         self.epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.keep = None  # classification --train-fraction: key -> bool (train/classify.py)
         self.ring = None  # BatchRing when read by DataLoader workers (ShardLoader sets it)
@@ -114,8 +114,8 @@ class _ShardStream(torch.utils.data.IterableDataset):
         return tuple(getattr(self.augment, "output_shape", lambda s: s)(self.shape))
 
     def target_shape(self) -> tuple:
-        """One sample's target after augmentation: a class index, or an H×W mask."""
-        return () if self.classification else self.output_shape()[:2]
+        """One sample's target after augmentation: a class index, or an H×W mask (the task's rule)."""
+        return self.task.target_shape(*self.output_shape()[:2])
 
     def plan(self) -> EpochPlan:
         return epoch_plan(self.source, self.manifest, self.split, int(self.epoch[0]), self.seed,
@@ -127,32 +127,25 @@ class _ShardStream(torch.utils.data.IterableDataset):
                 yield location, key, files
 
     def _decode(self, item):
+        """One sample as ``(key, pixels, target)``: the stored pixels and the task's target (an
+        H×W mask, a class index), checked against the manifest; None when ``keep`` drops it."""
         location, key, files = item
-        if self.classification:
-            return self._decode_class(location, key, files)
+        member = self.task.target_member
         try:
-            pixels, mask = decode_npy(files["img.npy"], copy=self.augment is not None), decode_mask(files["mask.png"])
-        except (KeyError, ValueError, OSError, SyntaxError) as exc:
+            pixels = decode_npy(files["img.npy"], copy=self.augment is not None)
+            target = self.task.decode_target(files[member])
+        except (KeyError, ValueError, OSError, SyntaxError) as exc:  # UnicodeDecodeError is a ValueError
             raise KeyshardError(f"{location}: sample {key} cannot be decoded ({exc})") from None
-        if pixels.shape != self.shape or pixels.dtype != self.dtype or mask.shape != self.shape[:2]:
-            raise KeyshardError(f"{location}: sample {key} is {pixels.dtype} {pixels.shape} with a "
-                                f"{mask.shape} mask; the manifest says {self.dtype} {self.shape}")
-        if self.augment is not None:
-            pixels, mask = self.augment(pixels, mask, key)
-        return key, pixels, mask
-
-    def _decode_class(self, location, key, files):
-        """A classification sample: the image and its class index (``<key>.cls``) as an int64 scalar."""
-        try:
-            pixels, label = decode_npy(files["img.npy"], copy=False), int(files["cls"].decode("ascii").strip())
-        except (KeyError, ValueError, OSError, UnicodeDecodeError) as exc:
-            raise KeyshardError(f"{location}: sample {key} cannot be decoded ({exc})") from None
-        if pixels.shape != self.shape or pixels.dtype != self.dtype:
-            raise KeyshardError(f"{location}: sample {key} is {pixels.dtype} {pixels.shape}; "
+        expected = self.task.target_shape(*self.shape[:2])
+        if pixels.shape != self.shape or pixels.dtype != self.dtype or target.shape != expected:
+            with_target = f" with a {target.shape} {member.split('.')[0]}" if expected else ""  # "... mask"
+            raise KeyshardError(f"{location}: sample {key} is {pixels.dtype} {pixels.shape}{with_target}; "
                                 f"the manifest says {self.dtype} {self.shape}")
         if self.keep is not None and not self.keep(key):
             return None
-        return key, pixels, np.int64(label)
+        if self.augment is not None:
+            pixels, target = self.augment(pixels, target, key)
+        return key, pixels, target
 
     def _hand_over(self, samples, worker):
         """A worker's batch into a shared-memory slot (a ``SlotBatch``), else as tensors
@@ -205,7 +198,7 @@ class ShardLoader:
         self._ahead: CopyAhead | None = None  # the epoch's copy-out thread (with workers)
         if workers:  # slots are reclaimed per epoch, which needs persistent workers (batch_ring)
             stream.ring = BatchRing(workers, PREFETCH + 1, batch_size, stream.output_shape(), stream.dtype,
-                                    stream.target_shape(), np.int64 if stream.classification else np.uint8)
+                                    stream.target_shape(), stream.task.target_dtype)
         self._loader = torch.utils.data.DataLoader(
             stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
             pin_memory=self._pin, prefetch_factor=PREFETCH if workers else None)
@@ -322,11 +315,9 @@ class ShardLoader:
         shape = self._pad_shape(shape)
         dtype = pending[0][0].dtype if pending else torch.from_numpy(np.zeros(0, self.stream.dtype)).dtype
         pixels = self._join([p[0] for p in pending] + [torch.zeros((pad, *shape), dtype=dtype)])
-        if self.stream.classification:  # padding targets are never scored (train_step skips padding rows)
-            fill = torch.full((pad,), -100, dtype=torch.int64)
-        else:
-            ignore = self.manifest.dataset.ignore_index  # every padding pixel is ignored
-            fill = torch.full((pad, *shape[:2]), VOID if ignore is None else ignore, dtype=torch.uint8)
+        task = self.stream.task  # padding targets are never scored (train_step skips padding rows)
+        fill = torch.full((pad, *task.target_shape(*shape[:2])), task.padding_target(self.manifest.dataset.ignore_index),
+                          dtype=torch.from_numpy(np.zeros(0, task.target_dtype)).dtype)
         masks = self._join([p[1] for p in pending] + [fill])
         ids = [k for p in pending for k in p[2]] + [""] * pad
         for i in range(0, len(ids), bs):

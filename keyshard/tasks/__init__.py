@@ -81,6 +81,12 @@ class Task(abc.ABC):
         """Extra fields of a sample's ``<key>.json`` (none by default)."""
         return {}
 
+    def padding_target(self, ignore_index: int | None) -> int:
+        """The value a padding row's target is filled with (the loader pads the last batch to the
+        same count on every rank; padding rows are never scored).  By default -100, what
+        cross-entropy ignores; a task whose targets are unsigned says its own."""
+        return -100
+
     # -- audits ---------------------------------------------------------------------------
     @abc.abstractmethod
     def key_row(self, scores: dict) -> dict:

@@ -117,6 +117,13 @@ class Segmentation(tasks.Task):
     def target_shape(self, height: int, width: int) -> tuple:
         return (height, width)
 
+    def padding_target(self, ignore_index: int | None) -> int:
+        """Masks are uint8: padding pixels hold the dataset's ignore index (VOC's void, 255, when
+        the dataset has none)."""
+        from keyshard.shardformat import VOID
+
+        return VOID if ignore_index is None else ignore_index
+
     def key_row(self, scores: dict) -> dict:
         return {"miou": scores["miou"], "pixel_acc": scores["pixel_acc"],
                 "miou_per_image_mean": scores["miou_per_image_mean"]}
