@@ -29,6 +29,7 @@ from keyshard import __version__, faults, shardformat
 from keyshard.errors import KeyshardError
 from keyshard.fsutil import fsync_path, sha256_file, write_json_atomic
 from keyshard.keys import Key, KeyMaterial
+from keyshard.tasks import for_kind as task_for_kind  # (a ShardTask is a unit of work, not a Task)
 from keyshard.transforms import compile_plan
 from keyshard.pipeline import MAX_PIXELS
 from keyshard.pipeline import manifest as manifest_mod
@@ -149,8 +150,8 @@ def process_shard(task: ShardTask, material: KeyMaterial | None, options: Encryp
     the temporary path, which ``commit_shard`` renames in the job's own process).
 
     ``labels``: a ``folders.LabelSpec`` (lookup table, class count, ignore index) for a folder
-    dataset; None for VOC, whose masks meet VOC's own checks.  Refs with a ``cls`` (image folders,
-    ``image_folder.ClassRef``) have no mask: their sample holds ``<key>.cls`` instead of ``<key>.mask.png``."""
+    dataset; None for VOC, whose masks meet VOC's own checks.  Each sample's target is written as
+    its task says (``<key>.mask.png``, or ``<key>.cls`` for image folders' ``image_folder.ClassRef``)."""
     exit_with_parent(owner)
     if owner not in (None, os.getpid()):  # a pool worker: a test may kill it at this shard (keyshard.faults)
         faults.point("encrypt.worker", task.name)
@@ -162,18 +163,8 @@ def process_shard(task: ShardTask, material: KeyMaterial | None, options: Encryp
     with open(tmp, "wb") as f:
         writer = shardformat.ShardWriter(f)
         for ref in task.refs:
-            cls = getattr(ref, "cls", None)  # image-folder refs (image_folder.ClassRef): a class, no mask
             try:
-                seed = replica_seed(options.augment_seed, ref.voc_id, task.replica) if task.replica else None
-                if cls is None:
-                    image_bytes, mask_bytes = ref.image.read(), ref.mask.read()
-                    img, mask, orig = prepare(image_bytes, mask_bytes, options.size, ref.image.label,
-                                              ref.mask.label, seed, options.crop_scale, options.max_pixels,
-                                              labels=labels)
-                else:
-                    image_bytes = ref.image.read()
-                    img, orig = prepare_image(image_bytes, options.size, ref.image.label, seed,
-                                              options.crop_scale, options.max_pixels)
+                sample_task, img, target, orig, row, key_id = _read_ref(ref, task.replica, options, labels)
             except BadSample as exc:
                 if not options.skip_bad:
                     raise
@@ -182,19 +173,11 @@ def process_shard(task: ShardTask, material: KeyMaterial | None, options: Encryp
                 continue
             pixels = plan.encrypt(img) if plan is not None else img
             meta = {"id": ref.voc_id, "orig_size": list(orig), "split": task.split, "replica": task.replica}
-            if cls is None:
-                inputs.append([ref.voc_id, hashlib.sha256(image_bytes).hexdigest(),
-                               hashlib.sha256(mask_bytes).hexdigest()])
-                sample = {"__key__": shardformat.sample_key(ref.voc_id, task.replica),
-                          "img.npy": shardformat.encode_npy(pixels),
-                          "mask.png": shardformat.encode_mask(mask),
-                          "json": shardformat.encode_meta(meta)}
-            else:  # <key>.cls: the class index as ASCII; ids are paths, so "/" becomes "__" in the key
-                inputs.append([ref.voc_id, hashlib.sha256(image_bytes).hexdigest(), str(cls)])
-                sample = {"__key__": shardformat.sample_key(ref.voc_id.replace("/", "__"), task.replica),
-                          "img.npy": shardformat.encode_npy(pixels),
-                          "cls": str(cls).encode(),
-                          "json": shardformat.encode_meta({**meta, "class": cls})}
+            inputs.append(row)
+            sample = {"__key__": shardformat.sample_key(key_id, task.replica),
+                      "img.npy": shardformat.encode_npy(pixels),
+                      sample_task.target_member: sample_task.encode_target(target),
+                      "json": shardformat.encode_meta({**meta, **sample_task.sample_meta(target)})}
             writer.write(sample)
         stats = writer.close()
     # The shard stays under its temporary name: the process that owns the job renames it into
@@ -202,6 +185,28 @@ def process_shard(task: ShardTask, material: KeyMaterial | None, options: Encryp
     return {"file": task.name, "split": task.split, "replica": task.replica,
             "samples": stats.samples, "bytes": stats.bytes, "sha256": stats.sha256,
             "inputs": inputs, "failed": failed, "tmp": str(tmp)}
+
+
+def _read_ref(ref, replica: int, options: EncryptOptions, labels):
+    """One source sample decoded and resized: ``(task, image, target, orig_size, input_row, key_id)``.
+
+    The source's ref holds the target: a mask file (VOC, folder datasets: a segmentation sample)
+    or a class index (image folders, ``image_folder.ClassRef``: a classification sample, whose id
+    is a path, so "/" becomes "__" in its key).  ``input_row`` is the manifest's record of the
+    inputs (id, image sha256, then the mask's sha256 or the class)."""
+    seed = replica_seed(options.augment_seed, ref.voc_id, replica) if replica else None
+    cls = getattr(ref, "cls", None)
+    if cls is None:
+        image_bytes, mask_bytes = ref.image.read(), ref.mask.read()
+        img, mask, orig = prepare(image_bytes, mask_bytes, options.size, ref.image.label, ref.mask.label, seed,
+                                  options.crop_scale, options.max_pixels, labels=labels)
+        row = [ref.voc_id, hashlib.sha256(image_bytes).hexdigest(), hashlib.sha256(mask_bytes).hexdigest()]
+        return task_for_kind("voc"), img, mask, orig, row, ref.voc_id
+    image_bytes = ref.image.read()
+    img, orig = prepare_image(image_bytes, options.size, ref.image.label, seed, options.crop_scale,
+                              options.max_pixels)
+    row = [ref.voc_id, hashlib.sha256(image_bytes).hexdigest(), str(cls)]
+    return task_for_kind("image-folder"), img, cls, orig, row, ref.voc_id.replace("/", "__")
 
 
 def commit_shard(out: Path, partial: Path, record: dict) -> dict:
