@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from keyshard import tasks
 from keyshard.errors import KeyshardError
 from keyshard.manifest import Manifest, Provenance
 from keyshard.options import MAX_IMAGE_SIZE
@@ -128,9 +129,10 @@ def _validate_data(path, data: dict) -> None:
     })
     if "dataset" in data:
         ds = data["dataset"]
+        kinds = {kind for name in tasks.names() for kind in tasks.get(name).kinds}  # the kind says the task
         if not (isinstance(ds, dict) and _positive_int(ds.get("num_classes"))
                 and (ds.get("ignore_index") is None or _is_int(ds.get("ignore_index")))
-                and isinstance(ds.get("kind"), str) and isinstance(ds.get("class_names"), list)):
+                and ds.get("kind") in kinds and isinstance(ds.get("class_names"), list)):
             raise KeyshardError(f"{path}: malformed checkpoint: data.dataset is not a dict of kind, num_classes, "
                                 "ignore_index and class_names")
     if not data["plain"]:
@@ -223,43 +225,43 @@ def check_resume_provenance(state: dict, provenance: Provenance, path) -> None:
 
 
 def load_model(ckpt_path: str | Path, device) -> tuple[torch.nn.Module, dict]:
-    """The checkpoint's model, built as it was trained and loaded in eval mode on ``device``."""
-    from keyshard.train.models import build_model
-
+    """The checkpoint's model, built by its task's model factory (``Task.hook("model")``) as it
+    was trained, and loaded in eval mode on ``device``."""
     state = load(ckpt_path)
-    name, mbs = state["model_name"], state.get("model_block_size")
-    if name in CLASSIFIERS:
-        return _load_classifier(ckpt_path, state, device)
-    _check_stem(ckpt_path, state)
-    try:
-        model = build_model(name, aux_loss=any(k.startswith("aux_classifier") for k in state["model"]),
-                            block_size=mbs, num_classes=dataset_of(state)["num_classes"])
-    except KeyshardError as exc:
-        raise KeyshardError(f"{ckpt_path}: {exc}") from None
-    fit_state_dict(model, state["model"], ckpt_path, f"model weights for {name}")
-    return model.to(device).eval(), state
-
-
-def model_task(state: dict) -> str:
-    """``classification`` for a checkpoint of a classifier, else ``segmentation``."""
-    return "classification" if state["model_name"] in CLASSIFIERS else "segmentation"
-
-
-def _load_classifier(ckpt_path, state: dict, device):
-    """A classifier checkpoint's model: the class count from its head, the patch size checked."""
-    from keyshard.train.classifiers import HEADS, build_classifier
-
     name, mbs, weights = state["model_name"], state.get("model_block_size"), state["model"]
-    head = weights.get(HEADS[name] + "weight")
-    if head is None or head.dim() != 2:
-        raise KeyshardError(f"{ckpt_path}: model weights for {name} have no classification head ({HEADS[name]}weight)")
+    num_classes = _class_count(ckpt_path, state)
     _check_stem(ckpt_path, state)
     try:
-        model = build_classifier(name, int(head.shape[0]), mbs, state["data"]["image_size"])
+        model = tasks.get(model_task(state)).hook("model")(
+            name, num_classes=num_classes, block_size=mbs, image_size=state["data"]["image_size"],
+            aux_loss=any(k.startswith("aux_classifier") for k in weights))
     except KeyshardError as exc:
         raise KeyshardError(f"{ckpt_path}: {exc}") from None
     fit_state_dict(model, weights, ckpt_path, f"model weights for {name}")
     return model.to(device).eval(), state
+
+
+def model_task(state: dict) -> str:
+    """The name of the task a checkpoint's model is for: the task whose model factory builds it
+    (``Task.hook("model_names")``).  The model decides, not the dataset record, which classifier
+    checkpoints of 0.1 lack (``validate`` has checked that some task builds the model)."""
+    name = state["model_name"]
+    return next(task for task in tasks.names() if name in tasks.get(task).hook("model_names"))
+
+
+def _class_count(ckpt_path, state: dict) -> int:
+    """How many classes the checkpoint's model outputs.  A classifier's comes from its head's
+    weights (checked to be there), as classifier checkpoints have always been loaded; any other
+    model's from the dataset record."""
+    from keyshard.train.classifiers import HEADS
+
+    name = state["model_name"]
+    if name not in HEADS:
+        return dataset_of(state)["num_classes"]
+    head = state["model"].get(HEADS[name] + "weight")
+    if head is None or head.dim() != 2:
+        raise KeyshardError(f"{ckpt_path}: model weights for {name} have no classification head ({HEADS[name]}weight)")
+    return int(head.shape[0])
 
 
 def _check_stem(ckpt_path, state: dict) -> None:

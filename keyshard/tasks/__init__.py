@@ -48,6 +48,7 @@ class Task(abc.ABC):
     target_dtype: ClassVar[type]        # the loader's target dtype (np.uint8 masks, np.int64 classes)
     # stage hooks, "module:function", resolved by the stage that calls them (Task.hook)
     model: ClassVar[str]                # build(name, *, num_classes, block_size, image_size, weights, aux_loss)
+    model_names: ClassVar[str]          # the tuple of model names that factory builds
     loss: ClassVar[str]                 # loss(outputs, targets, aux_weight, ignore_index) -> summed loss
     scorer: ClassVar[str]               # Scorer(device, num_classes, ignore_index, keep_per_image)
     # audits
@@ -59,7 +60,8 @@ class Task(abc.ABC):
     table_title: ClassVar[str] = ""     # the report's heading for its table after another task's
 
     def hook(self, member: str) -> Callable:
-        """The stage function a hook attribute (``model``, ``loss``, ``scorer``) names, imported now."""
+        """The stage object a hook attribute (``model``, ``model_names``, ``loss``, ``scorer``) names,
+        imported now."""
         module, _, attr = getattr(self, member).partition(":")
         return getattr(importlib.import_module(module), attr)
 

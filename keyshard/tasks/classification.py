@@ -22,6 +22,7 @@ class Classification(tasks.Task):
     target_member = "cls"
     target_dtype = np.int64
     model = "keyshard.train.classifiers:build"
+    model_names = "keyshard.train.presets:CLASSIFIERS"
     loss = "keyshard.train.step:segmentation_loss"  # summed cross-entropy; classifiers have no "aux" output
     scorer = "keyshard.evaluate.metrics:TopOneScorer"
     headline, score_label = "top1_acc", "top-1 accuracy"

@@ -90,6 +90,7 @@ class Segmentation(tasks.Task):
     target_member = "mask.png"
     target_dtype = np.uint8
     model = "keyshard.train.models:build"
+    model_names = "keyshard.train.presets:SEGMENTATION_MODELS"
     loss = "keyshard.train.step:segmentation_loss"
     scorer = "keyshard.evaluate.metrics:SegmentationScorer"
     headline, score_label = "miou", "mean IoU"
