@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from keyshard import options, params
+from keyshard import options, params, tasks
 from keyshard.errors import KeyshardError
 from keyshard.train.presets import (CLASSIFIERS, CLASSIFY_MODELS, PRESETS, SEGMENTATION_MODELS, by_preset,
                                     micro_batch_for, micro_batch_rule)
@@ -25,7 +25,7 @@ from keyshard.train.presets import (CLASSIFIERS, CLASSIFY_MODELS, PRESETS, SEGME
                    "patch = a multiple of the block size; the demo's) or resnet18 (torchvision; the paper's). "
                    f"Default: {by_preset('model')} (classification shards: "
                    f"{', '.join(f'{CLASSIFY_MODELS[p]} with --preset {p}' for p in PRESETS)}).")
-@click.option("--task", type=click.Choice(["segmentation", "classification"]), default=None,
+@click.option("--task", type=click.Choice(tasks.names()), default=None,
               help="Inferred from the shards' manifest (default); if given it must agree.")
 @click.option("--train-fraction", type=options.FiniteFloat(0, 1, min_open=True), default=None, metavar="F",
               help="Classification: train on a seeded subset (fraction F, 0 < F <= 1) of the train split, e.g. 0.1 "

@@ -32,7 +32,7 @@ from keyshard.train import checkpoint
 from keyshard.train.augment import KeySafeAugment
 from keyshard.train.data import open_shards
 from keyshard.train.device import dist_backend, pick_device
-from keyshard.train.presets import BLOCK_MODELS, CLASSIFIERS, CLASSIFY_MODELS, PRESETS
+from keyshard.train.presets import BLOCK_MODELS, PRESETS
 from keyshard.train.step import all_reduce_sum, forward_stored, train_step
 
 
@@ -124,28 +124,37 @@ def check_data(shards: str, manifest: Manifest, config: TrainConfig) -> None:
 
 
 def resolve_task(config: TrainConfig, manifest: Manifest, shards: str, world: int) -> tuple[str, TrainConfig]:
-    """The task comes from the manifest; ``config.task``, if given, must agree.  Classification
-    swaps the preset's segmentation model for its classifier (demo: patch_vit, paper: resnet18)."""
-    task = manifest.dataset.task
-    if config.task is not None and config.task != task:
-        raise KeyshardError(f"`task={config.task}`, but {shards} holds {task} data "
+    """The task comes from the manifest; ``config.task``, if given, must agree.  The model must be
+    one the task's factory builds: a preset's model that is not (the presets name segmentation
+    models) is swapped for the task's own (``Task.preset_models``: classification's patch_vit with
+    demo, resnet18 with paper).  Settings another task owns (``Task.own_settings``) are refused."""
+    task = tasks.for_kind(manifest.dataset.kind)
+    if config.task is not None and config.task != task.name:
+        raise KeyshardError(f"`task={config.task}`, but {shards} holds {task.name} data "
                             f"(dataset kind {manifest.dataset.kind})")
-    if task == "classification":
-        if config.model not in CLASSIFIERS:
-            if config.model != PRESETS[config.preset]["model"]:
-                raise KeyshardError(f"`model={config.model}` is a segmentation model; for classification "
-                                    f"choose {' or '.join(CLASSIFIERS)}")
-            config = replace(config, model=CLASSIFY_MODELS[config.preset])
-        if config.block_flip or config.block_crop:
-            raise KeyshardError("`block_flip`/`block_crop` are for segmentation shards")
-    else:
-        if config.model in CLASSIFIERS:
-            raise KeyshardError(f"`model={config.model}` is a classifier, but {shards} holds segmentation data")
-        if config.train_fraction is not None:
-            raise KeyshardError("`train_fraction` is for classification shards")
+    config = _task_model(config, task, shards)
+    for other in (tasks.get(name) for name in tasks.names() if name != task.name):
+        if any(getattr(config, setting) not in (None, False) for setting in other.own_settings):
+            owned = "/".join(f"`{setting}`" for setting in other.own_settings)
+            raise KeyshardError(f"{owned} {'is' if len(other.own_settings) == 1 else 'are'} for {other.name} shards")
     if config.train_fraction is not None and world > 1:
         raise KeyshardError("`train_fraction` runs on one process")
-    return task, config
+    return task.name, config
+
+
+def _task_model(config: TrainConfig, task: tasks.Task, shards: str) -> TrainConfig:
+    """``config`` with a model of ``task``: the preset's model swapped for the task's preset model
+    where it has one; another task's model refused (a name no task knows is the factory's to refuse)."""
+    models = task.hook("model_names")
+    if config.model in models:
+        return config
+    if task.preset_models and config.model == PRESETS[config.preset]["model"]:
+        return replace(config, model=task.hook("preset_models")[config.preset])
+    owner = next((t for t in map(tasks.get, tasks.names()) if config.model in t.hook("model_names")), None)
+    if owner is None:
+        return config
+    raise KeyshardError(f"`model={config.model}` is a {owner.model_noun}, but {shards} holds {task.name} data; "
+                        f"choose {', '.join(models)}")
 
 
 def model_block_size(config: TrainConfig, manifest: Manifest) -> int | None:

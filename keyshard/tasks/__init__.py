@@ -49,6 +49,10 @@ class Task(abc.ABC):
     # stage hooks, "module:function", resolved by the stage that calls them (Task.hook)
     model: ClassVar[str]                # build(name, *, num_classes, block_size, image_size, weights, aux_loss)
     model_names: ClassVar[str]          # the tuple of model names that factory builds
+    preset_models: ClassVar[str | None] = None  # {preset: model} when the presets' own models are not this task's
+    # training: the rules the trainer applies to a configuration (values only; train/loop.py applies them)
+    model_noun: ClassVar[str]           # its models in words ("segmentation model", "classifier")
+    own_settings: ClassVar[tuple[str, ...]] = ()  # TrainConfig settings only this task's shards take
     loss: ClassVar[str]                 # loss(outputs, targets, aux_weight, ignore_index) -> summed loss
     scorer: ClassVar[str]               # Scorer(device, num_classes, ignore_index, keep_per_image)
     # audits

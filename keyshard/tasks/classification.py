@@ -23,6 +23,9 @@ class Classification(tasks.Task):
     target_dtype = np.int64
     model = "keyshard.train.classifiers:build"
     model_names = "keyshard.train.presets:CLASSIFIERS"
+    preset_models = "keyshard.train.presets:CLASSIFY_MODELS"  # the presets name segmentation models
+    model_noun = "classifier"
+    own_settings = ("train_fraction",)  # fine-tuning on a seeded subset (the transfer-learning setting)
     loss = "keyshard.train.step:segmentation_loss"  # summed cross-entropy; classifiers have no "aux" output
     scorer = "keyshard.evaluate.metrics:TopOneScorer"
     headline, score_label = "top1_acc", "top-1 accuracy"

@@ -91,6 +91,8 @@ class Segmentation(tasks.Task):
     target_dtype = np.uint8
     model = "keyshard.train.models:build"
     model_names = "keyshard.train.presets:SEGMENTATION_MODELS"
+    model_noun = "segmentation model"
+    own_settings = ("block_flip", "block_crop")  # key-safe augmentation flips/crops masks with the image
     loss = "keyshard.train.step:segmentation_loss"
     scorer = "keyshard.evaluate.metrics:SegmentationScorer"
     headline, score_label = "miou", "mean IoU"
