@@ -233,20 +233,20 @@ def verify(shards, public_key, quiet):
     extra); remote shards are streamed front to back, never downloaded to disk.  With
     --public-key the manifest's signature is checked first, and the shards against that manifest.
     """
-    from keyshard.pipeline.manifest import load_trusted
+    from keyshard.manifest import read
     from keyshard.pipeline.manifest import verify as verify_dir
 
-    doc, provenance = load_trusted(shards, public_key)
-    problems = verify_dir(shards, progress=not quiet, doc=doc)
+    manifest = read(shards, public_key)
+    problems = verify_dir(shards, progress=not quiet, doc=manifest)
     for line in problems:
         click.echo(f"keyshard: verify: {line}", err=True)
     if problems:
         raise SystemExit(1)
-    n = sum(s["samples"] for s in doc["shards"])
-    click.echo(f"OK: {len(doc['shards'])} shards, {n} samples match {sources.join(shards, 'manifest.json')}"
-               f" (sha256 {provenance['manifest_sha256'][:16]}…)")
-    if provenance["signature_verified"]:
-        click.echo(f"OK: signature verified, signer {provenance['signer_fingerprint']} ({public_key})")
+    n, provenance = sum(s.samples for s in manifest.shards), manifest.provenance
+    click.echo(f"OK: {len(manifest.shards)} shards, {n} samples match {sources.join(shards, 'manifest.json')}"
+               f" (sha256 {provenance.manifest_sha256[:16]}…)")
+    if provenance.signature_verified:
+        click.echo(f"OK: signature verified, signer {provenance.signer_fingerprint} ({public_key})")
     elif not sources.is_url(shards) and (Path(shards) / signing.SIGNATURE_FILE).exists():
         click.echo(f"note: {signing.SIGNATURE_FILE} not checked (give --public-key NAME.pub)")
 
@@ -265,27 +265,26 @@ def decrypt(shards, key_file, sample_key, output):
     from PIL import Image
 
     from keyshard.fsutil import check_output, write_output
-    from keyshard.pipeline.manifest import load
+    from keyshard.manifest import read
     from keyshard.shardformat import decode_npy, stream_shard
     from keyshard.transforms import compile_plan
 
-    doc = load(shards)
-    enc = doc["encryption"]
-    if enc["plain"]:
+    manifest = read(shards)
+    if manifest.encryption.plain:
         raise KeyshardError(f"{shards}: holds plain shards; nothing to decrypt")
     key = keys.load(key_file)
-    if key.fingerprint != enc["key_fingerprint"]:
+    if key.fingerprint != manifest.encryption.key_fingerprint:
         raise KeyshardError(f"{key_file}: fingerprint does not match {shards}/manifest.json (another key)")
     check_output(output)  # exists, a directory, a read-only place: refused before the shards are read
-    for shard in doc["shards"]:
-        for name, files in stream_shard(sources.join(shards, shard["file"]), shard):
+    for shard in manifest.shards:
+        for name, files in stream_shard(sources.join(shards, shard.file), shard.entry()):
             if name == sample_key:
                 pixels = decode_npy(files["img.npy"])
                 plan = compile_plan(key.material, pixels.shape[0], pixels.shape[1])
                 try:
                     plain = plan.decrypt(pixels)
                 except ValueError as exc:  # codes no key could produce, another shape: damaged data
-                    raise KeyshardError(f"{sources.join(shards, shard['file'])}: sample {sample_key!r}: {exc}") from None
+                    raise KeyshardError(f"{sources.join(shards, shard.file)}: sample {sample_key!r}: {exc}") from None
                 buf = io.BytesIO()
                 Image.fromarray(plain).save(buf, format="PNG")
                 write_output(output, buf.getvalue())

@@ -106,17 +106,3 @@ def verify(source: str | Path, progress: bool = True, doc: Manifest | dict | Non
         for extra in sorted(p.name for p in Path(source).glob("*.tar") if p.name not in listed):
             problems.append(f"{Path(source) / extra}: shard not listed in the manifest")
     return problems
-
-
-# -- transitional: the 0.1 readers, for the module that still indexes the JSON -----------------
-# pipeline/commands.py (verify, decrypt) reads through these until it takes the typed
-# ``keyshard.manifest.Manifest``; then they go.
-def load(source: str | Path) -> dict:
-    """The manifest JSON of a shard directory or URL base (``keyshard.manifest.read(source).raw``)."""
-    return read(source).raw
-
-
-def load_trusted(source: str | Path, trust: str | Path | None = None) -> tuple[dict, dict]:
-    """The manifest JSON and its provenance record (``keyshard.manifest.read(source, trust)``)."""
-    manifest = read(source, trust)
-    return manifest.raw, manifest.provenance.record()
