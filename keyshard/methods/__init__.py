@@ -3,7 +3,7 @@
 A method (``shf``, ``np``, ``ffx``, or one of yours) is a subclass of :class:`Method` plus the
 frozen dataclass of its key material (a subclass of :class:`Material`).  Everything that differs
 between methods — deriving key material, its JSON in key files, the compiled transform, wrong and
-near-miss keys, the known-plaintext attack, folding into a model — is a member of the method, so
+near-miss keys, the known-plaintext attack, ciphertext-only estimation, folding into a model — is a member of the method, so
 the rest of keyshard calls ``methods.get(name).member(...)`` and never asks which method it holds.
 
 The registry maps names to method instances:
@@ -80,6 +80,15 @@ class Fold(NamedTuple):
     source: tuple[np.ndarray, np.ndarray, np.ndarray]
     scale: np.ndarray
     offset: np.ndarray
+
+
+class Estimate(NamedTuple):
+    """A ciphertext-only estimate (``Method.estimate``): the candidate materials, the preferred
+    first (NP: a mask and its complement, which the data cannot tell apart), and notes for the
+    report (how it was found, what decided between candidates)."""
+
+    candidates: tuple
+    notes: dict
 
 
 class Method(abc.ABC):
@@ -175,6 +184,20 @@ class Method(abc.ABC):
     def compare(self, recovered: Material, truth: Material, determined: np.ndarray) -> dict:
         """Report fields saying how much of the true key an attack recovered."""
         return {"true_key_equal": recovered.equals(truth)}
+
+    def estimate(self, block_size: int, images: list, prior, rng: np.random.Generator,
+                 password: bytes | None = None, progress=None) -> Estimate | None:
+        """Ciphertext-only estimation: the key material from keyed images alone (H×W×3 arrays of
+        ``storage_dtype``), with an image prior of plain photographs (``methods.prior``) and
+        ``rng`` for any random starts; ``password``: the FFX-style password when the attacker
+        knows it (methods with ``takes_password``); ``progress(done, total)`` for long searches.
+        None (the default): the method has no estimator."""
+        return None
+
+    def estimate_score(self, estimated: Material, truth: Material) -> dict:
+        """How much of the true key an estimate got right: at least ``key_fraction`` (0..1, the
+        share of the key material that is right), plus the method's own fields."""
+        return {"key_fraction": 1.0 if estimated.equals(truth) else 0.0}
 
     # -- models ------------------------------------------------------------------------------
     def fold(self, material: Material, size: int) -> Fold | None:

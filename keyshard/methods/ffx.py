@@ -7,6 +7,14 @@ the secret.  The key space counts masks only: the attacker is assumed to know th
 paper's setting and the worst case; wrong keys keep the correct key's table likewise.  A compiled
 key is one base image (0, or 256 where the mask is set) and a 2×256 lookup table: encryption is a
 single gather, ``out = lut[base + x]``.  FFX is not affine in the pixel value: it cannot be folded.
+
+Ciphertext-only estimation (``estimate``): codes above 255 occur only where the mask is set, so
+with enough blocks the mask is read off the keyed images.  Where it is not set the plain value
+is in the clear, so each code is seen next to plain values; a code stands for the value its
+neighbours suggest most often, and the Hungarian algorithm (scipy's ``linear_sum_assignment``)
+makes the codes-to-values assignment one-to-one.  A second round predicts each masked value from
+all its neighbours, decoded with the first round's table.  With the password known (the paper's
+fixed password) the table is simply the password's.
 """
 
 from __future__ import annotations
@@ -17,9 +25,10 @@ import numpy as np
 
 from keyshard import keys
 from keyshard.errors import KeyshardError
-from keyshard.methods import Material
-from keyshard.methods.masked import MASK_SCHEMA, MaskMethod, changed_positions, derive_mask, mask_to_json
-from keyshard.transforms import Plan, expand
+from keyshard.methods import Estimate, Material
+from keyshard.methods.masked import (MASK_SCHEMA, MaskMethod, changed_positions, derive_mask, mask_fraction,
+                                     mask_to_json)
+from keyshard.transforms import Plan, expand, to_blocks
 
 _NOT_A_CODE = "value is not an FFX code of this key (wrong key or corrupt data)"
 
@@ -126,6 +135,25 @@ class Ffx(MaskMethod):
         consts = {"lut": plan.lut.reshape(-1), "base": plan.fwd_base.astype(np.int32)}
         return transform_graph("keyshard_ffx", nodes, consts, height, width, self.storage_dtype)
 
+    def estimate(self, block_size, images, prior, rng, password=None, progress=None):
+        """The mask read off the codes, the table from the codes' neighbours (module doc), or
+        the password's table when it is known."""
+        mask = _mask_from_codes(images, block_size)
+        if password is not None:
+            table, notes = keys.ffx_table(password), {"table": "from the known password"}
+        else:
+            mask_img = expand(mask, *images[0].shape[:2], block_size)
+            table, seen = _estimate_table(images, mask_img)
+            notes = {"table": "estimated (password unknown)", "codes_seen": seen}
+        return Estimate((FfxMaterial(block_size, mask, np.asarray(table, dtype=np.uint16)),),
+                        {"mask_positions": int(mask.sum()), **notes})
+
+    def estimate_score(self, estimated, truth):
+        """Mask positions right, table entries right, and both together (3M² + 256 entries)."""
+        mask, table = mask_fraction(estimated.mask, truth.mask), float(np.mean(estimated.table == truth.table))
+        n = truth.mask.size
+        return {"key_fraction": (mask * n + table * 256) / (n + 256), "mask_fraction": mask, "table_fraction": table}
+
     def wrong_material(self, base, secret, vary_password):
         """A random mask; the key's own table, or with ``vary_password`` that of the secret's password."""
         table = keys.ffx_table(keys.Key(self.name, base.block_size, secret).password) if vary_password else base.table
@@ -153,6 +181,62 @@ class Ffx(MaskMethod):
     def compare(self, recovered, truth, determined):
         return {**super().compare(recovered, truth, determined),
                 "true_table_equal_where_known": bool(np.array_equal(recovered.table[determined], truth.table[determined]))}
+
+
+def _mask_from_codes(images, m: int) -> np.ndarray:
+    """The positions where some keyed value is above 255: only a code can be."""
+    seen = np.zeros(m * m * 3, dtype=bool)
+    for x in images:
+        seen |= (to_blocks(x, m) > 255).any(axis=0)
+    return seen
+
+
+def _neighbour_means(img: np.ndarray, known: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For every pixel and channel: the sum and count of its known 4-neighbours' values."""
+    v, k = np.where(known, img, 0.0), known.astype(np.float64)
+    total, count = np.zeros_like(v), np.zeros_like(v)
+    for src, dst in (((slice(None, -1),), (slice(1, None),)), ((slice(1, None),), (slice(None, -1),)),
+                     ((slice(None), slice(None, -1)), (slice(None), slice(1, None))),
+                     ((slice(None), slice(1, None)), (slice(None), slice(None, -1)))):
+        total[dst] += v[src]
+        count[dst] += k[src]
+    return total, count
+
+
+# cost of a code standing for value v when its neighbours suggest u: -log(1e-3 + exp(-|u - v| / 4))
+_VALUES = np.arange(256)
+_COST = -np.log(1e-3 + np.exp(-np.abs(_VALUES[:, None] - _VALUES[None, :]) / 4.0))
+
+
+def _estimate_table(images, mask_img: np.ndarray, rounds: int = 2) -> tuple[np.ndarray, int]:
+    """The code of each value 0..255 (module doc) and how many distinct codes were seen."""
+    from scipy.optimize import linear_sum_assignment  # scipy only when estimating: start-up matters
+
+    codes = np.unique(np.concatenate([x[mask_img] for x in images]))
+    if len(codes) > 256:
+        raise KeyshardError(f"{len(codes)} distinct codes at the masked positions: not one FFX table")
+    row = np.full(1000, -1)
+    row[codes] = np.arange(len(codes))
+    decoded = None
+    for _ in range(rounds):
+        counts = np.zeros((len(codes), 256))
+        for x in images:
+            if decoded is None:  # first round: the plain values beside each code
+                img, known = x.astype(np.float64), ~mask_img
+            else:                # then every neighbour, decoded with the last round's table
+                img, known = np.where(mask_img, decoded[row[np.minimum(x, 999)]], x).astype(np.float64), None
+            total, count = _neighbour_means(img, known if known is not None else np.ones_like(mask_img))
+            where = mask_img & (count > 0)
+            guess = np.clip(np.rint(total[where] / count[where]), 0, 255).astype(np.int64)
+            np.add.at(counts, (row[x[where]], guess), 1)
+        r, c = linear_sum_assignment(counts @ _COST)
+        decoded = np.zeros(len(codes), dtype=np.int64)
+        decoded[r] = c
+    table = np.full(256, -1, dtype=np.int64)
+    table[decoded] = codes
+    unused = np.setdiff1d(np.arange(1000), codes)  # values never seen: the smallest unused codes
+    table[table < 0] = unused[: int((table < 0).sum())]
+    return table.astype(np.uint16), len(codes)
 
 
 METHOD = Ffx()

@@ -7,6 +7,8 @@
 * Wrong keys, near-miss keys and the key search keep the mask's size (``mask_size``): wrong
   keys are uniform masks of that size, distance counts selected positions swapped with
   unselected ones, a hill-climbing step swaps one.
+* Ciphertext-only estimates of a mask are scored by ``mask_fraction``: the share of the 3M²
+  positions an estimate gets right.
 """
 
 from __future__ import annotations
@@ -135,6 +137,11 @@ class MaskMethod(Method):
 
     def compare(self, recovered, truth, determined):
         return {"true_mask_equal": bool(np.array_equal(recovered.mask, truth.mask))}
+
+
+def mask_fraction(estimated: np.ndarray, truth: np.ndarray) -> float:
+    """The share of block positions whose bit an estimated mask gets right."""
+    return float(np.mean(estimated == truth))
 
 
 def _mask_of(n: int, positions) -> np.ndarray:

@@ -3,6 +3,11 @@
 The key is a permutation of the 3M² block positions (values may move between channels), so
 there are (3M²)! keys.  Compiled, a key is one flat gather index over the whole image and its
 inverse scatter index: encryption is a single ``np.take`` / ``torch.gather``.
+
+Ciphertext-only estimation (``estimate``) matches how the keyed images' block positions vary
+together — within a block, and with the blocks to the right and below — to what an image prior
+expects of plain photographs, a quadratic assignment (``keyshard.methods.qap``); the prior's
+colour statistics then name the three channels, which structure alone leaves open.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import numpy as np
 from keyshard import keys
 from keyshard.errors import KeyshardError
 from keyshard.keys import CHANNELS
-from keyshard.methods import Fold, Material, Method
+from keyshard.methods import Estimate, Fold, Material, Method
 from keyshard.transforms import IMAGENET_MEAN, IMAGENET_STD, Plan, block_coords, block_positions, patch_positions, to_blocks
 
 _P = np.uint64(1099511628211)  # FNV prime: multiplier of the known-plaintext attack's rolling hash
@@ -149,6 +154,23 @@ class Shf(Method):
         return {"true_key_equal_where_determined": bool(np.array_equal(recovered.perm[determined],
                                                                        truth.perm[determined]))}
 
+    def estimate(self, block_size, images, prior, rng, password=None, progress=None):
+        """The permutation from keyed images alone (module doc): the best of several
+        Frank–Wolfe starts on two views of the statistics (correlations, and correlations after
+        each block's mean is removed), refined by pairwise exchanges, channels named by colour."""
+        from keyshard.methods import qap
+
+        starts = ESTIMATE_STARTS
+        cipher = _transformed(_cipher_covariances(images, block_size))
+        template = _transformed(prior.block_covariances(block_size))
+        perm, notes = qap.solve(list(zip(cipher, template)), starts, rng, progress)
+        perm, distance = _name_channels(perm, block_size, images, prior)
+        return Estimate((ShfMaterial(block_size, perm),), {**notes, "colour_distance": round(distance, 3)})
+
+    def estimate_score(self, estimated, truth):
+        """The fraction of block positions whose source the estimate names right."""
+        return {"key_fraction": float(np.mean(estimated.perm == truth.perm))}
+
     def fold(self, material, size):
         """Values keep their 0..255 scale but may change channel: ``a = std[c_src] / std[c]``,
         ``offset = (mean[c_src] − mean[c]) / std[c]``."""
@@ -163,6 +185,56 @@ class Shf(Method):
         from keyshard.methods.onnx_graph import flat_gather
 
         return flat_gather("keyshard_shf", self.compile(material, height, width).gather, height, width, np.uint8)
+
+
+ESTIMATE_STARTS = 4  # Frank–Wolfe starts of the ciphertext-only estimate (the first from the barycentre)
+
+
+def _cipher_covariances(images, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Covariances of the keyed images' block positions (about each position's mean): within a
+    block, with the block to the right and with the block below, over every block of every image."""
+    n = m * m * CHANNELS
+    grids = [to_blocks(x, m).astype(np.float64).reshape(x.shape[0] // m, x.shape[1] // m, n) for x in images]
+    mean = np.mean([g.reshape(-1, n).mean(0) for g in grids], axis=0)
+    sums, counts = [np.zeros((n, n)) for _ in range(3)], [0, 0, 0]
+    for g in grids:
+        z = g - mean
+        for i, (a, b) in enumerate(((z, z), (z[:, :-1], z[:, 1:]), (z[:-1], z[1:]))):
+            a, b = a.reshape(-1, n), b.reshape(-1, n)
+            sums[i] += a.T @ b
+            counts[i] += len(a)
+    return tuple(s / max(c, 1) for s, c in zip(sums, counts))
+
+
+def _transformed(covs) -> list[np.ndarray]:
+    """Two views of (within, right, below) covariances, each centred: correlations, and
+    correlations of the values less their block's mean (which removes what whole blocks share
+    and leaves the fine structure inside a block).  Six matrices in all."""
+    n = covs[0].shape[0]
+    centre = np.eye(n) - 1.0 / n
+    out = []
+    for view in (covs, [centre @ c @ centre for c in covs]):
+        sd = np.sqrt(np.maximum(np.diag(view[0]), 1e-9))
+        out += [(c / sd[:, None] / sd[None, :]) - (c / sd[:, None] / sd[None, :]).mean() for c in view]
+    return out
+
+
+def _name_channels(perm: np.ndarray, m: int, images, prior) -> tuple[np.ndarray, float]:
+    """Of the six ways to rename the channels of an estimated permutation, the one whose
+    decrypted images have the most photo-like colours (the prior's colour features)."""
+    import itertools
+
+    from keyshard.transforms import block_index
+
+    r, c, ch = block_coords(perm, m)
+    best = None
+    for names in itertools.permutations(range(CHANNELS)):
+        candidate = block_index(r, c, np.asarray(names)[ch], m)
+        plan = METHOD.compile(ShfMaterial(m, candidate), *images[0].shape[:2])
+        distance = prior.colour_distance([plan.decrypt(x) for x in images[:16]])
+        if best is None or distance < best[1]:
+            best = (candidate, distance)
+    return best
 
 
 METHOD = Shf()
