@@ -181,7 +181,7 @@ def encrypt(voc, image_dir, mask_dir, num_classes, ignore_index, label_map, redu
             client.close()
     n = sum(s["samples"] for s in doc["shards"])
     counts = ", ".join(f"{k} {v}" for k, v in doc["splits"]["counts"].items())
-    classes = f" ({doc['dataset']['num_classes']} classes)" if doc["dataset"]["kind"] == "image-folder" else ""
+    classes = f" ({doc['dataset']['num_classes']} classes)" if image_folder else ""  # found in its folders
     click.echo(f"wrote {n} samples{classes} in {len(doc['shards'])} shards to {output} ({counts}); "
                "manifest.json written")
     if signer is not None:
