@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from keyshard import options, seeded
+from keyshard import options, params, seeded
 from keyshard.errors import KeyshardError
 from keyshard.evaluate.wrong_keys import MAX_COUNT as MAX_WRONG_KEYS
 from keyshard.methods.defaults import DEMO_BLOCK_SIZE as DEFAULT_BLOCK
@@ -47,6 +47,7 @@ def demo_secret(key_seed: int) -> bytes:
               help="Derive the demo key from this number instead of a fresh random secret, so the whole "
                    "run is reproducible (the toy data and training are seeded already). Such a key is "
                    "public: never protect real data with it.")
+@params.names_flags
 def demo(workdir, images, image_size, method, block_size, epochs, wrong_keys, jobs, key_seed):
     """Run the whole chain on synthetic data and show that the model needs its key.
 

@@ -100,7 +100,7 @@ def search(objective: Objective, method: str, m: int, derivation: str, budget: i
     if candidates is not None:
         return "exhaustive", exhaustive(objective, candidates, progress)
     if budget < 2:
-        raise KeyshardError("--budget must allow at least 2 model evaluations")
+        raise KeyshardError("`budget` must allow at least 2 model evaluations")
     return "hill-climb", hill_climb(objective, start, budget, seed, progress)
 
 
@@ -144,8 +144,8 @@ def run_search(ckpt, labelled_dir, labelled_split: str, n_labelled: int, test_di
         raise KeyshardError(f"{true_key}: is {truth.method} M={truth.block_size}, the model {method} M={m}")
     password = ffx_password.encode("utf-8", "surrogateescape") if ffx_password else None
     if methods.get(method).takes_password and password is None and truth is None:
-        raise KeyshardError("FFX search needs the password the attacker knows: --ffx-password, "
-                            "--ffx-password-file or $KEYSHARD_FFX_PASSWORD (or --key)")
+        raise KeyshardError("FFX search needs the password the attacker knows (`ffx_password`) "
+                            "or the true key (`true_key`)")
     # the first N labelled images
     pixels, masks, _, _ = next(iter(test_batches(labelled_dir, labelled_manifest, n_labelled, split=labelled_split)))
     objective = Objective(model, pixels, masks, device, trained["ignore_index"])

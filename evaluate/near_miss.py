@@ -37,7 +37,7 @@ def near_miss_keys(correct: keys.Key, d: int, count: int, seed: int) -> list[key
     base, method = correct.material, methods.get(correct.method)
     limit = method.max_distance(base)
     if not 1 <= d <= limit:
-        raise KeyshardError(f"--near-miss distance {d} is outside 1..{limit} for {correct.method} M={base.block_size}")
+        raise KeyshardError(f"`near_miss` distance {d} is outside 1..{limit} for {correct.method} M={base.block_size}")
     rng = np.random.default_rng([seed, d, 99])
     out, seen = [], set()
     for attempt in range(count * 50):
@@ -51,5 +51,5 @@ def near_miss_keys(correct: keys.Key, d: int, count: int, seed: int) -> list[key
         secret = seeded.public_secret("near-miss", seed, d, attempt)
         out.append(keys.Key(correct.method, base.block_size, secret, explicit=material))
     if len(out) < count:
-        raise KeyshardError(f"only {len(out)} distinct keys exist at distance {d}; ask for fewer --near-miss-keys")
+        raise KeyshardError(f"only {len(out)} distinct keys exist at distance {d}; ask for fewer `near_miss_count`")
     return out

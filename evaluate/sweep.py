@@ -39,7 +39,7 @@ from pathlib import Path
 
 import click
 
-from keyshard import methods, options, seeded
+from keyshard import methods, options, params, seeded
 from keyshard.errors import KeyshardError
 from keyshard.manifest import MANIFEST
 from keyshard.evaluate.wrong_keys import MAX_COUNT as MAX_WRONG_KEYS
@@ -148,11 +148,11 @@ class Sweep:
             for m in cfg.methods:
                 keys.validate_params(m, b, ffx_password=self.password_for(m))
         if cfg.ffx_password is not None and not takes_password(cfg.methods):
-            raise KeyshardError(f"an FFX password was given but --methods has no {' or '.join(keys.password_methods())}")
+            raise KeyshardError(f"an FFX password was given but `methods` has no {' or '.join(keys.password_methods())}")
         check_output(self.out, directory=True)
         record = self.out / "sweep.json"
         if self.out.is_dir() and any(self.out.iterdir()) and not record.is_file():
-            raise KeyshardError(f"{self.out}: exists, is not empty and holds no sweep.json; choose a new --output")
+            raise KeyshardError(f"{self.out}: exists, is not empty and holds no sweep.json; choose a new output directory")
         if record.is_file():
             try:
                 previous = json.loads(record.read_text())
@@ -499,6 +499,7 @@ def fig6(audits: list[tuple[dict, Path]], baseline: tuple[dict, Path] | None) ->
 @click.option("--workers", type=options.WORKERS, default=2, show_default=True, help="DataLoader workers.")
 @click.option("--jobs", "-j", type=options.JOBS, default=-1, show_default=True, help="Encryption processes; -1 = all cores.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or log lines; only the table at the end.")
+@params.names_flags
 def sweep(voc, output, methods, block_sizes, preset, image_size, epochs, augment_copies, wrong_keys, ffx_password,
           ffx_password_file, weights, seed, key_seed, workers, jobs, quiet):
     """Table 1 and Fig. 6: per (method, M) a new key, encrypt, train, audit; plus the plain baseline.

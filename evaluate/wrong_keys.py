@@ -63,12 +63,12 @@ def iter_draw(correct: keys.Key, count: int, seed: int, randomize_password: bool
     key is made."""
     base = correct.material
     if count > MAX_COUNT:
-        raise KeyshardError(f"--wrong-keys {count}: at most {MAX_COUNT} wrong keys per audit")
+        raise KeyshardError(f"`wrong_keys={count}`: at most {MAX_COUNT} wrong keys per audit")
     vary_table = randomize_password and methods.get(correct.method).takes_password
     if not vary_table:  # otherwise the table varies too and the space is far larger
         space = correct.keyspace_count()
         if space is not None and count > space - 1:
-            raise KeyshardError(f"--wrong-keys {count} exceeds the {space - 1} other keys of "
+            raise KeyshardError(f"`wrong_keys={count}` exceeds the {space - 1} other keys of "
                                 f"{correct.method} M={correct.block_size}")
     return _draw(correct, count, seed, vary_table, max_tries_factor)
 
