@@ -7,6 +7,7 @@ import json
 import click
 
 from keyshard import options, params
+from keyshard.errors import KeyshardError
 from keyshard.fsutil import check_output, make_parent, write_output
 
 
@@ -41,6 +42,63 @@ def known_plaintext(plain_dir, enc_dir, output, true_key):
     click.echo(json.dumps(report, indent=2))
     click.echo(f"recovered {key.method} M={key.block_size} key from {report['pairs_needed']} plain/encrypted "
                f"pair(s); it reproduces all {report['reproduced']} encrypted samples; wrote {output}")
+
+
+@attack.command("ciphertext-only")
+@click.option("--encrypted", "enc_dir", required=True, type=click.Path(),
+              help="Keyed shards (directory or URL base): the only thing this attacker holds.")
+@click.option("--split", default=None, help="Read the keyed samples of this split only (default: every split, "
+              "in manifest order; augmented replicas are never read).")
+@click.option("--images", "n_images", type=click.IntRange(min=1), default=16, show_default=True,
+              help="How many keyed samples the estimate uses (at most 4096).")
+@click.option("--prior", "prior_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Build the image prior from your own plain photographs in DIR (never the target's own "
+                   "plain images). Default: the shipped prior, from scikit-image's photographs.")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="Estimated explicit key file (0600).")
+@click.option("--key", "true_key", type=click.Path(dir_okay=False), default=None,
+              help="The true key (auditors): report how much of it was estimated, how many pixels decrypt "
+                   "exactly and the PSNR of the decrypted images.")
+@click.option("--checkpoint", "ckpt", type=click.Path(dir_okay=False), default=None,
+              help="The stolen model: its score with the estimated key (and the --key's); where there are "
+                   "several candidates (NP: a mask and its complement) it picks one. Needs --test.")
+@click.option("--test", "test_dir", type=click.Path(), default=None,
+              help="PLAIN shards with a test split, to score --checkpoint on.")
+@click.option("--ffx-password-file", type=click.Path(dir_okay=False), default=None,
+              help="FFX: the password is known (the paper's fixed password): read it from this file; only "
+                   "the mask is estimated. Default: the password is unknown and the table is estimated too.")
+@click.option("--seed", type=options.SEED, default=0, show_default=True, help="Seed of the search's random starts.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@params.names_flags
+def ciphertext_only(enc_dir, split, n_images, prior_dir, output, true_key, ckpt, test_dir, ffx_password_file,
+                    seed, quiet):
+    """Estimate the key from keyed images alone: no plain originals, no model needed.
+
+    One key maps every block of every image, so natural-image statistics (an image prior of
+    unrelated photographs) estimate it: NP's mask up to its complement, FFX's mask and table,
+    SHF's permutation.  Writes the estimate as an explicit key file, as `attack known-plaintext`
+    does; `evaluate --ignore-fingerprint` accepts it.
+    """
+    from keyshard import keys
+    from keyshard.evaluate import ciphertext_only as co
+
+    if (ckpt is None) != (test_dir is None):
+        raise KeyshardError("--checkpoint and --test go together (the model is scored on plain test shards)")
+    check_output(output)  # before the attack: an existing file, a directory, a read-only place
+    password = keys.ffx_password_from(None, ffx_password_file, use_env=False)[0] if ffx_password_file else None
+    truth = keys.load(true_key) if true_key else None
+    manifest, est, report = co.attack(enc_dir, split, n_images, prior_dir, password, seed, progress=not quiet)
+    if ckpt is not None:
+        report["model"] = co.model_scores(est, ckpt, test_dir, truth, progress=not quiet)
+    report["chosen_by"] = est.chosen_by
+    if truth is not None:
+        report["scores"] = co.score_against(est, truth.material)
+    key = est.key()
+    make_parent(output)
+    keys.save(key, output)
+    report["estimated_key_fingerprint"] = key.fingerprint
+    click.echo(json.dumps(report, indent=2))
+    click.echo(f"estimated {est.method} M={est.block_size} key from {len(est.images)} keyed image(s) in "
+               f"{est.seconds:.1f} s (candidate chosen by {est.chosen_by}); wrote {output}")
 
 
 @attack.command("search")

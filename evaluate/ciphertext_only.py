@@ -93,10 +93,10 @@ def load_prior(folder=None, size: int = 256) -> image_prior.ImagePrior:
 
 
 # -- keyed images ----------------------------------------------------------------------------------
-def read_keyed(enc_dir, split: str | None, n: int) -> tuple[Manifest, list[np.ndarray]]:
-    """The first ``n`` keyed samples (of ``split``, or of every split; never augmented replicas)
-    in manifest order, streamed and checked; refuses plain shards and a method without an
-    estimator before reading any."""
+def open_keyed(enc_dir, split: str | None) -> tuple[Manifest, list]:
+    """The keyed shards' manifest and the shards to read (of ``split``, or of every split; never
+    augmented replicas), in manifest order; refuses plain shards and a method without an
+    estimator before reading any sample."""
     manifest = read(enc_dir)
     enc = manifest.encryption
     if enc.plain:
@@ -104,16 +104,19 @@ def read_keyed(enc_dir, split: str | None, n: int) -> tuple[Manifest, list[np.nd
     check_estimable(enc.method)
     chosen = [s for s in manifest.shards if s.replica == 0 and (split is None or s.split == split)]
     if not chosen:
-        raise KeyshardError(f"{enc_dir}: holds no shards of split {split!r}")
-    return manifest, first_images(enc_dir, chosen, n)
+        raise KeyshardError(f"{enc_dir}: holds no keyed shards" + (f" of split {split!r}" if split else ""))
+    return manifest, chosen
 
 
-def first_images(source, shards, n: int) -> list[np.ndarray]:
-    """The stored pixels of the first ``n`` samples of ``shards``, streamed in order."""
+def first_images(source, shards, n: int, tick=None) -> list[np.ndarray]:
+    """The stored pixels of the first ``n`` samples of ``shards``, streamed in order; ``tick()``
+    after each."""
     images: list[np.ndarray] = []
     for shard in shards:
         for _, files in stream_shard(sources.join(source, shard.file), shard.entry()):
             images.append(decode_npy(files["img.npy"]))
+            if tick is not None:
+                tick()
             if len(images) == n:
                 return images
     return images
@@ -194,7 +197,7 @@ def score_against(est: Estimated, truth) -> dict:
     out["pixels_exact"] = 0.0 if decrypted is None else float(np.mean(decrypted == plain))
     out["psnr_db"] = None if decrypted is None else psnr(decrypted, plain)
     out["psnr_keyed_db"] = psnr(keyed, plain)
-    return out
+    return _rounded(out)
 
 
 def _rounded(doc):
@@ -262,24 +265,23 @@ def _score(model, materials, test_dir, test, device, batch_size, workers, progre
 def attack(enc_dir, split: str | None = None, n_images: int = 16, prior_dir=None, password: bytes | None = None,
            seed: int = 0, progress: bool = True) -> tuple[Manifest, Estimated, dict]:
     """Read ``n_images`` keyed samples, estimate the key from them alone; (manifest, estimate,
-    report without scores).  A progress bar on stderr: images read, then the search."""
+    report without scores).  Inputs are checked first; then a progress bar on stderr: images
+    read, then the search."""
     from tqdm import tqdm
 
     if not 1 <= n_images <= MAX_IMAGES:
         raise KeyshardError(f"`n_images` {n_images} must be in 1..{MAX_IMAGES}")
+    manifest, shards = open_keyed(enc_dir, split)
+    prior = load_prior(prior_dir, manifest.image.height)
+    enc = manifest.encryption
     with tqdm(total=n_images + 100, desc="ciphertext-only", unit="step", disable=not progress, file=sys.stderr,
               dynamic_ncols=True) as bar:
-        manifest, images = read_keyed(enc_dir, split, n_images)
-        bar.update(n_images)
-        if not images:
-            raise KeyshardError(f"{enc_dir}: holds no keyed samples" + (f" in split {split!r}" if split else ""))
-        prior = load_prior(prior_dir, manifest.image.height)
+        images = first_images(enc_dir, shards, n_images, tick=lambda: bar.update(1))
 
         def advance(done, total):
             bar.n = n_images + int(100 * done / max(total, 1))
             bar.refresh()
 
-        enc = manifest.encryption
         est = estimate(enc.method, enc.block_size, images, prior, password, seed, advance)
         advance(1, 1)
     return manifest, est, report(est, manifest, prior)
