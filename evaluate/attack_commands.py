@@ -127,6 +127,7 @@ def ciphertext_only(enc_dir, split, n_images, prior_dir, output, true_key, ckpt,
               help="Seed of the hill-climb (its starting key and its proposals).")
 @options.output_option(default=None, type=click.Path(dir_okay=False), metavar="FILE",
                        help="Also write the JSON report to FILE (it is always printed on stdout).")
+@params.names_flags
 def search_command(ckpt, labelled_dir, labelled_split, n_labelled, test_dir, true_key, ffx_password,
                    ffx_password_file, budget, exhaustive_limit, top, seed, output):
     """Search the key space against the model with a few labelled plain images.
