@@ -27,7 +27,7 @@ from keyshard.train.presets import (CLASSIFIERS, CLASSIFY_MODELS, PRESETS, SEGME
                    f"{', '.join(f'{CLASSIFY_MODELS[p]} with --preset {p}' for p in PRESETS)}).")
 @click.option("--task", type=click.Choice(tasks.names()), default=None,
               help="Inferred from the shards' manifest (default); if given it must agree.")
-@click.option("--train-fraction", type=options.FiniteFloat(0, 1, min_open=True), default=None, metavar="F",
+@click.option("--train-fraction", type=params.Fraction(params.SUBSET_FRACTION), default=None, metavar="F",
               help="Classification: train on a seeded subset (fraction F, 0 < F <= 1) of the train split, e.g. 0.1 "
                    "with --weights PLAIN.pt (the transfer-learning paper's fine-tuning setting). Default: all of it.")
 @click.option("--block-size", type=options.BLOCK_SIZE, default=None,
