@@ -34,7 +34,7 @@ MAX_PREDICTIONS = 64  # evaluate --save-predictions: rows of predictions.png
 @click.option("--ignore-fingerprint", is_flag=True, help="Audit even if the key's fingerprint differs (reported).")
 @click.option("--randomize-ffx-password", is_flag=True,
               help="FFX: wrong keys also get random passwords (default: keep the password, vary the mask).")
-@click.option("--near-miss", default="", metavar="D1,D2,...",
+@click.option("--near-miss", type=options.CommaList(click.INT, sort=True), default=None, metavar="D1,D2,...",
               help="Also evaluate keys at these distances from the correct key (e.g. 1,2,4,8,16): "
                    "SHF transpositions, NP/FFX swaps of a selected and an unselected position. Default: none.")
 @click.option("--near-miss-keys", "near_miss_count", type=click.IntRange(1, MAX_KEYS_PER_DISTANCE), default=5,
@@ -48,10 +48,15 @@ MAX_PREDICTIONS = 64  # evaluate --save-predictions: rows of predictions.png
               help="Also write predictions.png (the paper's Fig. 5) into the output directory for the first N "
                    "test images: the model's input, ground truth and the predictions with the correct key, plain "
                    "images and one wrong key, each with its per-image mIoU (from the same pass). 0: none.")
+@click.option("--ciphertext-only", "ciphertext_only", type=click.IntRange(min=0), default=0, show_default=True,
+              metavar="N",
+              help="Also estimate the key from the first N test images encrypted with it, and nothing else "
+                   "(`attack ciphertext-only`, FFX password unknown), and add what that gives to the audit: "
+                   "the share of the key recovered and the model's score with the estimate. 0: none.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @params.names_flags
 def evaluate(ckpt, key_file, test_dir, wrong_keys, seed, output, batch_size, workers, ignore_fingerprint,
-             randomize_ffx_password, near_miss, near_miss_count, trust, save_predictions, quiet):
+             randomize_ffx_password, near_miss, near_miss_count, trust, save_predictions, ciphertext_only, quiet):
     """Audit a protected model: its score (segmentation: mIoU; classification: top-1 accuracy)
     with the correct key, plain images and N random wrong keys.
 
@@ -67,10 +72,7 @@ def evaluate(ckpt, key_file, test_dir, wrong_keys, seed, output, batch_size, wor
     out = check_audit_dir(output or Path(ckpt).parent / "audit")  # refused before the audit, not after it
     state = load_checkpoint(ckpt)
     plain_model, task = state["data"]["plain"], tasks.for_kind(dataset_of(state)["kind"])
-    try:
-        distances = tuple(sorted({int(d) for d in near_miss.split(",") if d.strip()}))
-    except ValueError:
-        raise KeyshardError(f"--near-miss {near_miss!r}: expected comma-separated integers") from None
+    distances = near_miss or ()  # sorted, without repeats (options.CommaList)
     for flag, given, supported in (("--near-miss", distances, task.near_miss),
                                    ("--save-predictions", save_predictions, task.predictions)):
         if given and not supported:
@@ -81,13 +83,16 @@ def evaluate(ckpt, key_file, test_dir, wrong_keys, seed, output, batch_size, wor
 
         capture = Capture(save_predictions)
     if plain_model and key_file is None:
+        if ciphertext_only:
+            raise KeyshardError("--ciphertext-only: a model trained on plain images has no key to estimate")
         audit = run_baseline(ckpt, test_dir, batch_size, workers, progress=not quiet, trust=trust, capture=capture)
     elif key_file is None:
         raise KeyshardError(f"{ckpt}: was trained on keyed shards; give its key with --key")
     else:
         audit = run_audit(ckpt, key_file, test_dir, wrong_keys, seed, batch_size, ignore_fingerprint,
                           randomize_ffx_password, workers, progress=not quiet, near_miss=distances,
-                          near_miss_count=near_miss_count, trust=trust, capture=capture)
+                          near_miss_count=near_miss_count, trust=trust, capture=capture,
+                          ciphertext_only=ciphertext_only)
     paths = write_audit(audit, out, capture)
     click.echo(markdown(audit).split("<details>")[0].rstrip())
     click.echo("\nwrote " + ", ".join(str(p) for p in paths))
