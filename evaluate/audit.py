@@ -326,13 +326,15 @@ def run_audit(ckpt_path: str, key_path: str, test_dir: str, n_wrong: int = 100, 
               batch_size: int = 32, ignore_fingerprint: bool = False, randomize_password: bool = False,
               workers: int = 0, progress: bool = True, near_miss: tuple[int, ...] = (),
               near_miss_count: int = 5, trust: str | None = None, keys_per_pass: int | None = None,
-              capture=None) -> dict:
+              capture=None, ciphertext_only: int = 0) -> dict:
     """The key audit.  ``near_miss``: distances of near-miss keys to score too (``near_miss_count``
     per distance; tasks with near-miss keys).  ``keys_per_pass``: keys scored per pass over the
     test split (default: as many plans as fit in ``PLAN_BUDGET_BYTES``, at most
     ``MAX_KEYS_PER_PASS``); the scores do not depend on it.  ``capture``: a
     ``predictions.Capture`` filled during the same passes with the first test images under the
-    correct key, plain images and the first random wrong key (tasks with prediction figures)."""
+    correct key, plain images and the first random wrong key (tasks with prediction figures).
+    ``ciphertext_only``: N > 0 also estimates the key from the first N test images encrypted with
+    it, and nothing else (``evaluate/ciphertext_only.py``), and records what that gives."""
     from tqdm import tqdm
 
     device, model, state, test, task = _load(ckpt_path, test_dir, trust)
@@ -341,6 +343,10 @@ def run_audit(ckpt_path: str, key_path: str, test_dir: str, n_wrong: int = 100, 
     near_miss = tuple(dict.fromkeys(near_miss))  # distinct, in the order given
     check_task_supports(task, near_miss, capture)
     check_near_miss(key, near_miss, near_miss_count, seed)
+    if ciphertext_only:
+        from keyshard.evaluate.ciphertext_only import check_audit_request
+
+        check_audit_request(key, ciphertext_only)
     wrong = wrong_keys.iter_draw(key, n_wrong, seed, randomize_password)  # too many keys: refused here
     first_wrong = len(near_miss) * near_miss_count  # stream position of the first random wrong key
     size = state["data"]["image_size"]
@@ -367,4 +373,9 @@ def run_audit(ckpt_path: str, key_path: str, test_dir: str, n_wrong: int = 100, 
     }
     if capture is not None:
         audit["predictions"] = capture.record()
+    if ciphertext_only:
+        from keyshard.evaluate.ciphertext_only import audit_row
+
+        audit["ciphertext_only"] = audit_row(key, model, device, test_dir, test, ciphertext_only,
+                                             correct[task.headline], batch_size, workers, progress, seed)
     return audit

@@ -288,25 +288,45 @@ def attack(enc_dir, split: str | None = None, n_images: int = 16, prior_dir=None
 
 
 # -- the audit's row -----------------------------------------------------------------------------------
-def audit_row(key: keys.Key, model, device, test_dir, test: Manifest, n_images: int, batch_size: int = 32,
-              workers: int = 0, progress: bool = True, seed: int = 0) -> dict:
+def audit_row(key: keys.Key, model, device, test_dir, test: Manifest, n_images: int, correct: float,
+              batch_size: int = 32, workers: int = 0, progress: bool = True, seed: int = 0) -> dict:
     """``evaluate --ciphertext-only N``: the first N test images encrypted with the audited key,
     the key estimated from them alone with the shipped prior (an FFX password unknown to the
-    attacker), scored against the key and by the model on the test split (the best candidate)."""
+    attacker), scored against the key and by the model on the test split (the best of the
+    candidates, beside the correct key's score ``correct``).  audit.json's ``ciphertext_only``."""
     from keyshard import tasks
 
     plain = first_images(test_dir, test.shards_of("test"), n_images)
-    h, w = plain[0].shape[:2]
-    plan = compile_plan(key.material, h, w)
+    plan = compile_plan(key.material, *plain[0].shape[:2])
     prior = image_prior.load()
     est = estimate(key.method, key.block_size, [plan.encrypt(x) for x in plain], prior, None, seed)
     headline = tasks.for_kind(test.dataset.kind).headline
-    scores = _score(model, est.candidates, test_dir, test, device, batch_size, workers, progress)
-    best = int(np.argmax([s[headline] for s in scores]))
+    scores = [s[headline] for s in _score(model, est.candidates, test_dir, test, device, batch_size, workers,
+                                          progress)]
+    best = int(np.argmax(scores))
     est.candidates = [est.candidates[best]] + [c for i, c in enumerate(est.candidates) if i != best]
-    return _rounded({"images": len(plain), "prior": prior.source, "ffx_password": "unknown to the attacker",
-                     "seconds": est.seconds, **score_against(est, key.material),
-                     "model": {"metric": headline, "estimated_key": scores[best][headline]}})
+    return {"images": len(plain), "prior": prior.source, "password_known": False, "seconds": round(est.seconds, 3),
+            "scores": score_against(est, key.material),  # scores as the audit's own: not rounded
+            "model": {"metric": headline, "estimated_key": scores[best], "correct_key": correct}}
+
+
+def check_audit_request(key: keys.Key, n_images: int) -> None:
+    """``evaluate --ciphertext-only N`` refused before the audit runs: too many images, or a
+    method without an estimator."""
+    if not 1 <= n_images <= MAX_IMAGES:
+        raise KeyshardError(f"`ciphertext_only` {n_images} must be in 1..{MAX_IMAGES}")
+    check_estimable(key.method)
+
+
+def summary_line(row: dict) -> str:
+    """audit.md's line: what N leaked keyed images give an attacker."""
+    s, m = row["scores"], row["model"]
+    psnr_text = "identical images" if s["psnr_db"] is None else f"PSNR {s['psnr_db']:.1f} dB"
+    return (f"- ciphertext-only: from {row['images']} keyed test image(s) alone an attacker recovers "
+            f"{100 * s['key_fraction']:.1f} % of the key ({100 * s['pixels_exact']:.1f} % of pixels decrypt exactly, "
+            f"{psnr_text}; the keyed images: {s['psnr_keyed_db']:.1f} dB); the stolen model scores "
+            f"{m['estimated_key']:.4f} {m['metric']} with the estimate (correct key: {m['correct_key']:.4f}) — "
+            f"{row['seconds']:.1f} s, prior: {row['prior']}")
 
 
 # -- rebuilding the shipped prior ------------------------------------------------------------------------

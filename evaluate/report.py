@@ -48,6 +48,10 @@ def markdown(audit: dict) -> str:
                 test_line, provenance_line(audit),
                 f"- wrong keys: {w['count']} drawn from seed {w['seed']} "
                 f"({w['rule']}{', random FFX passwords' if w['randomize_password'] else ''})"]
+    if audit.get("ciphertext_only"):
+        from keyshard.evaluate.ciphertext_only import summary_line
+
+        head.append(summary_line(audit["ciphertext_only"]))
     lines = head + [""] + task.score_table(audit) + [""] + task.notes(audit)
     if audit.get("kind") != "baseline":
         lines += ["<details><summary>every wrong key</summary>", "",
@@ -245,7 +249,25 @@ def table(audits: list[dict], sources: list | None = None) -> tuple[str, str]:
         lines, task_rows = task.table([a for a in audits if a.get("task", tasks.DEFAULT) == name], paper_value)
         md += (["", f"{task.table_title}:", ""] if md else []) + lines
         rows += task_rows
-    return _csv_and_md(md, rows)
+    return _csv_and_md(md + ciphertext_only_table(audits), rows)
+
+
+def ciphertext_only_table(audits: list[dict]) -> list[str]:
+    """The report's lines for the audits that estimated their key from keyed images alone
+    (``evaluate --ciphertext-only N``); none when no audit did."""
+    rows = [a for a in audits if a.get("ciphertext_only")]
+    if not rows:
+        return []
+    lines = ["", "Ciphertext-only key estimation (`evaluate --ciphertext-only N`): what N leaked keyed images give:",
+             "", "| method | M | images | key recovered | pixels exact | PSNR (dB) | model, estimated key | "
+                 "model, correct key |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for a in rows:
+        c, s = a["ciphertext_only"], a["ciphertext_only"]["scores"]
+        psnr_text = "∞" if s["psnr_db"] is None else f"{s['psnr_db']:.1f}"
+        lines.append(f"| {a['key']['method']} | {a['key']['block_size']} | {c['images']} | "
+                     f"{100 * s['key_fraction']:.1f} % | {100 * s['pixels_exact']:.1f} % | {psnr_text} | "
+                     f"{c['model']['estimated_key']:.4f} | {c['model']['correct_key']:.4f} |")
+    return lines
 
 
 def _csv_and_md(md: list[str], rows: list[dict]) -> tuple[str, str]:

@@ -49,7 +49,8 @@ def _trainer(shards: Path, run: Path, epochs: int = 1, **overrides):
 
 @pytest.fixture(scope="module")
 def segmentation_audits(tmp_path_factory) -> dict:
-    """Toy VOC at 32², NP M=4, the demo network one epoch; a key audit and a baseline audit."""
+    """Toy VOC at 32², NP M=4, the demo network one epoch; a key audit (with near-miss keys,
+    predictions and a ciphertext-only estimate) and a baseline audit."""
     from keyshard.evaluate.audit import run_audit, run_baseline
     from keyshard.evaluate.predictions import Capture
     from keyshard.evaluate.report import write_audit
@@ -57,7 +58,8 @@ def segmentation_audits(tmp_path_factory) -> dict:
     root = keyed_run(tmp_path_factory.mktemp("seg"), "np", 4, images=24, seed=5, epochs=1, shard_size=16)
     capture = Capture(2)
     audit = run_audit(str(root / "run" / "best.pt"), str(root / "key.json"), str(root / "plain"), n_wrong=3, seed=1,
-                      workers=0, progress=False, near_miss=(1, 2), near_miss_count=2, capture=capture)
+                      workers=0, progress=False, near_miss=(1, 2), near_miss_count=2, capture=capture,
+                      ciphertext_only=4)
     write_audit(audit, root / "audit", capture)
     plain_ckpt = _trainer(root / "plain", root / "plainrun")
     base = run_baseline(str(plain_ckpt), str(root / "plain"), workers=0, progress=False)
@@ -100,6 +102,7 @@ def test_segmentation_audits_match_the_schema(validator, segmentation_audits):
     audit, base = segmentation_audits["audit"], segmentation_audits["base"]
     assert "task" not in audit and audit["kind"] == "key" and base["kind"] == "baseline"
     assert [r["distance"] for r in audit["results"]["near_miss"]] == [1, 2] and "predictions" in audit
+    assert audit["ciphertext_only"]["images"] == 4
     for doc in (audit, base):
         assert _errors(validator, doc) == []
 
@@ -137,6 +140,10 @@ def _damaged(doc: dict) -> list[tuple[str, dict]]:
     variant("key audit without a key", lambda d: d.__setitem__("key", None))
     variant("count as text", lambda d: d["wrong_keys"].__setitem__("count", "3"))
     variant("no wrong key rows", lambda d: d["results"]["wrong"].__setitem__("keys", []))
+    if "ciphertext_only" in doc:
+        variant("key fraction above 1",
+                lambda d: d["ciphertext_only"]["scores"].__setitem__("key_fraction", 1.5))
+        variant("ciphertext-only row without the model's score", lambda d: d["ciphertext_only"].pop("model"))
     variant("other task's results", lambda d: d.__setitem__("task", "classification") if "task" not in d
             else d.pop("task"))
     return out
@@ -152,3 +159,6 @@ def test_damaged_audits_fail_validation(validator, segmentation_audits, classifi
     base["key"] = {"fingerprint": "0" * 64, "method": "np", "block_size": 4, "derivation": "explicit/1",
                    "fingerprint_check": "match"}
     assert _errors(validator, base), "schema accepted a baseline audit with a key"
+    base = copy.deepcopy(segmentation_audits["base"])
+    base["ciphertext_only"] = segmentation_audits["audit"]["ciphertext_only"]
+    assert _errors(validator, base), "schema accepted a baseline audit with a ciphertext-only row"
