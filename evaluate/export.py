@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from keyshard import __version__, keys, methods
+from keyshard import __version__, keys, methods, tasks
 from keyshard.errors import KeyshardError
 from keyshard.methods.onnx_graph import BATCH, INPUT, OPSET, OUTPUT
 from keyshard.transforms import IMAGENET_MEAN, IMAGENET_STD, check_divisible, compile_plan
@@ -122,15 +122,18 @@ def normalise_graph(size: int, dtype, divisor: int, source: str):
 
 
 def outputs_graph(task: str, num_classes: int, size: int):
-    """``model_logits`` → ``logits`` and ``labels`` (argmax over classes, int64) for segmentation,
-    ``logits`` and ``probabilities`` (softmax) for classification."""
+    """``model_logits`` → ``logits`` and the task's prediction: ``labels`` (argmax over classes,
+    int64) for a per-pixel task, ``probabilities`` (softmax) for one label per image."""
     from onnx import TensorProto, helper
 
-    shape = [BATCH, num_classes, size, size] if task == "segmentation" else [BATCH, num_classes]
-    second = (helper.make_node("ArgMax", ["logits"], ["labels"], axis=1, keepdims=0) if task == "segmentation"
-              else helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1))
-    out = (helper.make_tensor_value_info("labels", TensorProto.INT64, [BATCH, size, size]) if task == "segmentation"
-           else helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, shape))
+    t = tasks.get(task)
+    shape = [BATCH, num_classes, size, size] if t.per_pixel else [BATCH, num_classes]
+    if t.prediction_op == "ArgMax":
+        second = helper.make_node("ArgMax", ["logits"], [t.prediction], axis=1, keepdims=0)
+        out = helper.make_tensor_value_info(t.prediction, TensorProto.INT64, [shape[0], *shape[2:]])
+    else:
+        second = helper.make_node(t.prediction_op, ["logits"], [t.prediction], axis=1)
+        out = helper.make_tensor_value_info(t.prediction, TensorProto.FLOAT, shape)
     return helper.make_graph(
         [helper.make_node("Identity", [_MODEL_OUT], ["logits"]), second], "keyshard_outputs",
         [helper.make_tensor_value_info(_MODEL_OUT, TensorProto.FLOAT, shape)],
@@ -383,9 +386,11 @@ def model_metadata(form: str, trained: Trained, key: keys.Key | None, status: st
                         block_size=str(data["block_size"]), key_derivation=str(data["key_derivation"]))
         meta["pixel_divisor"] = str(trained.divisor)
         taken = f"{np.dtype(trained.dtype).name} {'plain' if data['plain'] else 'keyed'} pixels"
-    second = "labels: int64 N×H×W" if trained.task == "segmentation" else "probabilities: float N×C"
+    t = tasks.get(trained.task)
+    dims = "N×C×H×W" if t.per_pixel else "N×C"
+    second = f"{t.prediction}: " + ("int64 N×H×W" if t.prediction_op == "ArgMax" else f"float {dims}")
     meta["input"] = f"{INPUT}: {taken}, N×{size}×{size}×3"
-    meta["outputs"] = f"logits: float {'N×C×H×W' if trained.task == 'segmentation' else 'N×C'}; {second}"
+    meta["outputs"] = f"logits: float {dims}; {second}"
     return meta
 
 

@@ -62,6 +62,12 @@ class Task(abc.ABC):
     near_miss: ClassVar[bool] = False   # its audits may score near-miss keys (results.near_miss)
     predictions: ClassVar[bool] = False  # its audits may draw predictions.png
     table_title: ClassVar[str] = ""     # the report's heading for its table after another task's
+    # A deployed model's second output (keyshard export), beside ``logits``: its name, the ONNX op
+    # that makes it from the logits over axis 1 ("ArgMax": int64 class ids; "Softmax": floats) and
+    # whether the logits keep the image's H×W (one prediction per pixel).
+    prediction: ClassVar[str] = "probabilities"
+    prediction_op: ClassVar[str] = "Softmax"
+    per_pixel: ClassVar[bool] = False
 
     def hook(self, member: str) -> Callable:
         """The stage object a hook attribute (``model``, ``model_names``, ``loss``, ``scorer``) names,

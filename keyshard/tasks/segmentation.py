@@ -106,6 +106,7 @@ class Segmentation(tasks.Task):
         "paper": "the paper (Table 1, Fig. 6) does not state which aggregation it uses; Fig. 5 shows per-image values",
     }
     near_miss = predictions = True
+    prediction, prediction_op, per_pixel = "labels", "ArgMax", True  # exported: a label map per image
 
     def encode_target(self, target) -> bytes:
         from keyshard.shardformat import encode_mask
