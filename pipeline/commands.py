@@ -10,6 +10,7 @@ import click
 
 from keyshard import keys, options, params, signing, sources
 from keyshard.errors import KeyshardError
+from keyshard.methods import defaults
 from keyshard.pipeline import MAX_PIXELS
 from keyshard.pipeline.splits import SPLITS
 from keyshard.pipeline.workers import BACKENDS, DEFAULT_BACKEND
@@ -165,6 +166,8 @@ def encrypt(voc, image_dir, mask_dir, num_classes, ignore_index, label_map, redu
     else:
         folders = None
     key = keys.load(key_file) if key_file else None
+    if key is not None and (weak := defaults.ciphertext_only_warning(key.method, key.block_size)) is not None:
+        click.echo(f"warning: {weak}", err=True)  # the ciphertext-only benchmark's verdict on this kind of key
     signer = signing.load_private(sign_with) if sign_with else None  # a bad key fails before any work
     if sign_with and (warning := signing.check_file_mode(sign_with)):
         click.echo(f"warning: {warning}", err=True)

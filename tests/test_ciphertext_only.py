@@ -272,3 +272,48 @@ def test_a_method_without_an_estimator_is_refused(tmp_path):
     with pytest.raises(Exception, match="method 'add' has no ciphertext-only estimator"):
         co.check_estimable("add")
     assert methods.get("add").estimate(2, [], None, None) is None
+
+
+# -- the warnings' table --------------------------------------------------------------------------------
+
+def _benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_ciphertext_only.py"
+    spec = importlib.util.spec_from_file_location("bench_ciphertext_only", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_warning_table_holds():
+    """Every entry says ≥ 99 % of pixels from ≤ 16 images; the entries at M ≤ 4 are measured
+    again here, with the benchmark's own keys, crops and folds (every trial)."""
+    from keyshard.methods import defaults
+
+    table = json.loads(open(defaults.CIPHERTEXT_ONLY_TABLE).read())
+    assert table["source"] == "benchmarks/bench_ciphertext_only.py" and table["entries"]
+    bench = _benchmark()
+    sets = bench.image_sets(None)
+    for entry in table["entries"]:
+        assert entry["images"] <= 16 and entry["pixels_exact"] >= 0.99, entry
+        if entry["block_size"] > 4:
+            continue
+        runs = [bench.one(entry["method"], entry["block_size"], entry["images"], t, sets) for t in range(3)]
+        assert np.mean([r["pixels_exact"] for r in runs]) >= 0.99, (entry, runs)
+
+
+def test_key_info_and_encrypt_warn_from_the_table(tmp_path, toy):
+    from keyshard.methods import defaults
+
+    entry = json.loads(open(defaults.CIPHERTEXT_ONLY_TABLE).read())["entries"][0]
+    keys.save(keys.Key(entry["method"], entry["block_size"], fixed_secret(1)), tmp_path / "k.json")
+    res = invoke("key-info", tmp_path / "k.json")
+    lines = [line for line in res.output.splitlines() if "ciphertext-only" in line]
+    assert res.exit_code == 0 and len(lines) == 1 and f"from {entry['images']} keyed image(s)" in lines[0]
+    res = invoke("encrypt", "--voc", toy, "--key", tmp_path / "k.json", "-o", tmp_path / "out", "--image-size", 32,
+                 "--splits", "test", "-j", 1, "-q")
+    assert res.exit_code == 0, res.output
+    assert len([line for line in res.output.splitlines() if line.startswith("warning: ciphertext-only")]) == 1
+    assert defaults.ciphertext_only_warning("shf", 7) is None  # not measured: no claim
