@@ -57,14 +57,9 @@ def sweep(voc: Path, out: Path, methods: str, epochs: int) -> list[dict]:
 def hardware() -> dict:
     import torch
 
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from cpu import cpu_model
+
+    model = cpu_model()
     return {"cpu": model, "machine": platform.machine(), "cores": os.cpu_count(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "gpu": None,
             "python": platform.python_version()}

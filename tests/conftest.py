@@ -92,3 +92,18 @@ def keyed_run(root: Path, method: str, m: int, images: int, seed: int, epochs: i
     cfg = TrainConfig.from_preset("demo", epochs=epochs, batch_size=8, micro_batch=8, workers=0, **train_overrides)
     Trainer(root / "enc", root / "run", cfg, progress=False, log=lambda msg: None).fit()
     return root
+
+
+@pytest.fixture(scope="session")
+def classifier(tmp_path_factory):
+    """A patch_vit trained one epoch on SHF-keyed 32×32 toy classes (3 classes): root/{toy,
+    key.json, enc, run} — for the tests of what a trained classifier is used for (predict, export)."""
+    root = tmp_path_factory.mktemp("classifier")
+    assert invoke("toy-classes", root / "toy", "--classes", 3, "--images", 30, "--seed", 3).exit_code == 0
+    keys.save(keys.Key("shf", 4, fixed_secret(5)), root / "key.json")
+    res = invoke("encrypt", "--image-folder", root / "toy", "--key", root / "key.json", "-o", root / "enc",
+                 "--image-size", 32, "--shard-size", 32, "-j", 1, "-q")
+    assert res.exit_code == 0, res.output
+    res = invoke("train", "--shards", root / "enc", "--output", root / "run", "--epochs", 1, "--workers", 0, "-q")
+    assert res.exit_code == 0, res.output
+    return root

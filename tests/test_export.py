@@ -187,18 +187,6 @@ def test_a_method_without_an_onnx_form_is_refused(key_files, tmp_path, monkeypat
                       "block size 4 does not divide")
 
 
-@pytest.fixture(scope="module")
-def classifier(tmp_path_factory):
-    """A patch_vit trained one epoch on SHF-keyed 32×32 toy classes."""
-    root = tmp_path_factory.mktemp("export-cls")
-    assert invoke("toy-classes", root / "toy", "--classes", 3, "--images", 30, "--seed", 3).exit_code == 0
-    keys.save(keys.Key("shf", 4, fixed_secret(5)), root / "key.json")
-    res = invoke("encrypt", "--image-folder", root / "toy", "--key", root / "key.json", "-o", root / "enc",
-                 "--image-size", 32, "--shard-size", 32, "-j", 1, "-q")
-    assert res.exit_code == 0, res.output
-    res = invoke("train", "--shards", root / "enc", "--output", root / "run", "--epochs", 1, "--workers", 0, "-q")
-    assert res.exit_code == 0, res.output
-    return root
 
 
 def test_classifier_exports_logits_and_probabilities(classifier, tmp_path):

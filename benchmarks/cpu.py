@@ -1,0 +1,18 @@
+"""The CPU a benchmark ran on, for the hardware row of its table (shared by the benchmark scripts,
+which import it as a sibling module when run as ``python benchmarks/NAME.py``)."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
