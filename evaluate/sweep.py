@@ -2,7 +2,8 @@
 
 Plain shards (train/holdout/test) are made once; then for every (method, block size) cell a
 new key is made, the train/holdout splits are encrypted with it, a model is trained on them and
-audited on the plain test split (correct key, plain images, N wrong keys); a baseline model is
+audited on the plain test split (correct key, plain images, N wrong keys and, with
+``--ciphertext-only N``, the key estimated from N keyed test images alone); a baseline model is
 trained on the plain shards and audited; finally ``table1.csv``, ``table1.md`` and ``fig6.png``
 are written from the audits.
 
@@ -42,6 +43,7 @@ import click
 from keyshard import methods, options, params, seeded
 from keyshard.errors import KeyshardError
 from keyshard.manifest import MANIFEST
+from keyshard.evaluate.ciphertext_only import MAX_IMAGES as MAX_CIPHERTEXT_ONLY_IMAGES
 from keyshard.evaluate.wrong_keys import MAX_COUNT as MAX_WRONG_KEYS
 from keyshard.methods.defaults import PAPER_BASELINE, PAPER_TABLE1, SWEEP_METHODS
 from keyshard.evaluate import report
@@ -52,11 +54,17 @@ SWEEP_FORMAT = "keyshard-sweep/1"
 # Settings every cell of a sweep shares: a rerun into the same DIR must give the same values
 # (methods and block sizes only choose which cells are run, and --workers/--jobs only how fast).
 FIXED_SETTINGS = ("voc", "preset", "image_size", "epochs", "augment_copies", "wrong_keys", "seed", "key_seed",
-                  "ffx_password_given", "weights")
+                  "ffx_password_given", "weights", "ciphertext_only")
+# Fixed settings added after sweep.json was first written, with the value a record without them
+# means; sweep.json holds them only when they differ from it, so a sweep without them writes the
+# same record as before and earlier sweeps continue.
+LATER_SETTINGS = {"ciphertext_only": 0}
 CSV_FIELDS = ("method", "block_size", "correct_miou", "correct_pixel_acc", "plain_miou", "plain_pixel_acc",
               "wrong_mean_miou", "wrong_std_miou", "wrong_min_miou", "wrong_max_miou", "wrong_keys",
               "paper_correct_miou", "correct_miou_per_image_mean", "plain_miou_per_image_mean",
               "wrong_miou_per_image_mean", "model", "image_size", "best_epoch", "test_images", "key_fingerprint", "audit")
+# The column of --ciphertext-only: in table1.csv/md only when a cell's audit has that record
+CIPHERTEXT_ONLY_FIELD = "ciphertext_only_pixels_exact"
 AGGREGATION = ("dataset-level: one 21-class confusion matrix summed over the whole test split (void 255 "
                "ignored), IoU per class from it, mean over the classes present in the labels or the "
                "predictions. The paper does not state its aggregation.")
@@ -91,6 +99,7 @@ class SweepConfig:
     key_seed: int | None = None        # None: fresh secrets (the default)
     ffx_password: bytes | None = field(default=None, repr=False)
     weights: str | None = None
+    ciphertext_only: int = 0           # N > 0: each cell's audit also estimates its key from N keyed test images
     workers: int = 2
     jobs: int = -1
     progress: bool = True
@@ -102,12 +111,19 @@ class SweepConfig:
                                        weights=self.weights)
 
     def settings(self) -> dict:
-        """What sweep.json records (never the FFX password: only whether one was given)."""
+        """What sweep.json records (never the FFX password: only whether one was given; a later
+        setting only when it differs from ``LATER_SETTINGS``)."""
+        later = {k: v for k, v in {"ciphertext_only": self.ciphertext_only}.items() if v != LATER_SETTINGS[k]}
         return {"voc": str(Path(self.voc).resolve()), "preset": self.preset, "image_size": self.image_size,
                 "epochs": self.train_config().epochs, "augment_copies": self.augment_copies,
                 "wrong_keys": self.wrong_keys, "seed": self.seed, "key_seed": self.key_seed,
-                "ffx_password_given": self.ffx_password is not None, "weights": self.weights,
+                "ffx_password_given": self.ffx_password is not None, "weights": self.weights, **later,
                 "methods": list(self.methods), "block_sizes": list(self.block_sizes)}
+
+
+def setting(settings: dict, name: str):
+    """A fixed setting of a sweep.json record (a later one absent from it: its ``LATER_SETTINGS`` value)."""
+    return settings.get(name, LATER_SETTINGS.get(name))
 
 
 # -- the work --------------------------------------------------------------------------------
@@ -147,6 +163,11 @@ class Sweep:
                                          param_hint="'--block-sizes'")
             for m in cfg.methods:
                 keys.validate_params(m, b, ffx_password=self.password_for(m))
+        if cfg.ciphertext_only:
+            from keyshard.evaluate.ciphertext_only import check_estimable
+
+            for m in cfg.methods:
+                check_estimable(m)
         if cfg.ffx_password is not None and not takes_password(cfg.methods):
             raise KeyshardError(f"an FFX password was given but `methods` has no {' or '.join(keys.password_methods())}")
         check_output(self.out, directory=True)
@@ -160,8 +181,8 @@ class Sweep:
                 raise KeyshardError(f"{record}: unreadable; cannot check that this run continues the same sweep") from None
             if not isinstance(previous, dict) or previous.get("format") != SWEEP_FORMAT:
                 raise KeyshardError(f"{record}: not a keyshard sweep record ({SWEEP_FORMAT})")
-            now = self.cfg.settings()
-            changed = [k for k in FIXED_SETTINGS if previous.get("settings", {}).get(k) != now[k]]
+            before, now = previous.get("settings", {}), self.cfg.settings()
+            changed = [k for k in FIXED_SETTINGS if setting(before, k) != setting(now, k)]
             if changed:
                 raise KeyshardError(f"{self.out}: was started with different {', '.join(changed)}; every cell of a "
                                     "sweep shares them (use the original settings or a new --output)")
@@ -245,10 +266,12 @@ class Sweep:
         remade = self.encrypt(cell / "shards", key, ("train", "holdout"))
         self.log(f"{label}: train ({self.cfg.preset} preset)")
         self.train(cell / "shards", cell / "run", fresh=remade, label=label)
-        self.log(f"{label}: audit (correct key, plain images, {self.cfg.wrong_keys} wrong keys)")
+        estimate = f", the key from {self.cfg.ciphertext_only} keyed images" if self.cfg.ciphertext_only else ""
+        self.log(f"{label}: audit (correct key, plain images, {self.cfg.wrong_keys} wrong keys{estimate})")
         self.fresh_audit_dir(cell / "audit")
         audit = run_audit(str(cell / "run" / "best.pt"), str(cell / "key.json"), str(self.plain_dir),
-                          n_wrong=self.cfg.wrong_keys, seed=self.cfg.seed, workers=self.cfg.workers, progress=False)
+                          n_wrong=self.cfg.wrong_keys, seed=self.cfg.seed, workers=self.cfg.workers, progress=False,
+                          ciphertext_only=self.cfg.ciphertext_only)
         write_audit(audit, cell / "audit")  # audit.json last: the cell is finished
 
     def run_baseline(self, plain_remade: bool) -> None:
@@ -344,6 +367,8 @@ def rows(audits: list[tuple[dict, Path]], baseline: tuple[dict, Path] | None, ro
             "model": a["checkpoint"]["model"], "image_size": a["checkpoint"]["data"]["image_size"],
             "best_epoch": a["checkpoint"]["epoch"], "test_images": a["test"]["images"],
             "key_fingerprint": a["key"]["fingerprint"], "audit": rel(path)})
+        if a.get("ciphertext_only"):
+            out[-1][CIPHERTEXT_ONLY_FIELD] = a["ciphertext_only"]["scores"]["pixels_exact"]
     if baseline is not None:
         a, path = baseline
         out.append({**{k: None for k in CSV_FIELDS}, "method": "baseline",
@@ -361,14 +386,12 @@ def tables(audits: list[tuple[dict, Path]], baseline: tuple[dict, Path] | None, 
     from keyshard.evaluate.report import VOC_VAL_IMAGES
 
     data = rows(audits, baseline, root)
+    estimated = sorted({a["ciphertext_only"]["images"] for a, _ in audits if a.get("ciphertext_only")})
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(CSV_FIELDS), lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=list(CSV_FIELDS) + ([CIPHERTEXT_ONLY_FIELD] if estimated else []),
+                             lineterminator="\n")
     writer.writeheader()
     writer.writerows(data)
-
-    def f(v) -> str:
-        return "—" if v is None else f"{v:.4f}"
-
     keyed = [x for x in data if x["method"] != "baseline"]
     sample = (audits[0][0] if audits else baseline[0]) if (audits or baseline) else None
     full = bool(audits) and all(report.full_scale(a) for a, _ in audits)
@@ -385,23 +408,41 @@ def tables(audits: list[tuple[dict, Path]], baseline: tuple[dict, Path] | None, 
            f"Paper: FCN-ResNet50, 256×256, PASCAL VOC2012 val ({VOC_VAL_IMAGES} images), correct key, Table 1. "
            + ("This sweep is full scale, so the numbers are comparable." if full else
               "This sweep is **not** full scale (comparable only with `--preset paper`, `--image-size 256` "
-              "on the real VOC2012), so the paper's column is a reference, not a target."), "",
-           "| method | M | correct key | plain images | wrong keys (mean ± std) | wrong keys (max) | paper (correct key) |",
-           "|---|---:|---:|---:|---:|---:|---:|"]
-    for x in keyed:
-        md.append(f"| {x['method'].upper()} | {x['block_size']} | {f(x['correct_miou'])} | {f(x['plain_miou'])} | "
-                  f"{f(x['wrong_mean_miou'])} ± {f(x['wrong_std_miou'])} | {f(x['wrong_max_miou'])} | "
-                  f"{f(x['paper_correct_miou'])} |")
-    for x in data:
-        if x["method"] == "baseline":
-            md.append(f"| baseline (no key, trained on plain images) | — | — | {f(x['plain_miou'])} | — | — | "
-                      f"{f(x['paper_correct_miou'])} |")
+              "on the real VOC2012), so the paper's column is a reference, not a target."), ""]
+    md += markdown_table(data, estimated)
     md += ["", ("Columns: *correct key* — the model on test images encrypted with its own key (Table 1); "
                 "*plain images* and *wrong keys* — the same model without its key (Fig. 6, “Plain” and "
                 "“Incorrect”); the baseline row is a model trained and tested on plain images (its score is in "
-                "the plain column)."),
+                "the plain column)."
+                + (" *Ciphertext-only* — the share of pixels of the first keyed test images that decrypt exactly "
+                   "with the key estimated from those images alone (`evaluate --ciphertext-only`, "
+                   f"`{CIPHERTEXT_ONLY_FIELD}` in table1.csv); 1.0000: they gave the key away." if estimated else "")),
            "", "Figure: `fig6.png`. Each cell's full audit: `<method>-m<M>/audit/audit.md`.", ""]
     return "\n".join(md), buf.getvalue()
+
+
+def _f(v) -> str:
+    return "—" if v is None else f"{v:.4f}"
+
+
+def markdown_table(data: list[dict], estimated: list[int]) -> list[str]:
+    """table1.md's table from the CSV rows.  The ciphertext-only column is there only when some
+    cell's audit has that record (``estimated``: how many keyed images the estimates used), so a
+    sweep without ``--ciphertext-only`` writes the table it always did."""
+    head = "| method | M | correct key | plain images | wrong keys (mean ± std) | wrong keys (max) | paper (correct key) |"
+    rule = "|---|---:|---:|---:|---:|---:|---:|"
+    if estimated:
+        head += f" ciphertext-only: pixels exact ({'/'.join(map(str, estimated))} images) |"
+        rule += "---:|"
+    lines = [head, rule]
+    for x in (x for x in data if x["method"] != "baseline"):
+        lines.append(f"| {x['method'].upper()} | {x['block_size']} | {_f(x['correct_miou'])} | {_f(x['plain_miou'])} | "
+                     f"{_f(x['wrong_mean_miou'])} ± {_f(x['wrong_std_miou'])} | {_f(x['wrong_max_miou'])} | "
+                     f"{_f(x['paper_correct_miou'])} |" + (f" {_f(x.get(CIPHERTEXT_ONLY_FIELD))} |" if estimated else ""))
+    for x in (x for x in data if x["method"] == "baseline"):
+        lines.append(f"| baseline (no key, trained on plain images) | — | — | {_f(x['plain_miou'])} | — | — | "
+                     f"{_f(x['paper_correct_miou'])} |" + (" — |" if estimated else ""))
+    return lines
 
 
 def fig6(audits: list[tuple[dict, Path]], baseline: tuple[dict, Path] | None) -> bytes:
@@ -484,6 +525,11 @@ def fig6(audits: list[tuple[dict, Path]], baseline: tuple[dict, Path] | None) ->
               help="Augmented replicas of each train image (random resized crop + flip, before encryption).")
 @click.option("--wrong-keys", type=click.IntRange(1, MAX_WRONG_KEYS), default=100, show_default=True,
               help="Random wrong keys per cell's audit.")
+@click.option("--ciphertext-only", "ciphertext_only", type=click.IntRange(0, MAX_CIPHERTEXT_ONLY_IMAGES), default=0,
+              show_default=True, metavar="N",
+              help="Each cell's audit also estimates the cell's key from the first N test images encrypted with it, "
+                   "and nothing else (`evaluate --ciphertext-only`); the table gets a column: the share of their "
+                   "pixels that the estimate decrypts exactly. 0: none.")
 @click.option("--ffx-password", default=None, metavar="P",
               help="One fixed FFX password for every FFX cell, as in the paper (visible to ps: prefer "
                    "--ffx-password-file or $KEYSHARD_FFX_PASSWORD). Default: derived from each key's secret.")
@@ -500,8 +546,8 @@ def fig6(audits: list[tuple[dict, Path]], baseline: tuple[dict, Path] | None) ->
 @click.option("--jobs", "-j", type=options.JOBS, default=-1, show_default=True, help="Encryption processes; -1 = all cores.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or log lines; only the table at the end.")
 @params.names_flags
-def sweep(voc, output, methods, block_sizes, preset, image_size, epochs, augment_copies, wrong_keys, ffx_password,
-          ffx_password_file, weights, seed, key_seed, workers, jobs, quiet):
+def sweep(voc, output, methods, block_sizes, preset, image_size, epochs, augment_copies, wrong_keys, ciphertext_only,
+          ffx_password, ffx_password_file, weights, seed, key_seed, workers, jobs, quiet):
     """Table 1 and Fig. 6: per (method, M) a new key, encrypt, train, audit; plus the plain baseline.
 
     \b
@@ -518,8 +564,8 @@ def sweep(voc, output, methods, block_sizes, preset, image_size, epochs, augment
     password, _ = keys.ffx_password_from(ffx_password, ffx_password_file, use_env=takes_password(methods))
     cfg = SweepConfig(voc=voc, out=Path(output), methods=methods, block_sizes=block_sizes, preset=preset,
                       image_size=image_size, epochs=epochs, augment_copies=augment_copies, wrong_keys=wrong_keys,
-                      seed=seed, key_seed=key_seed, ffx_password=password, weights=weights, workers=workers, jobs=jobs,
-                      progress=not quiet)
+                      ciphertext_only=ciphertext_only, seed=seed, key_seed=key_seed, ffx_password=password,
+                      weights=weights, workers=workers, jobs=jobs, progress=not quiet)
     runner = Sweep(cfg, log=(lambda msg: None) if quiet else None)
     result = runner.run()
     click.echo(result["markdown"])

@@ -7,6 +7,7 @@ import csv
 import json
 import shutil
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -154,3 +155,56 @@ def test_key_seed_keys_and_cli_checks(toy, tmp_path):
                       "holds no sweep.json")
     res = invoke("sweep", "--voc", toy, "--output", tmp_path / "y", "--methods", "abc")
     assert res.exit_code == 2 and "--methods" in res.output
+
+
+# -- --ciphertext-only: each cell's audit estimates its key from keyed images; the table gets a column
+
+def _example_audit() -> dict:
+    """The shipped example audit (NP M=4, with a ciphertext-only record from a real toy run)."""
+    return json.loads((Path(__file__).resolve().parents[1] / "manifests" / "example-audit.json").read_text())
+
+
+def test_the_table_gets_a_ciphertext_only_column_only_when_an_audit_has_the_record(tmp_path):
+    with_row = _example_audit()
+    without = {k: v for k, v in with_row.items() if k != "ciphertext_only"}
+    root = tmp_path / "s"
+    path = root / "np-m4" / "audit" / "audit.json"
+
+    md, csv_text = sweep_mod.tables([(without, path)], None, root)
+    assert csv_text.splitlines()[0].split(",") == list(sweep_mod.CSV_FIELDS)  # off: the table it always was
+    assert "ciphertext" not in md.lower()
+
+    md, csv_text = sweep_mod.tables([(with_row, path), (without, path)], None, root)
+    header, first, second = list(csv.reader(csv_text.splitlines()))
+    assert header == [*sweep_mod.CSV_FIELDS, "ciphertext_only_pixels_exact"]
+    assert float(first[-1]) == with_row["ciphertext_only"]["scores"]["pixels_exact"] and second[-1] == ""
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert table[0].endswith("| ciphertext-only: pixels exact (4 images) |")
+    assert table[1].endswith(f"| {with_row['ciphertext_only']['scores']['pixels_exact']:.4f} |")
+    assert table[2].endswith("| — |") and all(line.count("|") == table[0].count("|") for line in table)
+
+
+def test_ciphertext_only_is_a_fixed_setting_absent_from_sweep_json_when_off(toy, tmp_path):
+    cfg = sweep_mod.SweepConfig(voc=str(toy), out=tmp_path / "s", methods=("np",), block_sizes=(4,), image_size=16)
+    assert "ciphertext_only" not in cfg.settings()  # off: sweep.json as before
+    sweep_mod.Sweep(cfg, log=lambda m: None).write_record()  # a sweep started without it ...
+    on = sweep_mod.SweepConfig(**{**cfg.__dict__, "ciphertext_only": 4})
+    assert on.settings()["ciphertext_only"] == 4
+    with pytest.raises(Exception, match="different ciphertext_only"):
+        sweep_mod.Sweep(on, log=lambda m: None).check()  # ... is not continued with it
+    sweep_mod.Sweep(cfg, log=lambda m: None).check()  # nor does a record without it stop a sweep without it
+
+
+def test_sweep_ciphertext_only_audits_every_cell(toy, tmp_path):
+    out = tmp_path / "sweep"
+    res = invoke("sweep", "--voc", toy, "--output", out, "--methods", "np", "--block-sizes", 4, "--preset", "demo",
+                 "--image-size", 16, "--epochs", 1, "--wrong-keys", 2, "--workers", 0, "--jobs", 1,
+                 "--ciphertext-only", 2, "-q")
+    assert res.exit_code == 0, res.output
+    audit = json.loads((out / "np-m4" / "audit" / "audit.json").read_text())
+    assert audit["ciphertext_only"]["images"] == 2
+    with open(out / "table1.csv", newline="") as f:
+        cell, base = list(csv.DictReader(f))
+    assert float(cell["ciphertext_only_pixels_exact"]) == audit["ciphertext_only"]["scores"]["pixels_exact"]
+    assert base["method"] == "baseline" and base["ciphertext_only_pixels_exact"] == ""
+    assert "ciphertext-only: pixels exact (2 images)" in (out / "table1.md").read_text()
