@@ -283,10 +283,10 @@ def load_predictor(checkpoint, key=None, device=None, *, plain: bool = False, ig
         raise KeyshardError(f"{checkpoint}: was trained on keyed images; give its key (`key`), or `plain=True` "
                             "to see what a user without the key gets")
     device = torch.device(device) if device is not None else pick_device()
-    dataset = dataset_of(trained.state)
-    output = output_for(tasks.for_kind(dataset["kind"]), trained.class_names, dataset["ignore_index"])
+    task = tasks.get(trained.task)  # the model decides, as for 0.1 classifiers without a dataset record
+    output = output_for(task, trained.class_names, dataset_of(trained.state)["ignore_index"])
     common = dict(model=trained.model.to(device).eval(), output=output, image_size=trained.size, device=device,
-                  task=tasks.for_kind(dataset["kind"]).name, data=data, batch_size=batch_size)
+                  task=task.name, data=data, batch_size=batch_size)
     if key is None:
         return Predictor(plan=None, divisor=255 if plain or data["plain"] else trained.divisor, **common)
     loaded = as_key(key)
