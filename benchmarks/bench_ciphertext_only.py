@@ -210,7 +210,9 @@ def main():
     ap.add_argument("--write-table", action="store_true",
                     help=f"Also write the warnings' table ({defaults.CIPHERTEXT_ONLY_TABLE}).")
     args = ap.parse_args()
-    hardware = f"{platform.machine()} CPU, {len(os.sched_getaffinity(0))} cores (numpy/scipy, no GPU)"
+    from cpu import cpu_model
+
+    hardware = f"{cpu_model()} ({platform.machine()}), {len(os.sched_getaffinity(0))} cores (numpy/scipy, no GPU)"
     sets = image_sets(args.image_dir)
     if args.ablation:
         print(f"Hardware: {hardware}.\n\n" + "\n".join(ablation((8, 16), (1, 4), args.trials, sets)))

@@ -231,12 +231,8 @@ def read(source: str | Path, trust: str | Path | None = None) -> Manifest:
         signing.load_public(trust)  # a bad public-key file fails before anything is fetched
     path = location(source)
     raw = sources.read_bytes(path)
-    if trust is None:
-        doc = parse(raw, path)
-        provenance = signing.manifest_provenance(source, raw, None)
-    else:
-        provenance = signing.manifest_provenance(source, raw, trust)
-        doc = parse(raw, path)
+    provenance = signing.manifest_provenance(source, raw, trust)  # the signature before parsing
+    doc = parse(raw, path)
     return Manifest.from_json(doc, Provenance(**provenance))
 
 

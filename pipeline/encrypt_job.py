@@ -29,6 +29,7 @@ from keyshard import __version__, faults, shardformat
 from keyshard.errors import KeyshardError
 from keyshard.fsutil import fsync_path, sha256_file, write_json_atomic
 from keyshard.keys import Key, KeyMaterial
+from keyshard.manifest import library_versions
 from keyshard.tasks import for_kind as task_for_kind  # (a ShardTask is a unit of work, not a Task)
 from keyshard.transforms import compile_plan
 from keyshard.pipeline import MAX_PIXELS
@@ -260,7 +261,7 @@ def job_identity(source: VocSource, key: Key | None, options: EncryptOptions) ->
     extra = source.identity() if hasattr(source, "identity") else {}  # folder datasets: mask folder, pairing
     return {
         "keyshard": __version__,
-        "libraries": manifest_mod.library_versions(),
+        "libraries": library_versions(),
         "source": {"kind": source.kind, "path": str(Path(source.path).resolve()), "root": source.layout_root,
                    "split_files": split_files, **extra},
         "encryption": None if key is None else {

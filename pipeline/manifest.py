@@ -21,7 +21,6 @@ from keyshard import __version__, methods
 from keyshard.errors import KeyshardError
 from keyshard.fsutil import write_json_atomic
 from keyshard.manifest import FORMAT, MANIFEST, Manifest, as_manifest, read, validate
-from keyshard.manifest import library_versions  # noqa: F401  (the encryption job records them from here)
 
 
 def content_checksum(records: list[dict], split_files: dict) -> str:

@@ -202,7 +202,7 @@ def preview(voc, shards, voc_id, key_file, method_names, block_sizes, image_size
     else:
         if key_file is not None:
             raise click.UsageError("--key: only with --shards (a --voc preview makes its own keys; see --key-seed)")
-        size = image_size or 256
+        size = image_size or options.DEFAULT_IMAGE_SIZE
         method_names = method_names or methods.names()
         block_sizes = block_sizes or default_block_sizes(size)
         bad = [m for m in block_sizes if size % m]

@@ -263,6 +263,7 @@ class Trainer:
         self.data = checkpoint.data_identity(self.manifest)
         check_data(self.shards, self.manifest, config)
         self.task, config = resolve_task(config, self.manifest, self.shards, self.dist.world)
+        self.loss_fn = tasks.get(self.task).hook("loss")  # resolved once, not per step
         self.model_block = model_block_size(config, self.manifest)
         self.start_epoch, self.history, self.best_loss = 0, [], math.inf
         self.loaders = {}  # split -> its ShardLoader, workers kept across epochs
@@ -344,7 +345,7 @@ def train_one_epoch(run: Trainer, epoch: int) -> dict:
         batch_loss, valid = train_step(run.ddp, run.optimizer, run.scaler, lambda x: forward(run, x), pixels,
                                        masks, n_pad, run.micro_batch, world, run.cfg.aux_weight,
                                        ignore_index=run.manifest.dataset.ignore_index,
-                                       loss_fn=tasks.get(run.task).hook("loss"))
+                                       loss_fn=run.loss_fn)
         run.scheduler.step(epoch + (step + 1) / steps)  # cosine within the epoch, restarts every N
         loss_sum += batch_loss
         pixels_sum += valid / world  # summed over ranks below
@@ -370,7 +371,7 @@ def evaluate(run: Trainer, epoch: int) -> float:
     """The holdout loss: summed cross-entropy over the real rows' valid pixels, over all ranks."""
     run.ddp.eval()
     _, batches = epoch_batches(run, "holdout", epoch, shuffle=False)
-    ignore, loss_fn = run.manifest.dataset.ignore_index, tasks.get(run.task).hook("loss")
+    ignore, loss_fn = run.manifest.dataset.ignore_index, run.loss_fn
     loss_sum = pixels_sum = 0.0
     for pixels, masks, _, n_pad in batches:
         n_real = len(pixels) - n_pad
