@@ -33,7 +33,7 @@ from keyshard.evaluate import wrong_keys
 from keyshard.evaluate.near_miss import MAX_KEYS_PER_DISTANCE, near_miss_keys
 from keyshard.fsutil import sha256_file
 from keyshard.manifest import Manifest, as_manifest, library_versions
-from keyshard.train.checkpoint import load_model
+from keyshard.train.checkpoint import check_key_kind, fingerprint_overridden, load_model
 from keyshard.train.data import epoch_plan, open_shards
 from keyshard.train.device import pick_device
 from keyshard.transforms import compile_plan, normalize_pixels
@@ -45,21 +45,13 @@ def check_inputs(state: dict, key: keys.Key, test_manifest, ckpt_path, key_path,
     """Refuse mismatches with one line; return the fingerprint-check status for the report."""
     data, test = state["data"], as_manifest(test_manifest)
     check_test_split(test, test_dir)
-    if data["plain"]:
-        raise KeyshardError(f"{ckpt_path}: was trained on plain images; there is no key to audit")
-    if (key.method, key.block_size) != (data["method"], data["block_size"]):
-        raise KeyshardError(f"{key_path}: is {key.method} M={key.block_size} but {ckpt_path} was trained "
-                            f"with {data['method']} M={data['block_size']}")
+    check_key_kind(data, key, ckpt_path, key_path)
     check_dataset(state, test, ckpt_path, test_dir)
     if test.image.height != data["image_size"]:
         raise KeyshardError(f"{test_dir}: images are {test.image.height}px but the model was "
                             f"trained on {data['image_size']}px")
-    if key.fingerprint == data["key_fingerprint"]:
-        return "match"
-    if not ignore_fingerprint:
-        raise KeyshardError(f"{key_path}: fingerprint does not match {ckpt_path} (the model was trained with "
-                            "another key; `ignore_fingerprint=True` overrides)")
-    return "overridden (--ignore-fingerprint)"
+    overridden = fingerprint_overridden(data, key, ckpt_path, key_path, ignore_fingerprint)
+    return "overridden (--ignore-fingerprint)" if overridden else "match"
 
 
 def check_test_split(test_manifest, test_dir) -> None:

@@ -228,29 +228,14 @@ def as_key(key) -> keys.Key:
     return key if isinstance(key, keys.Key) else keys.load(key)
 
 
-def check_key(trained: Trained, key: keys.Key, key_path) -> str | None:
-    """None when ``key`` is the key ``trained`` was trained with; else what differs, in one line
-    (the caller refuses it, or overrides a fingerprint mismatch as ``evaluate`` does)."""
-    data = trained.state["data"]
-    if data["plain"]:
-        raise KeyshardError(f"{trained.path}: was trained on plain images; it has no key")
-    if (key.method, key.block_size) != (data["method"], data["block_size"]):
-        raise KeyshardError(f"{key_path}: is {key.method} M={key.block_size} but {trained.path} was trained "
-                            f"with {data['method']} M={data['block_size']}")
-    if key.fingerprint == data["key_fingerprint"]:
-        return None
-    return (f"{key_path}: fingerprint does not match {trained.path} (the model was trained with another key; "
-            "`ignore_fingerprint=True` overrides)")
-
-
 def fingerprint_status(trained: Trained, key: keys.Key, key_path, ignore_fingerprint: bool) -> str:
-    """``match``, or ``overridden`` for a mismatch ``ignore_fingerprint`` allows; else KeyshardError."""
-    mismatch = check_key(trained, key, key_path)
-    if mismatch is None:
-        return "match"
-    if not ignore_fingerprint:
-        raise KeyshardError(mismatch)
-    return "overridden"
+    """``match``, or ``overridden`` for a mismatch ``ignore_fingerprint`` allows; else KeyshardError
+    (the same rule as ``evaluate``: ``train/checkpoint.py``)."""
+    from keyshard.train.checkpoint import check_key_kind, fingerprint_overridden
+
+    data = trained.state["data"]
+    check_key_kind(data, key, trained.path, key_path)
+    return "overridden" if fingerprint_overridden(data, key, trained.path, key_path, ignore_fingerprint) else "match"
 
 
 def sample_pixels(size: int, dtype, high: int, n: int = CHECK_IMAGES) -> np.ndarray:

@@ -156,6 +156,27 @@ def _validate_provenance(path, record) -> None:
     })
 
 
+def check_key_kind(data: dict, key, ckpt_path, key_path) -> None:
+    """``key`` is of the method and block size the checkpoint's model was trained with (and the
+    model was trained with a key at all); else one line naming both files."""
+    if data["plain"]:
+        raise KeyshardError(f"{ckpt_path}: was trained on plain images; it has no key")
+    if (key.method, key.block_size) != (data["method"], data["block_size"]):
+        raise KeyshardError(f"{key_path}: is {key.method} M={key.block_size} but {ckpt_path} was trained "
+                            f"with {data['method']} M={data['block_size']}")
+
+
+def fingerprint_overridden(data: dict, key, ckpt_path, key_path, ignore_fingerprint: bool) -> bool:
+    """False when ``key`` is the key the checkpoint names (its fingerprint); True for another key that
+    ``ignore_fingerprint`` lets through (an explicit key recovered by an attack); else one line."""
+    if key.fingerprint == data["key_fingerprint"]:
+        return False
+    if not ignore_fingerprint:
+        raise KeyshardError(f"{key_path}: fingerprint does not match {ckpt_path} (the model was trained with "
+                            "another key; `ignore_fingerprint=True` overrides)")
+    return True
+
+
 def load(path: str | Path, resume: bool = False) -> dict:
     """A checkpoint, loaded safely and validated (``validate``)."""
     return validate(load_file(path), path, resume)
