@@ -47,9 +47,7 @@ def check_inputs(state: dict, key: keys.Key, test_manifest, ckpt_path, key_path,
     check_test_split(test, test_dir)
     check_key_kind(data, key, ckpt_path, key_path)
     check_dataset(state, test, ckpt_path, test_dir)
-    if test.image.height != data["image_size"]:
-        raise KeyshardError(f"{test_dir}: images are {test.image.height}px but the model was "
-                            f"trained on {data['image_size']}px")
+    check_image_size(data, test, test_dir)
     overridden = fingerprint_overridden(data, key, ckpt_path, key_path, ignore_fingerprint)
     return "overridden (--ignore-fingerprint)" if overridden else "match"
 
@@ -62,6 +60,14 @@ def check_test_split(test_manifest, test_dir) -> None:
                             "the audit encrypts them itself with every key")
     if "test" not in test.splits.counts:
         raise KeyshardError(f"{test_dir}: holds no test split")
+
+
+def check_image_size(data: dict, manifest, where) -> None:
+    """Shards a keyed model is scored on hold images of the size it was trained on: a key's plan
+    is compiled for one size, and the model's blocks line up only there."""
+    if manifest.image.height != data["image_size"]:
+        raise KeyshardError(f"{where}: images are {manifest.image.height}px but the model was "
+                            f"trained on {data['image_size']}px")
 
 
 def check_dataset(state: dict, test_manifest, ckpt_path, test_dir) -> None:

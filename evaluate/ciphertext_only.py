@@ -226,7 +226,7 @@ def model_scores(est: Estimated, ckpt_path, test_dir, true_key: keys.Key | None 
     key, when given), one pass; the best-scoring candidate becomes the estimate.  Returns the
     report's ``model`` record."""
     from keyshard import tasks
-    from keyshard.evaluate.audit import check_dataset, check_test_split
+    from keyshard.evaluate.audit import check_dataset, check_image_size, check_test_split
     from keyshard.train.checkpoint import load_model
     from keyshard.train.device import pick_device
 
@@ -239,6 +239,7 @@ def model_scores(est: Estimated, ckpt_path, test_dir, true_key: keys.Key | None 
     if data["plain"] or (data["method"], data["block_size"]) != (est.method, est.block_size):
         trained = "plain images" if data["plain"] else f"{data['method']} M={data['block_size']}"
         raise KeyshardError(f"{ckpt_path}: was trained with {trained}, not {est.method} M={est.block_size}")
+    check_image_size(data, test, test_dir)  # the estimate's plans are compiled at the test size
     headline = tasks.for_kind(test.dataset.kind).headline
     materials = est.candidates + ([true_key.material] if true_key is not None else [])
     scores = [s[headline] for s in _score(model, materials, test_dir, test, device, batch_size, workers, progress)]

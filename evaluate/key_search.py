@@ -117,7 +117,7 @@ def run_search(ckpt, labelled_dir, labelled_split: str, n_labelled: int, test_di
     search, score the best keys on the test split; with the true key, report distances and rank."""
     from tqdm import tqdm
 
-    from keyshard.evaluate.audit import check_dataset, score_on_split, test_batches
+    from keyshard.evaluate.audit import check_dataset, check_image_size, score_on_split, test_batches
     from keyshard.manifest import read
     from keyshard.train.checkpoint import dataset_of, load_model
     from keyshard.train.device import pick_device
@@ -136,8 +136,7 @@ def run_search(ckpt, labelled_dir, labelled_split: str, n_labelled: int, test_di
         if doc.dataset.task != task:
             raise KeyshardError(f"{d}: holds {doc.dataset.task} data, but {ckpt} is a {task} model")
         check_dataset(state, doc, ckpt, d)
-        if doc.image.size != data["image_size"]:
-            raise KeyshardError(f"{d}: images are {doc.image.size}px, the model's {data['image_size']}px")
+        check_image_size(data, doc, d)
     method, m = data["method"], data["block_size"]
     truth = keys.load(true_key) if true_key else None
     if truth is not None and (truth.method, truth.block_size) != (method, m):

@@ -372,7 +372,7 @@ def file_batches(named, size: int, batch_size: int, workers: int, max_pixels: in
 def check_shards(manifest, source, predictor: Predictor, checkpoint) -> None:
     """Shards to predict on must be plain (the key is applied here), hold a test split, the model's
     task and classes, and images of the model's size."""
-    from keyshard.evaluate.audit import check_dataset
+    from keyshard.evaluate.audit import check_dataset, check_image_size
 
     state = {"data": predictor.data}
     if not manifest.encryption.plain:
@@ -381,9 +381,7 @@ def check_shards(manifest, source, predictor: Predictor, checkpoint) -> None:
     if "test" not in manifest.splits.counts:
         raise KeyshardError(f"{source}: holds no test split")
     check_dataset(state, manifest, checkpoint, source)
-    if manifest.image.height != state["data"]["image_size"]:
-        raise KeyshardError(f"{source}: images are {manifest.image.height}px but the model was trained on "
-                            f"{state['data']['image_size']}px")
+    check_image_size(predictor.data, manifest, source)
 
 
 def shard_batches(source, manifest, batch_size: int, workers: int, keep_original: bool = False):
