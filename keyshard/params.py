@@ -115,6 +115,15 @@ def exactly_one(given: dict[str, object], what: str = "", required: bool = True)
     raise KeyshardError(f"give {amount} {what + ': ' if what else 'of '}{listed}{got}")
 
 
+def check_split_rule(splits_from, val_fraction, required: bool) -> None:
+    """A folder dataset's split rule: split files or a val fraction, not both (``required``: one
+    of them must be given), each valid."""
+    exactly_one({"`splits_from`": splits_from, "`val_fraction`": val_fraction}, "split rule", required=required)
+    if val_fraction is not None:
+        VAL_FRACTION.check(val_fraction)
+    check_split_files(splits_from)
+
+
 _SETTING = re.compile(r"`([a-z_][a-z0-9_]*)(?:=([^`]*))?`")
 
 

@@ -227,10 +227,7 @@ class FolderDataset:
             raise KeyshardError(f"`num_classes` {k} must be 1..{MAX_SEG_CLASSES} (masks are 8-bit)")
         if v is not None and not k <= v <= 255:
             raise KeyshardError(f"`ignore_index` {v} must be {k}..255 (0..{k - 1} are class ids)")
-        params.exactly_one({"`splits_from`": self.splits_from, "`val_fraction`": self.val_fraction}, "split rule")
-        if self.val_fraction is not None:
-            params.VAL_FRACTION.check(self.val_fraction)
-        params.check_split_files(self.splits_from)
+        params.check_split_rule(self.splits_from, self.val_fraction, required=True)
         lut, how, record = build_lut(k, v, self.label_map, self.reduce_zero_label)
         names = read_class_names(self.class_names, k)
         dataset = {"kind": "folders", "num_classes": k, "ignore_index": v, "class_names": names}

@@ -166,11 +166,7 @@ class ImageFolderDataset:
 
     def check(self) -> tuple[None, dict, dict]:
         """(worker label spec: none, the class is in each ref; manifest ``dataset`` entry; extra ``source`` fields)."""
-        params.exactly_one({"`val_fraction`": self.val_fraction, "`splits_from`": self.splits_from},
-                           "split rule", required=False)
-        if self.val_fraction is not None:
-            params.VAL_FRACTION.check(self.val_fraction)
-        params.check_split_files(self.splits_from)
+        params.check_split_rule(self.splits_from, self.val_fraction, required=False)
         names = class_names(Path(self.root))
         return None, {"kind": "image-folder", "num_classes": len(names), "ignore_index": None,
                       "class_names": names}, {}
