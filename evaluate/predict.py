@@ -38,7 +38,7 @@ import torch
 
 from keyshard import tasks
 from keyshard.errors import KeyshardError
-from keyshard.images import MAX_PIXELS, BadSample, decode_rgb, resize_bilinear
+from keyshard.images import MAX_PIXELS, BadSample, decode_rgb, stored_pixels
 from keyshard.transforms import compile_plan, normalize_pixels
 
 DEFAULT_BATCH = 16
@@ -236,7 +236,7 @@ class Predictor:
 
     def resize(self, array: np.ndarray) -> torch.Tensor:
         """An H×W×3 uint8 array → ``image_size``² × 3, as ``encrypt`` resizes a decoded image."""
-        return resize_bilinear(torch.from_numpy(array).permute(2, 0, 1), self.image_size).permute(1, 2, 0)
+        return stored_pixels(torch.from_numpy(array).permute(2, 0, 1), self.image_size)
 
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
         """Stored pixels (N×S×S×3 uint8, any device) → the model's logits on the device: the key
@@ -353,7 +353,7 @@ class ImageFiles(torch.utils.data.Dataset):
         except OSError as exc:
             return Item(image_id, str(path), error=f"{path}: cannot read ({exc.strerror or type(exc).__name__})")
         height, width = decoded.shape[-2:]
-        pixels = resize_bilinear(decoded, self.size).permute(1, 2, 0).contiguous()
+        pixels = stored_pixels(decoded, self.size)
         original = decoded.permute(1, 2, 0).numpy() if self.keep_original else None
         return Item(image_id, str(path), pixels, (int(height), int(width)), original)
 

@@ -293,9 +293,14 @@ def resize_bilinear(img, size: int):
     return x.reshape(c, size, size)
 
 
+def stored_pixels(img, size: int):
+    """A decoded 3×H×W uint8 image → ``size``×``size``×3 uint8 (a tensor) as ``encrypt`` stores it."""
+    return resize_bilinear(img, size).permute(1, 2, 0).contiguous()
+
+
 def load_image(data: bytes, size: int, label: str, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
     """Image bytes → (``size``×``size``×3 uint8 RGB as ``encrypt`` stores it, original (height, width)):
-    ``decode_rgb`` then ``resize_bilinear``; a bad file is a BadSample naming ``label``."""
+    ``decode_rgb`` then ``stored_pixels``; a bad file is a BadSample naming ``label``."""
     img = decode_rgb(data, label, max_pixels)
     h, w = img.shape[-2:]
-    return resize_bilinear(img, size).permute(1, 2, 0).contiguous().numpy(), (int(h), int(w))
+    return stored_pixels(img, size).numpy(), (int(h), int(w))
