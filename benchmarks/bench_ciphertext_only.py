@@ -92,10 +92,21 @@ def one(method: str, m: int, n: int, trial: int, sets) -> dict:
     scores = co.score_against(est, key.material)
     return {"method": method, "block_size": m, "images": n, "trial": trial, "seconds": round(est.seconds, 3),
             "key_fraction": scores["key_fraction"],
-            "key_fraction_up_to_complement": scores.get("key_fraction_up_to_complement", scores["key_fraction"]),
+            "key_fraction_up_to_symmetry": next((v for k, v in scores.items() if k.startswith("key_fraction_up_to_")),
+                                                scores["key_fraction"]),
             "pixels_exact": scores["pixels_exact"],
+            "pixels_exact_best_candidate": max(best_candidate(est, key.material), scores["pixels_exact"]),
             "psnr_db": math.inf if scores["psnr_db"] is None else scores["psnr_db"],
             "psnr_keyed_db": scores["psnr_keyed_db"]}
+
+
+def best_candidate(est, truth) -> float:
+    """The share of pixels exact with the best of the estimate's candidates (NP: the mask or its
+    complement; SHF: one of the six channel namings): what an attacker gets who can tell the
+    candidates apart, by eye or with the stolen model."""
+    plain = co.decrypt_all(truth, est.images)
+    shares = [co.decrypt_all(c, est.images) for c in est.candidates]
+    return max(0.0 if d is None else float(np.mean(d == plain)) for d in shares)
 
 
 def prototype_shf(m: int, images: list, prior, rng) -> np.ndarray:
@@ -107,7 +118,7 @@ def prototype_shf(m: int, images: list, prior, rng) -> np.ndarray:
                      shf._transformed(prior.block_covariances(m))[:3]))
     n = pairs[0][0].shape[0]
     perm = qap.frank_wolfe(pairs, np.full((n, n), 1.0 / n))
-    return shf._name_channels(perm, m, images, prior)[0]
+    return shf._channel_namings(perm, m, images, prior)[0][0]
 
 
 def ablation(block_sizes, counts, trials: int, sets) -> list[str]:
@@ -129,6 +140,37 @@ def ablation(block_sizes, counts, trials: int, sets) -> list[str]:
     return lines
 
 
+def model_rows(sweep_dirs, counts, trials: int) -> list[dict]:
+    """The stolen model's score with the estimate: for every cell of the given ``keyshard sweep``
+    directories (toy models; ``benchmarks/bench_mini_sweep.py`` makes them), the key estimated
+    from N keyed test images alone with the shipped prior, as ``evaluate --ciphertext-only N``
+    does (the model picks among the candidates), beside the cell's audit (correct key, plain
+    images, wrong keys)."""
+    from keyshard.manifest import read
+    from keyshard.train.checkpoint import load_model
+
+    out = []
+    for sweep in map(Path, sweep_dirs):
+        test = read(sweep / "plain")
+        for cell in sorted(d for d in sweep.iterdir() if (d / "key.json").exists() and (d / "run" / "best.pt").exists()):
+            audit = json.loads((cell / "audit" / "audit.json").read_text())
+            key = keys.load(cell / "key.json")
+            model, state = load_model(str(cell / "run" / "best.pt"), "cpu")
+            results = audit["results"]
+            for n in counts:
+                for trial in range(trials):
+                    row = co.audit_row(key, model, "cpu", str(sweep / "plain"), test, n, results["correct"]["miou"],
+                                       progress=False, seed=trial)
+                    out.append({"sweep": sweep.name, "method": key.method, "block_size": key.block_size, "images": n,
+                                "trial": trial, "epochs": state["config"]["epochs"],
+                                "key_fraction": row["scores"]["key_fraction"], "pixels_exact": row["scores"]["pixels_exact"],
+                                "miou_estimate": row["model"]["estimated_key"], "miou_correct": results["correct"]["miou"],
+                                "miou_plain": results["plain"]["miou"], "miou_wrong_mean": results["wrong"]["summary"]["mean"]})
+                    print(f"model {cell.name} N={n} trial {trial}: estimate {out[-1]['miou_estimate']:.4f} vs correct "
+                          f"{out[-1]['miou_correct']:.4f}", file=sys.stderr, flush=True)
+    return out
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     """Per (method, M, N): means over trials (PSNR: the median, ∞ when exact)."""
     cells = {}
@@ -138,22 +180,44 @@ def summarise(rows: list[dict]) -> list[dict]:
     for (method, m, n), rs in cells.items():
         out.append({"method": method, "block_size": m, "images": n, "trials": len(rs),
                     **{f: float(np.mean([r[f] for r in rs])) for f in
-                       ("key_fraction", "key_fraction_up_to_complement", "pixels_exact", "seconds")},
+                       ("key_fraction", "key_fraction_up_to_symmetry", "pixels_exact", "pixels_exact_best_candidate",
+                        "seconds")},
                     "pixels_exact_min": float(min(r["pixels_exact"] for r in rs)),
                     "psnr_db": float(np.median([r["psnr_db"] for r in rs])),
                     "psnr_keyed_db": float(np.median([r["psnr_keyed_db"] for r in rs]))})
     return out
 
 
+def write_csv(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def models_markdown(rows: list[dict], hardware: str) -> str:
+    """The stolen toy models' table: one line per cell and N."""
+    lines = [f"Hardware: {hardware}.", "",
+             "| method | M | epochs | N | key right | pixels exact | mIoU, estimated key | mIoU, correct key | "
+             "mIoU, plain images | mIoU, wrong keys (mean) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['block_size']} | {r['epochs']} | {r['images']} | "
+                     f"{100 * r['key_fraction']:.1f} % | {100 * r['pixels_exact']:.1f} % | {r['miou_estimate']:.4f} | "
+                     f"{r['miou_correct']:.4f} | {r['miou_plain']:.4f} | {r['miou_wrong_mean']:.4f} |")
+    return "\n".join(lines)
+
+
 def markdown(summary: list[dict], hardware: str) -> str:
     lines = [f"Hardware: {hardware}.", "",
-             "| method | M | N | key right | key right (up to complement) | pixels exact (mean / min) | PSNR (dB) | "
-             "PSNR keyed (dB) | s / estimate |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| method | M | N | key right | key right (up to complement / channel naming) | pixels exact (mean / min) | "
+             "pixels exact, best candidate | PSNR (dB) | PSNR keyed (dB) | s / estimate |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in summary:
         psnr_text = "∞" if math.isinf(s["psnr_db"]) else f"{s['psnr_db']:.1f}"
         lines.append(f"| {s['method']} | {s['block_size']} | {s['images']} | {100 * s['key_fraction']:.1f} % | "
-                     f"{100 * s['key_fraction_up_to_complement']:.1f} % | {100 * s['pixels_exact']:.2f} % / "
-                     f"{100 * s['pixels_exact_min']:.2f} % | {psnr_text} | {s['psnr_keyed_db']:.1f} | "
+                     f"{100 * s['key_fraction_up_to_symmetry']:.1f} % | {100 * s['pixels_exact']:.2f} % / "
+                     f"{100 * s['pixels_exact_min']:.2f} % | {100 * s['pixels_exact_best_candidate']:.2f} % | {psnr_text} | {s['psnr_keyed_db']:.1f} | "
                      f"{s['seconds']:.2f} |")
     return "\n".join(lines)
 
@@ -207,6 +271,12 @@ def main():
     ap.add_argument("--plot", default=str(ROOT / "docs" / "assets" / "ciphertext-only.png"))
     ap.add_argument("--ablation", action="store_true",
                     help="Only compare SHF's estimator with the prototype's single Frank-Wolfe run (M=8,16; N=1,4).")
+    ap.add_argument("--models", action="append", default=[], metavar="SWEEP_DIR",
+                    help="Also score toy models: each cell of this `keyshard sweep` directory (repeatable), the key "
+                         "estimated from N keyed test images (benchmarks/bench_mini_sweep.py makes the directories).")
+    ap.add_argument("--model-images", default="4,16", help="N for --models.")
+    ap.add_argument("--only-models", action="store_true", help="With --models: skip the crops' table.")
+    ap.add_argument("--models-csv", default=str(ROOT / "docs" / "assets" / "ciphertext-only-models.csv"))
     ap.add_argument("--write-table", action="store_true",
                     help=f"Also write the warnings' table ({defaults.CIPHERTEXT_ONLY_TABLE}).")
     args = ap.parse_args()
@@ -217,6 +287,16 @@ def main():
     if args.ablation:
         print(f"Hardware: {hardware}.\n\n" + "\n".join(ablation((8, 16), (1, 4), args.trials, sets)))
         return
+    if not args.only_models:
+        estimates(args, sets, hardware)
+    if args.models:
+        stolen = model_rows(args.models, [int(n) for n in args.model_images.split(",")], 1)
+        write_csv(stolen, Path(args.models_csv))
+        print(models_markdown(stolen, hardware) + f"\n\nwrote {args.models_csv}")
+
+
+def estimates(args, sets, hardware: str) -> None:
+    """The crops' table: every method, M, N and trial; CSV, plot, markdown (and the warnings' table)."""
     rows, started = [], time.perf_counter()
     for method in args.methods.split(","):
         for m in map(int, args.block_sizes.split(",")):
@@ -227,11 +307,7 @@ def main():
                     print(f"{method} M={m} N={n} trial {trial}: key {r['key_fraction']:.3f}, pixels "
                           f"{r['pixels_exact']:.4f}, {r['seconds']:.1f} s", file=sys.stderr, flush=True)
     summary = summarise(rows)
-    Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(summary[0]))
-        writer.writeheader()
-        writer.writerows(summary)
+    write_csv(summary, Path(args.csv))
     plot(summary, Path(args.plot), hardware)
     if args.write_table:
         Path(defaults.CIPHERTEXT_ONLY_TABLE).write_text(json.dumps(warning_table(summary, hardware), indent=2) + "\n")

@@ -68,13 +68,12 @@ def key_info(key_file):
         ("key space", f"2^{bits:.1f}" + (f" = {count} keys" if count is not None else "") + method.keyspace_note),
         *method.describe(key.material),
     ]
-    # the ciphertext-only benchmark's verdict on this kind of key: one line, among the key's rows
-    if (weak := defaults.ciphertext_only_warning(key.method, key.block_size)) is not None:
-        rows.append(("ciphertext-only", f"WARNING: {weak}"))
     for name, value in rows:
         click.echo(f"{name:12} {value}")
     for warning in key.describe_warnings():  # (keys.load has warned about a readable file mode)
         click.echo(f"warning: {warning}", err=True)
+    if (weak := defaults.ciphertext_only_warning(key.method, key.block_size)) is not None:
+        click.echo(f"warning: {weak}", err=True)  # the ciphertext-only benchmark's verdict, as encrypt prints it
 
 
 @click.command("signing-key")

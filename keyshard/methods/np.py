@@ -4,12 +4,16 @@ The key is a mask over the 3M² block positions (exactly half of them for keys d
 secret: C(3M², 3M²/2) keys, 924 at M=2).  For integers 255 − v equals v XOR 255, so a compiled
 key is one 0/255 image and encryption is a single XOR (its own inverse).
 
-Ciphertext-only estimation (``estimate``): in plain photographs every position of a block rises
-and falls with the others, so in keyed images a flipped position is anti-correlated with the
-unflipped ones.  The signs of the leading eigenvector of the positions' correlation matrix split
-them into the two sets.  Which set is the mask cannot be told from the data (encrypting with the
-complement of the mask gives the negative image, E_m̄(x) = E_m(255 − x)), so both are kept; the
-image prior's colours order them.
+Ciphertext-only estimation (``estimate``): in plain images every position of a block rises and
+falls with its neighbours of the same channel, so in keyed images a flipped position is
+anti-correlated with the unflipped ones.  Per channel, the signs of the leading eigenvector of
+the positions' correlation matrix split them into the two sets.  In photographs the three
+channels also move together, which fixes their relative polarity; in images with saturated,
+independently coloured objects they need not, so all four relative polarities stay candidates,
+the one the cross-channel correlations favour first.  Which set is the mask cannot be told from
+the data (encrypting with the complement of the mask gives the negative image,
+E_m̄(x) = E_m(255 − x)), so each candidate's complement is kept too; the image prior's colours
+order each pair.  A model (``attack ciphertext-only --checkpoint``) picks among all eight.
 """
 
 from __future__ import annotations
@@ -81,16 +85,30 @@ class Np(MaskMethod):
         return NpMaterial(block_size, changed), {}, np.ones(changed.size, dtype=bool)
 
     def estimate(self, block_size, images, prior, rng, password=None, progress=None):
-        """The mask and its complement from keyed images alone (module doc), the one whose
-        decrypted images have the more photo-like colours first."""
-        lead = _leading_vector(images, block_size)
-        pair = (NpMaterial(block_size, lead < 0), NpMaterial(block_size, lead >= 0))
+        """Eight candidate masks from keyed images alone (module doc): each channel's flips up to
+        sign, under the four relative polarities of the channels, and their complements; the
+        polarity the cross-channel correlations favour first, each complement pair ordered by
+        how photo-like the decrypted colours are."""
+        z = _standardised_blocks(images, block_size)
+        signs = [np.where(_leading_vector(z, cols) < 0, -1.0, 1.0) for cols in _channel_columns(block_size)]
+        agreement = _polarity_agreement(z, signs, block_size)
         h, w = images[0].shape[:2]
-        distances = [prior.colour_distance([self.compile(c, h, w).decrypt(x) for x in images[:16]]) for c in pair]
-        order = (0, 1) if distances[0] <= distances[1] else (1, 0)
-        return Estimate(tuple(pair[i] for i in order), {
-            "candidates": "the mask and its complement (the data cannot tell them apart)",
-            "chosen_by": "colour prior", "colour_distance": [round(distances[i], 3) for i in order]})
+        ranked = []
+        for flips in ((1, 1, 1), (1, 1, -1), (1, -1, 1), (1, -1, -1)):
+            mask = np.empty(3 * block_size * block_size, dtype=bool)
+            for cols, sign, flip in zip(_channel_columns(block_size), signs, flips):
+                mask[cols] = sign * flip < 0
+            fit = sum(agreement[a, b] * flips[a] * flips[b] for a, b in ((0, 1), (0, 2), (1, 2)))
+            for candidate in (NpMaterial(block_size, mask), NpMaterial(block_size, ~mask)):
+                colour = prior.colour_distance([self.compile(candidate, h, w).decrypt(x) for x in images[:16]])
+                ranked.append((-fit, colour, candidate))
+        ranked.sort(key=lambda t: (t[0], t[1]))
+        return Estimate(tuple(c for _, _, c in ranked), {
+            "candidates": "each channel's flips under the four relative polarities of the channels, and their "
+                          "complements (the data cannot tell a mask from its complement)",
+            "chosen_by": "cross-channel correlation, then the colour prior",
+            "polarity_agreement": [round(-f, 3) for f, _, _ in ranked[::2]],
+            "colour_distance": [round(c, 3) for _, c, _ in ranked]})
 
     def estimate_score(self, estimated, truth):
         """Positions right, and right up to complement (what the data alone can give)."""
@@ -115,20 +133,38 @@ class Np(MaskMethod):
         return transform_graph("keyshard_np", nodes, {"xor": xor}, height, width, np.uint8)
 
 
-def _leading_vector(images, m: int, iterations: int = 60) -> np.ndarray:
-    """The leading eigenvector of the block positions' correlation matrix, by power iteration
-    over the standardised blocks of every image (never forming the 3M² × 3M² matrix)."""
+def _channel_columns(m: int) -> list[np.ndarray]:
+    """The block positions of each channel (flattening order of ``keyshard.transforms``)."""
+    return [np.arange(c, 3 * m * m, 3) for c in range(3)]
+
+
+def _standardised_blocks(images, m: int) -> list[np.ndarray]:
+    """Every image's blocks as rows, each position standardised over all blocks of all images."""
     blocks = [to_blocks(x, m).astype(np.float32) for x in images]
     count = sum(len(b) for b in blocks)
     mean = sum(b.sum(0, dtype=np.float64) for b in blocks) / count
     var = sum(((b - mean) ** 2).sum(0, dtype=np.float64) for b in blocks) / count
     scale = 1.0 / np.sqrt(np.maximum(var, 1e-9))
-    z = [((b - mean) * scale).astype(np.float32) for b in blocks]
-    v = sum((zi.T @ zi[:, 0]).astype(np.float64) for zi in z)  # position 0's correlations: a start
-    for _ in range(iterations):                                   # never orthogonal to the answer
+    return [((b - mean) * scale).astype(np.float32) for b in blocks]
+
+
+def _leading_vector(z: list[np.ndarray], cols: np.ndarray, iterations: int = 60) -> np.ndarray:
+    """The leading eigenvector of the correlation matrix of the positions ``cols``, by power
+    iteration over the standardised blocks (never forming the matrix)."""
+    zs = [zi[:, cols] for zi in z]
+    v = sum((zi.T @ zi[:, 0]).astype(np.float64) for zi in zs)  # the first position's correlations: a
+    for _ in range(iterations):                                  # start never orthogonal to the answer
         v /= np.linalg.norm(v) or 1.0
-        v = sum((zi.T @ (zi @ v.astype(np.float32))).astype(np.float64) for zi in z)
+        v = sum((zi.T @ (zi @ v.astype(np.float32))).astype(np.float64) for zi in zs)
     return v if v.sum() >= 0 else -v
+
+
+def _polarity_agreement(z: list[np.ndarray], signs: list[np.ndarray], m: int) -> np.ndarray:
+    """agreement[a, b]: how strongly channel a's positions, each turned by its sign, move with
+    channel b's (the summed correlation of the two channels' sign-corrected block sums)."""
+    cols = _channel_columns(m)
+    sums = [np.concatenate([zi[:, c] @ s.astype(np.float32) for zi in z]).astype(np.float64) for c, s in zip(cols, signs)]
+    return np.array([[float(np.mean(a * b)) for b in sums] for a in sums])
 
 
 METHOD = Np()

@@ -7,11 +7,14 @@ inverse scatter index: encryption is a single ``np.take`` / ``torch.gather``.
 Ciphertext-only estimation (``estimate``) matches how the keyed images' block positions vary
 together — within a block, and with the blocks to the right and below — to what an image prior
 expects of plain photographs, a quadratic assignment (``keyshard.methods.qap``); the prior's
-colour statistics then name the three channels, which structure alone leaves open.
+colour statistics then rank the six namings of the three channels, which structure alone
+leaves open; all six are candidates (``keyshard attack ciphertext-only --checkpoint`` lets the
+stolen model pick).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -21,7 +24,8 @@ from keyshard import keys
 from keyshard.errors import KeyshardError
 from keyshard.keys import CHANNELS
 from keyshard.methods import Estimate, Fold, Material, Method
-from keyshard.transforms import IMAGENET_MEAN, IMAGENET_STD, Plan, block_coords, block_positions, patch_positions, to_blocks
+from keyshard.transforms import (IMAGENET_MEAN, IMAGENET_STD, Plan, block_coords, block_index, block_positions,
+                                 patch_positions, to_blocks)
 
 _P = np.uint64(1099511628211)  # FNV prime: multiplier of the known-plaintext attack's rolling hash
 
@@ -157,19 +161,29 @@ class Shf(Method):
     def estimate(self, block_size, images, prior, rng, password=None, progress=None):
         """The permutation from keyed images alone (module doc): the best of several
         Frank–Wolfe starts on two views of the statistics (correlations, and correlations after
-        each block's mean is removed), refined by pairwise exchanges, channels named by colour."""
+        each block's mean is removed), refined by pairwise exchanges.  Structure places every
+        value but cannot tell the three channels apart, so the six namings of the channels are
+        all candidates, the one with the most photo-like colours first."""
         from keyshard.methods import qap
 
         starts = ESTIMATE_STARTS
         cipher = _transformed(_cipher_covariances(images, block_size))
         template = _transformed(prior.block_covariances(block_size))
         perm, notes = qap.solve(list(zip(cipher, template)), starts, rng, progress)
-        perm, distance = _name_channels(perm, block_size, images, prior)
-        return Estimate((ShfMaterial(block_size, perm),), {**notes, "colour_distance": round(distance, 3)})
+        named = _channel_namings(perm, block_size, images, prior)
+        return Estimate(tuple(ShfMaterial(block_size, p) for p, _ in named), {
+            **notes, "candidates": "the permutation under each of the six namings of the channels "
+                                   "(the keyed images' structure cannot tell the channels apart)",
+            "chosen_by": "colour prior", "colour_distance": [round(d, 3) for _, d in named]})
 
     def estimate_score(self, estimated, truth):
-        """The fraction of block positions whose source the estimate names right."""
-        return {"key_fraction": float(np.mean(estimated.perm == truth.perm))}
+        """The fraction of block positions whose source the estimate names right, and the same
+        up to a renaming of the channels (what the keyed images' structure alone can give)."""
+        right = float(np.mean(estimated.perm == truth.perm))
+        r, c, ch = block_coords(estimated.perm, estimated.block_size)
+        renamed = [float(np.mean(block_index(r, c, np.asarray(names)[ch], estimated.block_size) == truth.perm))
+                   for names in itertools.permutations(range(CHANNELS))]
+        return {"key_fraction": right, "key_fraction_up_to_channel_naming": max(renamed)}
 
     def fold(self, material, size):
         """Values keep their 0..255 scale but may change channel: ``a = std[c_src] / std[c]``,
@@ -219,22 +233,18 @@ def _transformed(covs) -> list[np.ndarray]:
     return out
 
 
-def _name_channels(perm: np.ndarray, m: int, images, prior) -> tuple[np.ndarray, float]:
-    """Of the six ways to rename the channels of an estimated permutation, the one whose
-    decrypted images have the most photo-like colours (the prior's colour features)."""
-    import itertools
-
-    from keyshard.transforms import block_index
-
+def _channel_namings(perm: np.ndarray, m: int, images, prior) -> list[tuple[np.ndarray, float]]:
+    """The six ways to rename the channels of an estimated permutation, each with how unlike
+    photographs its decrypted images' colours are (the prior's colour features), most
+    photo-like first.  Colour is a weak cue: red and blue trade places in photos of sky or
+    water, which is why every naming stays a candidate for a model (or a person) to pick."""
     r, c, ch = block_coords(perm, m)
-    best = None
+    named = []
     for names in itertools.permutations(range(CHANNELS)):
         candidate = block_index(r, c, np.asarray(names)[ch], m)
         plan = METHOD.compile(ShfMaterial(m, candidate), *images[0].shape[:2])
-        distance = prior.colour_distance([plan.decrypt(x) for x in images[:16]])
-        if best is None or distance < best[1]:
-            best = (candidate, distance)
-    return best
+        named.append((candidate, prior.colour_distance([plan.decrypt(x) for x in images[:16]])))
+    return sorted(named, key=lambda t: t[1])
 
 
 METHOD = Shf()
