@@ -114,11 +114,10 @@ def prototype_shf(m: int, images: list, prior, rng) -> np.ndarray:
     Frank–Wolfe run from the barycentre, no refinement; the channels named as the estimator does."""
     from keyshard.methods import qap, shf
 
-    pairs = list(zip(shf._transformed(shf._cipher_covariances(images, m))[:3],
-                     shf._transformed(prior.block_covariances(m))[:3]))
+    pairs = list(zip(shf._transformed(shf._cipher_covariances(images, m)), shf._transformed(prior.block_covariances(m))))
     n = pairs[0][0].shape[0]
-    perm = qap.frank_wolfe(pairs, np.full((n, n), 1.0 / n))
-    return shf._channel_namings(perm, m, images, prior)[0][0]
+    perm = qap.frank_wolfe(pairs[:3], np.full((n, n), 1.0 / n))
+    return shf._channel_namings(perm, m, pairs)[0][0]
 
 
 def ablation(block_sizes, counts, trials: int, sets) -> list[str]:
@@ -159,16 +158,28 @@ def model_rows(sweep_dirs, counts, trials: int) -> list[dict]:
             results = audit["results"]
             for n in counts:
                 for trial in range(trials):
+                    started = time.perf_counter()
                     row = co.audit_row(key, model, "cpu", str(sweep / "plain"), test, n, results["correct"]["miou"],
                                        progress=False, seed=trial)
+                    row_seconds = time.perf_counter() - started
                     out.append({"sweep": sweep.name, "method": key.method, "block_size": key.block_size, "images": n,
                                 "trial": trial, "epochs": state["config"]["epochs"],
                                 "key_fraction": row["scores"]["key_fraction"], "pixels_exact": row["scores"]["pixels_exact"],
                                 "miou_estimate": row["model"]["estimated_key"], "miou_correct": results["correct"]["miou"],
-                                "miou_plain": results["plain"]["miou"], "miou_wrong_mean": results["wrong"]["summary"]["mean"]})
+                                "miou_plain": results["plain"]["miou"], "miou_wrong_mean": results["wrong"]["summary"]["mean"],
+                                "estimate_seconds": row["seconds"], "row_seconds": round(row_seconds, 2)})
                     print(f"model {cell.name} N={n} trial {trial}: estimate {out[-1]['miou_estimate']:.4f} vs correct "
                           f"{out[-1]['miou_correct']:.4f}", file=sys.stderr, flush=True)
-    return out
+    return sorted(out, key=model_order)
+
+
+def model_order(row: dict) -> tuple:
+    """The models' table order: sweep directory, method (keyshard's order), M, N."""
+    from keyshard import methods
+
+    order = methods.names()
+    return (row["sweep"], order.index(row["method"]) if row["method"] in order else len(order), row["block_size"],
+            row["images"], row["trial"])
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -200,11 +211,11 @@ def models_markdown(rows: list[dict], hardware: str) -> str:
     """The stolen toy models' table: one line per cell and N."""
     lines = [f"Hardware: {hardware}.", "",
              "| method | M | epochs | N | key right | pixels exact | mIoU, estimated key | mIoU, correct key | "
-             "mIoU, plain images | mIoU, wrong keys (mean) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "mIoU, plain images | mIoU, wrong keys (mean) | s / row |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['block_size']} | {r['epochs']} | {r['images']} | "
                      f"{100 * r['key_fraction']:.1f} % | {100 * r['pixels_exact']:.1f} % | {r['miou_estimate']:.4f} | "
-                     f"{r['miou_correct']:.4f} | {r['miou_plain']:.4f} | {r['miou_wrong_mean']:.4f} |")
+                     f"{r['miou_correct']:.4f} | {r['miou_plain']:.4f} | {r['miou_wrong_mean']:.4f} | {r['row_seconds']:.1f} |")
     return "\n".join(lines)
 
 

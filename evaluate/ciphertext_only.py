@@ -130,6 +130,12 @@ def check_estimable(name: str) -> methods.Method:
     return method
 
 
+def check_count(n_images: int, setting: str) -> None:
+    """How many keyed images one estimate may read: 1..MAX_IMAGES (``setting`` names it)."""
+    if not 1 <= n_images <= MAX_IMAGES:
+        raise KeyshardError(f"`{setting}` {n_images} must be in 1..{MAX_IMAGES}")
+
+
 # -- the estimate ------------------------------------------------------------------------------------
 @dataclass
 class Estimated:
@@ -243,14 +249,19 @@ def model_scores(est: Estimated, ckpt_path, test_dir, true_key: keys.Key | None 
     headline = tasks.for_kind(test.dataset.kind).headline
     materials = est.candidates + ([true_key.material] if true_key is not None else [])
     scores = [s[headline] for s in _score(model, materials, test_dir, test, device, batch_size, workers, progress)]
-    order = sorted(range(len(est.candidates)), key=lambda i: -scores[i])
-    record = {"checkpoint": str(ckpt_path), "metric": headline, "estimated_key": scores[order[0]],
-              "candidates": [scores[i] for i in order],
-              "correct_key": scores[-1] if true_key is not None else None}
-    if len(est.candidates) > 1:
-        est.candidates = [est.candidates[i] for i in order]
+    ranked = rank_by_model(est, scores[:len(est.candidates)])
+    return _rounded({"checkpoint": str(ckpt_path), "metric": headline, "estimated_key": ranked[0],
+                     "candidates": ranked, "correct_key": scores[-1] if true_key is not None else None})
+
+
+def rank_by_model(est: Estimated, scores: list[float]) -> list[float]:
+    """Order the estimate's candidates by the stolen model's score on them, best first (the
+    best becomes the estimate); returns the scores in that order."""
+    order = sorted(range(len(est.candidates)), key=lambda i: -scores[i])  # stable: ties keep the estimator's order
+    est.candidates = [est.candidates[i] for i in order]
+    if len(order) > 1:
         est.chosen_by = "the stolen model's score"
-    return _rounded(record)
+    return [scores[i] for i in order]
 
 
 def _score(model, materials, test_dir, test, device, batch_size, workers, progress) -> list[dict]:
@@ -270,8 +281,7 @@ def attack(enc_dir, split: str | None = None, n_images: int = 16, prior_dir=None
     read, then the search."""
     from tqdm import tqdm
 
-    if not 1 <= n_images <= MAX_IMAGES:
-        raise KeyshardError(f"`n_images` {n_images} must be in 1..{MAX_IMAGES}")
+    check_count(n_images, "n_images")
     manifest, shards = open_keyed(enc_dir, split)
     prior = load_prior(prior_dir, manifest.image.height)
     enc = manifest.encryption
@@ -302,20 +312,17 @@ def audit_row(key: keys.Key, model, device, test_dir, test: Manifest, n_images: 
     prior = image_prior.load()
     est = estimate(key.method, key.block_size, [plan.encrypt(x) for x in plain], prior, None, seed)
     headline = tasks.for_kind(test.dataset.kind).headline
-    scores = [s[headline] for s in _score(model, est.candidates, test_dir, test, device, batch_size, workers,
-                                          progress)]
-    best = int(np.argmax(scores))
-    est.candidates = [est.candidates[best]] + [c for i, c in enumerate(est.candidates) if i != best]
+    ranked = rank_by_model(est, [s[headline] for s in _score(model, est.candidates, test_dir, test, device,
+                                                              batch_size, workers, progress)])
     return {"images": len(plain), "prior": prior.source, "password_known": False, "seconds": round(est.seconds, 3),
             "scores": score_against(est, key.material),  # scores as the audit's own: not rounded
-            "model": {"metric": headline, "estimated_key": scores[best], "correct_key": correct}}
+            "model": {"metric": headline, "estimated_key": ranked[0], "correct_key": correct}}
 
 
 def check_audit_request(key: keys.Key, n_images: int) -> None:
     """``evaluate --ciphertext-only N`` refused before the audit runs: too many images, or a
     method without an estimator."""
-    if not 1 <= n_images <= MAX_IMAGES:
-        raise KeyshardError(f"`ciphertext_only` {n_images} must be in 1..{MAX_IMAGES}")
+    check_count(n_images, "ciphertext_only")
     check_estimable(key.method)
 
 

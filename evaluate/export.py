@@ -395,9 +395,7 @@ def write(exported: Exported, output, overwrite: bool = False) -> Path:
 
     path = Path(output)
     data = exported.model.SerializeToString()
-    if exported.key_material:
-        if path.exists() and not overwrite:
-            raise KeyshardError(f"{path}: already exists; refusing to overwrite it")
+    if exported.key_material:  # write_new refuses an existing file right before its rename
         make_parent(path)
         write_new(path, data, 0o600, overwrite=overwrite, what="ONNX file")
     else:

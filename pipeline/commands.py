@@ -16,12 +16,9 @@ from keyshard.pipeline.splits import SPLITS
 from keyshard.pipeline.workers import BACKENDS, DEFAULT_BACKEND
 
 
-def _parse_splits(ctx, param, value):
-    names = tuple(s.strip() for s in value.split(",") if s.strip())
-    bad = [s for s in names if s not in SPLITS]
-    if bad or not names:
-        raise click.BadParameter(f"choose from {', '.join(SPLITS)} (comma-separated)")
-    return tuple(s for s in SPLITS if s in names)
+def _in_split_order(ctx, param, value):
+    """The chosen splits in the order encrypt writes them (train, holdout, test)."""
+    return tuple(s for s in SPLITS if s in value)
 
 
 def _parse_scale(ctx, param, value):
@@ -90,7 +87,8 @@ def toy_voc(out, images, voc_sizes, make_tar, seed, min_side, max_side, classes)
 @click.option("--key", "key_file", type=click.Path(dir_okay=False), help="Key file from `keyshard keygen`.")
 @click.option("--plain", is_flag=True, help="Write the unencrypted baseline instead (same format).")
 @click.option("--output", "-o", required=True, type=click.Path(), metavar="DIR", help="Output directory (new, or --resume).")
-@click.option("--splits", default="train,holdout,test", show_default=True, callback=_parse_splits,
+@click.option("--splits", type=options.CommaList(click.Choice(SPLITS)), default="train,holdout,test", show_default=True,
+              callback=_in_split_order,
               help="Which splits to write: train/holdout come from train.txt, test is val.txt.")
 @options.image_size_option(default=options.DEFAULT_IMAGE_SIZE, show_default=True, metavar="SIZE",
                            help="Images and masks are resized to SIZE x SIZE pixels (the key's block size must divide it).")

@@ -35,7 +35,7 @@ from keyshard.transforms import compile_plan
 from keyshard.pipeline import MAX_PIXELS
 from keyshard.pipeline import manifest as manifest_mod
 from keyshard.pipeline import workers as workers_mod
-from keyshard.pipeline.samples import BadSample, load_torch, prepare, prepare_image, replica_seed
+from keyshard.pipeline.samples import BadSample, load_torch, replica_seed
 from keyshard.pipeline.splits import SPLITS, split_ids
 from keyshard.pipeline.voc import SampleRef, VocSource
 
@@ -63,6 +63,7 @@ class ShardTask:
     name: str
     split: str
     replica: int
+    dataset_kind: str  # the manifest's dataset kind: which task reads (and writes) the samples
     refs: tuple[SampleRef, ...] = field(repr=False)
 
 
@@ -151,8 +152,8 @@ def process_shard(task: ShardTask, material: KeyMaterial | None, options: Encryp
     the temporary path, which ``commit_shard`` renames in the job's own process).
 
     ``labels``: a ``folders.LabelSpec`` (lookup table, class count, ignore index) for a folder
-    dataset; None for VOC, whose masks meet VOC's own checks.  Each sample's target is written as
-    its task says (``<key>.mask.png``, or ``<key>.cls`` for image folders' ``image_folder.ClassRef``)."""
+    dataset; None for VOC, whose masks meet VOC's own checks.  The shard's dataset kind picks the
+    task, which reads each sample (``Task.sample_reader``) and names its target's member."""
     exit_with_parent(owner)
     if owner not in (None, os.getpid()):  # a pool worker: a test may kill it at this shard (keyshard.faults)
         faults.point("encrypt.worker", task.name)
@@ -161,11 +162,14 @@ def process_shard(task: ShardTask, material: KeyMaterial | None, options: Encryp
     partial = Path(partial_dir)
     tmp = partial / "tmp" / f"{task.name}.{os.getpid()}"
     inputs, failed = [], []
+    sample_task = task_for_kind(task.dataset_kind)
+    read_sample = sample_task.hook("sample_reader")
     with open(tmp, "wb") as f:
         writer = shardformat.ShardWriter(f)
         for ref in task.refs:
             try:
-                sample_task, img, target, orig, row, key_id = _read_ref(ref, task.replica, options, labels)
+                seed = replica_seed(options.augment_seed, ref.voc_id, task.replica) if task.replica else None
+                img, target, orig, row, key_id = read_sample(ref, seed, options, labels)
             except BadSample as exc:
                 if not options.skip_bad:
                     raise
@@ -186,28 +190,6 @@ def process_shard(task: ShardTask, material: KeyMaterial | None, options: Encryp
     return {"file": task.name, "split": task.split, "replica": task.replica,
             "samples": stats.samples, "bytes": stats.bytes, "sha256": stats.sha256,
             "inputs": inputs, "failed": failed, "tmp": str(tmp)}
-
-
-def _read_ref(ref, replica: int, options: EncryptOptions, labels):
-    """One source sample decoded and resized: ``(task, image, target, orig_size, input_row, key_id)``.
-
-    The source's ref holds the target: a mask file (VOC, folder datasets: a segmentation sample)
-    or a class index (image folders, ``image_folder.ClassRef``: a classification sample, whose id
-    is a path, so "/" becomes "__" in its key).  ``input_row`` is the manifest's record of the
-    inputs (id, image sha256, then the mask's sha256 or the class)."""
-    seed = replica_seed(options.augment_seed, ref.voc_id, replica) if replica else None
-    cls = getattr(ref, "cls", None)
-    if cls is None:
-        image_bytes, mask_bytes = ref.image.read(), ref.mask.read()
-        img, mask, orig = prepare(image_bytes, mask_bytes, options.size, ref.image.label, ref.mask.label, seed,
-                                  options.crop_scale, options.max_pixels, labels=labels)
-        row = [ref.voc_id, hashlib.sha256(image_bytes).hexdigest(), hashlib.sha256(mask_bytes).hexdigest()]
-        return task_for_kind("voc"), img, mask, orig, row, ref.voc_id
-    image_bytes = ref.image.read()
-    img, orig = prepare_image(image_bytes, options.size, ref.image.label, seed, options.crop_scale,
-                              options.max_pixels)
-    row = [ref.voc_id, hashlib.sha256(image_bytes).hexdigest(), str(cls)]
-    return task_for_kind("image-folder"), img, cls, orig, row, ref.voc_id.replace("/", "__")
 
 
 def commit_shard(out: Path, partial: Path, record: dict) -> dict:
@@ -245,7 +227,7 @@ def plan_tasks(source: VocSource, options: EncryptOptions) -> tuple[list[ShardTa
         for replica in range(replicas):
             for start in range(0, len(refs), options.shard_size):
                 chunk = tuple(refs[start:start + options.shard_size])
-                tasks.append(ShardTask(shardformat.shard_name(split, index), split, replica, chunk))
+                tasks.append(ShardTask(shardformat.shard_name(split, index), split, replica, source.dataset_kind, chunk))
                 index += 1
     return tasks, counts
 

@@ -138,6 +138,7 @@ class FolderSource(VocSource):
     """Two flat folders paired by stem; same interface as ``VocSource`` for the encryption job."""
 
     kind = "folders"
+    dataset_kind = "folders"  # the manifest's dataset kind (which task its samples are)
 
     def __init__(self, image_dir, mask_dir, splits_from: dict | None = None, val_fraction: float | None = None,
                  seed: int = 0):

@@ -92,6 +92,7 @@ class ImageFolderSource:
     """An ImageFolder layout as a source of ``encrypt_job`` (ids per split, refs, split hashes)."""
 
     kind = "dir"
+    dataset_kind = "image-folder"  # the manifest's dataset kind (which task its samples are)
     layout_root = "."
 
     def __init__(self, path: str, splits_from: dict | None, val_fraction: float | None, seed: int):

@@ -14,6 +14,7 @@ here, in plain space, because they do not commute with a block key:
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -186,3 +187,26 @@ def prepare_image(image_bytes: bytes, size: int, image_label: str, augment_seed:
     h, w = img.shape[-2:]
     img, _ = fit(img, Image.new("L", (int(w), int(h))), size, augment_seed, crop_scale)
     return img, (int(h), int(w))
+
+
+# -- one source sample, as each task reads it (``Task.sample_reader``) -------------------------------
+
+def read_segmentation(ref, augment_seed: int | None, options, labels):
+    """One VOC or folder-dataset ref, an image and its label map: ``(image, mask, orig_size,
+    input_row, key_id)``.  The input row is the manifest's record of the inputs (id, image
+    sha256, label map sha256); ``options`` are the job's (size, crop scale, pixel limit)."""
+    image_bytes, mask_bytes = ref.image.read(), ref.mask.read()
+    img, mask, orig = prepare(image_bytes, mask_bytes, options.size, ref.image.label, ref.mask.label, augment_seed,
+                              options.crop_scale, options.max_pixels, labels=labels)
+    row = [ref.voc_id, hashlib.sha256(image_bytes).hexdigest(), hashlib.sha256(mask_bytes).hexdigest()]
+    return img, mask, orig, row, ref.voc_id
+
+
+def read_classification(ref, augment_seed: int | None, options, labels):
+    """One image-folder ref (``image_folder.ClassRef``), an image and its class index: ``(image,
+    class, orig_size, input_row, key_id)``.  The id is a path, so "/" becomes "__" in its key."""
+    image_bytes = ref.image.read()
+    img, orig = prepare_image(image_bytes, options.size, ref.image.label, augment_seed, options.crop_scale,
+                              options.max_pixels)
+    row = [ref.voc_id, hashlib.sha256(image_bytes).hexdigest(), str(ref.cls)]
+    return img, ref.cls, orig, row, ref.voc_id.replace("/", "__")

@@ -57,6 +57,7 @@ class VocSource:
     """
 
     kind = "?"
+    dataset_kind = "voc"  # the manifest's dataset kind (which task its samples are)
     layout_root = "."
 
     def __init__(self, path: Path):

@@ -155,8 +155,8 @@ def test_entry_points_are_loaded(monkeypatch):
 
     monkeypatch.setattr(importlib.metadata, "entry_points",
                         lambda group: [FakeEntryPoint()] if group == methods.ENTRY_POINT_GROUP else [])
-    monkeypatch.setattr(methods, "_REGISTRY", {})
-    monkeypatch.setattr(methods, "_loaded", False)
+    monkeypatch.setattr(methods.REGISTRY, "_plugins", {})  # filled again on the next look-up
+    monkeypatch.setattr(methods.REGISTRY, "_loaded", False)
     assert methods.names() == (*methods.builtin_names(), "plugin-add")
 
 

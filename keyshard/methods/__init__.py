@@ -28,11 +28,11 @@ from typing import ClassVar, NamedTuple
 
 import numpy as np
 
+from keyshard.registry import Registry
+
 ENTRY_POINT_GROUP = "keyshard.methods"
 _BUILTIN_MODULES = ("shf", "np", "ffx")  # the order of keyshard's built-in methods everywhere
 
-_REGISTRY: dict[str, "Method"] = {}
-_loaded = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -217,61 +217,21 @@ class Method(abc.ABC):
 
 # -- the registry ------------------------------------------------------------------------------
 
-def register(method: Method | type[Method]) -> Method:
-    """Add a method (an instance or a class) under its ``name``; a name is registered once."""
-    _load()
-    instance = method() if isinstance(method, type) else method
-    _add(instance)
-    return instance
+def _check_material_fields(method: Method, others: list[Method]) -> None:
+    """Methods share the key file's ``material`` object: a field two methods name must mean the same."""
+    for other in others:
+        for field, spec in method.material_schema.items():
+            if field in other.material_schema and other.material_schema[field] != spec:
+                raise ValueError(f"method {method.name!r}: material field {field!r} differs from {other.name!r}'s")
 
 
-def get(name: str) -> Method:
-    """The registered method called ``name``; KeyshardError naming the known ones otherwise."""
-    _load()
-    try:
-        return _REGISTRY[name]
-    except (KeyError, TypeError):
-        from keyshard.errors import KeyshardError
-
-        raise KeyshardError(f"unknown method {name!r}; expected one of {', '.join(names())}") from None
-
-
-def names() -> tuple[str, ...]:
-    """Every registered method's name: the built-ins first, then entry points, then in-process."""
-    _load()
-    return tuple(_REGISTRY)
+REGISTRY = Registry("method", Method, __name__, _BUILTIN_MODULES, "METHOD", ENTRY_POINT_GROUP, _check_material_fields)
+register, get, names = REGISTRY.register, REGISTRY.get, REGISTRY.names
 
 
 def builtin_names() -> tuple[str, ...]:
     """keyshard's own methods, in their usual order (what the schemas on disk list)."""
     return _BUILTIN_MODULES
-
-
-def _add(method: Method) -> None:
-    if not isinstance(method, Method):
-        raise TypeError(f"{method!r} is not a keyshard.methods.Method")
-    if method.name in _REGISTRY:
-        raise ValueError(f"method {method.name!r} is already registered")
-    for other in _REGISTRY.values():
-        for field, spec in method.material_schema.items():
-            if field in other.material_schema and other.material_schema[field] != spec:
-                raise ValueError(f"method {method.name!r}: material field {field!r} differs from {other.name!r}'s")
-    _REGISTRY[method.name] = method
-
-
-def _load() -> None:
-    """The built-ins, then the installed entry points: once per process."""
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for module in _BUILTIN_MODULES:
-        _add(importlib.import_module(f"{__name__}.{module}").METHOD)
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        loaded = ep.load()
-        _add(loaded() if isinstance(loaded, type) else loaded)
 
 
 # -- the key file schema -------------------------------------------------------------------------

@@ -11,8 +11,8 @@ photographs unrelated to any target:
   the expected covariance of any two positions of a block, or of a block and its right or lower
   neighbour, for every block size with 2M - 1 <= L (``block_covariances``);
 * ``colour_mean`` / ``colour_std``: how per-image colour features (channel means, channel
-  standard deviations, the three channel correlations) vary over photos.  They name channels
-  (SHF) and choose between a mask and its complement (NP), which structure alone cannot.
+  standard deviations, the three channel correlations) vary over photos.  They choose between
+  an NP mask and its complement, which structure alone cannot.
 
 The shipped prior (``prior/photos.npz``, about 150 KB) is built from scikit-image's bundled
 photographs by ``python -m keyshard.evaluate.ciphertext_only build-prior``; ``attack
@@ -38,7 +38,7 @@ CROP = 256  # the colour features' spread is measured over crops of this size
 # The least spread of each colour feature (0..255 means and deviations, correlations): a prior
 # from a few photos understates how much colours vary.  With these floors the true channel order
 # of single 256² crops of scikit-image's photos scored best in 80 % of crops (a prior from the
-# other photos), against 72 % without them.
+# other photos), against 72 % without them (SHF's channels are now named by structure instead).
 COLOUR_FLOOR = np.array([25.0] * 6 + [0.2] * 3)
 
 
@@ -77,7 +77,7 @@ class ImagePrior:
 
     def colour_distance(self, images) -> float:
         """How unlike photographs the images' colours are: the squared z-scores of their mean
-        colour features (lower is more photo-like).  Used to name channels and pick polarity."""
+        colour features (lower is more photo-like).  NP uses it to pick a mask over its complement."""
         features = np.mean([colour_features(np.asarray(x, dtype=np.float64)) for x in images], axis=0)
         return float(np.sum(((features - self.colour_mean) / self.colour_std) ** 2))
 

@@ -6,10 +6,9 @@ inverse scatter index: encryption is a single ``np.take`` / ``torch.gather``.
 
 Ciphertext-only estimation (``estimate``) matches how the keyed images' block positions vary
 together — within a block, and with the blocks to the right and below — to what an image prior
-expects of plain photographs, a quadratic assignment (``keyshard.methods.qap``); the prior's
-colour statistics then rank the six namings of the three channels, which structure alone
-leaves open; all six are candidates (``keyshard attack ciphertext-only --checkpoint`` lets the
-stolen model pick).
+expects of plain photographs, a quadratic assignment (``keyshard.methods.qap``).  The six namings
+of the three channels are then ranked by the same objective; all six are candidates
+(``keyshard attack ciphertext-only --checkpoint`` lets the stolen model pick).
 """
 
 from __future__ import annotations
@@ -161,24 +160,23 @@ class Shf(Method):
     def estimate(self, block_size, images, prior, rng, password=None, progress=None):
         """The permutation from keyed images alone (module doc): the best of several
         Frank–Wolfe starts on two views of the statistics (correlations, and correlations after
-        each block's mean is removed), refined by pairwise exchanges.  Structure places every
-        value but cannot tell the three channels apart, so the six namings of the channels are
-        all candidates, the one with the most photo-like colours first."""
+        each block's mean is removed), refined by pairwise exchanges; then the six namings of
+        its channels, best objective first (``_channel_namings``)."""
         from keyshard.methods import qap
 
         starts = ESTIMATE_STARTS
         cipher = _transformed(_cipher_covariances(images, block_size))
         template = _transformed(prior.block_covariances(block_size))
-        perm, notes = qap.solve(list(zip(cipher, template)), starts, rng, progress)
-        named = _channel_namings(perm, block_size, images, prior)
+        pairs = list(zip(cipher, template))
+        perm, notes = qap.solve(pairs, starts, rng, progress)
+        named = _channel_namings(perm, block_size, pairs)
         return Estimate(tuple(ShfMaterial(block_size, p) for p, _ in named), {
-            **notes, "candidates": "the permutation under each of the six namings of the channels "
-                                   "(the keyed images' structure cannot tell the channels apart)",
-            "chosen_by": "colour prior", "colour_distance": [round(d, 3) for _, d in named]})
+            **notes, "candidates": "the permutation under each of the six namings of the channels",
+            "chosen_by": "the structure objective", "objective_per_naming": [round(f, 4) for _, f in named]})
 
     def estimate_score(self, estimated, truth):
         """The fraction of block positions whose source the estimate names right, and the same
-        up to a renaming of the channels (what the keyed images' structure alone can give)."""
+        up to a renaming of the channels (the estimate's positions, whatever it called the channels)."""
         right = float(np.mean(estimated.perm == truth.perm))
         r, c, ch = block_coords(estimated.perm, estimated.block_size)
         renamed = [float(np.mean(block_index(r, c, np.asarray(names)[ch], estimated.block_size) == truth.perm))
@@ -233,18 +231,17 @@ def _transformed(covs) -> list[np.ndarray]:
     return out
 
 
-def _channel_namings(perm: np.ndarray, m: int, images, prior) -> list[tuple[np.ndarray, float]]:
-    """The six ways to rename the channels of an estimated permutation, each with how unlike
-    photographs its decrypted images' colours are (the prior's colour features), most
-    photo-like first.  Colour is a weak cue: red and blue trade places in photos of sky or
-    water, which is why every naming stays a candidate for a model (or a person) to pick."""
+def _channel_namings(perm: np.ndarray, m: int, pairs) -> list[tuple[np.ndarray, float]]:
+    """The six ways to rename the channels of an estimated permutation, each with its objective,
+    best first.  The channels differ in how they vary inside a block once the block's mean is
+    gone (the second view of ``_transformed``: colour edges), so the objective tells the namings
+    apart where a colour prior cannot (red and blue trade places in photos of sky or water); all
+    six stay candidates, for a stolen model (or a person) to overrule."""
+    from keyshard.methods import qap
+
     r, c, ch = block_coords(perm, m)
-    named = []
-    for names in itertools.permutations(range(CHANNELS)):
-        candidate = block_index(r, c, np.asarray(names)[ch], m)
-        plan = METHOD.compile(ShfMaterial(m, candidate), *images[0].shape[:2])
-        named.append((candidate, prior.colour_distance([plan.decrypt(x) for x in images[:16]])))
-    return sorted(named, key=lambda t: t[1])
+    renamed = [block_index(r, c, np.asarray(names)[ch], m) for names in itertools.permutations(range(CHANNELS))]
+    return sorted(((p, qap.objective(p, pairs)) for p in renamed), key=lambda t: -t[1])
 
 
 METHOD = Shf()

@@ -18,8 +18,9 @@ evaluate):
   ``scorer``) and the stage that needs one resolves it with :meth:`Task.hook` at run time.  The
   core never imports a stage: it only holds the name.
 
-The registry is a dictionary, as in ``keyshard/methods/``; tasks are built in (a new task is a new
-module here, plus its model factory and scorer in the stages).
+The registry is ``keyshard.registry.Registry``, as for methods; tasks are built in (a new task is a
+new module here exposing its instance as ``TASK``, plus its model factory, scorer and sample
+reader in the stages).
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ from typing import Callable, ClassVar
 
 import numpy as np
 
+from keyshard.registry import Registry
+
 DEFAULT = "segmentation"  # what a manifest without a dataset entry and an audit without "task" hold
 _BUILTIN_MODULES = ("segmentation", "classification")  # registry order: the report's section order
 
-_REGISTRY: dict[str, "Task"] = {}
-_loaded = False
 
 
 class Task(abc.ABC):
@@ -55,6 +56,8 @@ class Task(abc.ABC):
     own_settings: ClassVar[tuple[str, ...]] = ()  # TrainConfig settings only this task's shards take
     loss: ClassVar[str]                 # loss(outputs, targets, aux_weight, ignore_index) -> summed loss
     scorer: ClassVar[str]               # Scorer(device, num_classes, ignore_index, keep_per_image)
+    sample_reader: ClassVar[str]        # encrypt: reader(ref, augment_seed, options, labels) ->
+    #                                     (image, target, orig_size, input_row, key_id)
     # audits
     headline: ClassVar[str]             # the score a key is summarised by ("miou", "top1_acc")
     score_label: ClassVar[str]          # that score in words, for plots ("mean IoU")
@@ -70,8 +73,8 @@ class Task(abc.ABC):
     per_pixel: ClassVar[bool] = False
 
     def hook(self, member: str) -> Callable:
-        """The stage object a hook attribute (``model``, ``model_names``, ``loss``, ``scorer``) names,
-        imported now."""
+        """The stage object a hook attribute (``model``, ``model_names``, ``loss``, ``scorer``,
+        ``sample_reader``) names, imported now."""
         module, _, attr = getattr(self, member).partition(":")
         return getattr(importlib.import_module(module), attr)
 
@@ -164,45 +167,20 @@ def keyed_in_order(audits: list[dict]) -> list[dict]:
                                  a.get("_source", "")))
 
 
-def _load_builtins() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        for module in _BUILTIN_MODULES:
-            importlib.import_module(f"{__name__}.{module}")
+def _check_kinds(task: Task, others: list[Task]) -> None:
+    """A manifest dataset kind belongs to one task."""
+    taken = {k for t in others for k in t.kinds}
+    if taken & set(task.kinds):
+        raise ValueError(f"task {task.name!r}: one of its dataset kinds {task.kinds} is already registered")
 
 
-def register(task: Task | type[Task]) -> Task:
-    """Register a task (class or instance) under its name and kinds; a name or kind is taken once."""
-    task = task() if isinstance(task, type) else task
-    taken = {k for t in _REGISTRY.values() for k in t.kinds}
-    if task.name in _REGISTRY or taken & set(task.kinds):
-        raise ValueError(f"task {task.name!r} or one of its dataset kinds {task.kinds} is already registered")
-    _REGISTRY[task.name] = task
-    return task
-
-
-def names() -> tuple[str, ...]:
-    """Every task's name, built-ins first (in ``_BUILTIN_MODULES`` order, whatever was imported first)."""
-    _load_builtins()
-    builtin = len(_BUILTIN_MODULES)
-    return tuple(sorted(_REGISTRY, key=lambda n: _BUILTIN_MODULES.index(n) if n in _BUILTIN_MODULES else builtin))
-
-
-def get(name: str) -> Task:
-    _load_builtins()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        from keyshard.errors import KeyshardError
-
-        raise KeyshardError(f"unknown task {str(name)[:40]!r}; known: {', '.join(_REGISTRY)}") from None
+REGISTRY = Registry("task", Task, __name__, _BUILTIN_MODULES, "TASK", check=_check_kinds)
+register, get, names = REGISTRY.register, REGISTRY.get, REGISTRY.names
 
 
 def for_kind(kind: str) -> Task:
     """The task of a manifest's dataset kind (``voc``, ``folders``, ``image-folder``)."""
-    _load_builtins()
-    for task in _REGISTRY.values():
+    for task in REGISTRY:
         if kind in task.kinds:
             return task
     from keyshard.errors import KeyshardError

@@ -28,6 +28,7 @@ class Classification(tasks.Task):
     own_settings = ("train_fraction",)  # fine-tuning on a seeded subset (the transfer-learning setting)
     loss = "keyshard.train.step:segmentation_loss"  # summed cross-entropy; classifiers have no "aux" output
     scorer = "keyshard.evaluate.metrics:TopOneScorer"
+    sample_reader = "keyshard.pipeline.samples:read_classification"
     headline, score_label = "top1_acc", "top-1 accuracy"
     metrics_note = {"top1_acc": "fraction of test images whose highest-scoring class is their label"}
     table_title = "Classification (top-1 accuracy)"
@@ -105,4 +106,4 @@ class Classification(tasks.Task):
                 "audit": a.get("_source", "")}
 
 
-tasks.register(Classification)
+TASK = Classification()

@@ -95,6 +95,7 @@ class Segmentation(tasks.Task):
     own_settings = ("block_flip", "block_crop")  # key-safe augmentation flips/crops masks with the image
     loss = "keyshard.train.step:segmentation_loss"
     scorer = "keyshard.evaluate.metrics:SegmentationScorer"
+    sample_reader = "keyshard.pipeline.samples:read_segmentation"
     headline, score_label = "miou", "mean IoU"
     metrics_note = {
         "miou": "dataset-level: one confusion matrix summed over every test image (the dataset's classes, its "
@@ -214,4 +215,4 @@ class Segmentation(tasks.Task):
                 "audit": a.get("_source", "")}
 
 
-tasks.register(Segmentation)
+TASK = Segmentation()
