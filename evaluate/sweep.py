@@ -243,7 +243,7 @@ class Sweep:
             if key.ffx_password != pw:
                 raise KeyshardError(f"{path}: was made with another FFX password setting than this run's")
             if self.cfg.key_seed is not None and key.secret != sweep_secret(self.cfg.key_seed, method, block_size):
-                raise KeyshardError(f"{path}: was not derived from --key-seed {self.cfg.key_seed}")
+                raise KeyshardError(f"{path}: was not derived from `key_seed={self.cfg.key_seed}`")
             return key
         if self.cfg.key_seed is None:
             key = keys.generate(method, block_size, ffx_password=pw)

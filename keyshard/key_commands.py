@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from keyshard import keys, methods, options
+from keyshard import keys, methods, options, params
 from keyshard.errors import KeyshardError
 from keyshard.fsutil import make_parent
 from keyshard.methods import defaults
@@ -26,6 +26,7 @@ from keyshard.methods import defaults
 @click.option("--ffx-password-file", type=click.Path(dir_okay=False), default=None,
               help="FFX only: read the password from this file (one trailing newline is dropped).")
 @click.option("--force", is_flag=True, help="Replace an existing key file (the old key is lost).")
+@params.names_flags
 def keygen(method, block_size, output, image_size, reference_seed, ffx_password, ffx_password_file, force):
     """Create a new secret key file.
 

@@ -137,12 +137,6 @@ def ffx_table(password: bytes) -> np.ndarray:
     return np.asarray([fpe.encrypt(v) for v in range(256)], dtype=np.uint16)
 
 
-def KeyMaterial(method: str, block_size: int, **arrays):  # noqa: N802 (it was a class; callers keep the name)
-    """Key material of ``method`` for block size M from its arrays, e.g.
-    ``KeyMaterial(name, 2, perm=...)``: the method's own ``Material`` class (keyshard.methods)."""
-    return methods.get(method).Material(block_size, **arrays)
-
-
 @dataclass(frozen=True)
 class Key:
     """A loaded key file. ``material`` and ``fingerprint`` are derived lazily and cached."""
@@ -282,7 +276,7 @@ def save(key: Key, path: str | os.PathLike, force: bool = False) -> None:
     doc = to_json(key)
     from_json(doc, f"{path}: cannot write key file")
     if path.exists() and not force:
-        raise KeyshardError(f"{path}: already exists; refusing to overwrite a key (use --force)")
+        raise KeyshardError(f"{path}: already exists; refusing to overwrite a key (`force=True` replaces it)")
     if path.is_dir():
         raise KeyshardError(f"{path}: is a directory")
     parent = path.parent if str(path.parent) else Path(".")

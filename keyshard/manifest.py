@@ -19,6 +19,7 @@ import json
 import platform
 import zlib
 from dataclasses import dataclass, field
+from functools import lru_cache
 from importlib import metadata, resources
 from pathlib import Path
 
@@ -277,14 +278,28 @@ def schema() -> dict:
 
 
 def validate(doc: dict, where: str) -> None:
-    """``doc`` matches the manifest schema, else one ``KeyshardError`` naming ``where`` and the path."""
+    """``doc`` matches the manifest schema, else one ``KeyshardError`` naming ``where`` and the
+    path (the error ``jsonschema.validate`` would raise: the best match)."""
     import jsonschema
 
-    try:
-        jsonschema.validate(doc, schema())
-    except jsonschema.ValidationError as exc:
-        path = "/".join(str(p) for p in exc.absolute_path) or "(top)"
-        raise KeyshardError(f"{where}: manifest does not match the schema at {path}: {exc.message}") from None
+    from keyshard import methods
+
+    error = jsonschema.exceptions.best_match(_validator_for(methods.names()).iter_errors(doc))
+    if error is not None:
+        path = "/".join(str(p) for p in error.absolute_path) or "(top)"
+        raise KeyshardError(f"{where}: manifest does not match the schema at {path}: {error.message}")
+
+
+@lru_cache(maxsize=4)
+def _validator_for(method_names: tuple[str, ...]):
+    """The manifest schema's validator for these registered methods, checked and built once
+    (every shard set read validates its manifest; the key file's validator is cached alike)."""
+    import jsonschema
+
+    doc = schema()
+    cls = jsonschema.validators.validator_for(doc)
+    cls.check_schema(doc)
+    return cls(doc)
 
 
 def library_versions() -> dict:

@@ -28,7 +28,8 @@ from pathlib import Path
 from keyshard import __version__, faults, shardformat
 from keyshard.errors import KeyshardError
 from keyshard.fsutil import fsync_path, sha256_file, write_json_atomic
-from keyshard.keys import Key, KeyMaterial
+from keyshard.keys import Key
+from keyshard.methods import Material
 from keyshard.manifest import library_versions
 from keyshard.tasks import for_kind as task_for_kind  # (a ShardTask is a unit of work, not a Task)
 from keyshard.transforms import compile_plan
@@ -72,7 +73,7 @@ class ShardTask:
 _PLAN_CACHE: dict = {}
 
 
-def _plan_for(material: KeyMaterial | None, size: int):
+def _plan_for(material: Material | None, size: int):
     """Compile the key once per worker process (plans are pure functions of material and size)."""
     if material is None:
         return None
@@ -128,7 +129,7 @@ def exit_with_parent(owner: int | None) -> None:
     threading.Thread(target=watch, name="keyshard-parent-watch", daemon=True).start()
 
 
-def warm_up(material: KeyMaterial | None, size: int, fast_exit: bool = False, owner: int | None = None) -> int:
+def warm_up(material: Material | None, size: int, fast_exit: bool = False, owner: int | None = None) -> int:
     """Load torch and compile the key in a fresh worker while the main process plans the job.
 
     ``fast_exit`` (loky workers only): when the idle worker is shut down at the end of the
@@ -146,7 +147,7 @@ def warm_up(material: KeyMaterial | None, size: int, fast_exit: bool = False, ow
     return os.getpid()
 
 
-def process_shard(task: ShardTask, material: KeyMaterial | None, options: EncryptOptions,
+def process_shard(task: ShardTask, material: Material | None, options: EncryptOptions,
                   partial_dir: str, owner: int | None = None, labels=None) -> dict:
     """Write one shard under a temporary name and return its completion record (with ``tmp``,
     the temporary path, which ``commit_shard`` renames in the job's own process).

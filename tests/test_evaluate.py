@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from keyshard import keys
+from keyshard import keys, methods
 from keyshard.methods.masked import mask_size
 from keyshard.evaluate import wrong_keys
 from keyshard.evaluate.metrics import Confusion
@@ -136,7 +136,7 @@ def test_wrong_keys_of_a_secret_key_are_the_keys_their_secrets_derive():
 def test_wrong_keys_keep_an_explicit_masks_unusual_size():
     mask = np.zeros(12, dtype=bool)
     mask[[0, 4, 11]] = True  # an imported key: 3 of 12 positions, no derivation selects that
-    correct = keys.Key("ffx", 2, OTHER_SECRET, explicit=keys.KeyMaterial("ffx", 2, mask=mask,
+    correct = keys.Key("ffx", 2, OTHER_SECRET, explicit=methods.get("ffx").Material(2, mask=mask,
                                                                           table=keys.ffx_table(b"pw")))
     every_other = wrong_keys.draw(correct, 219, seed=0)  # C(12, 3) - 1
     assert all(mask_size(k.material) == 3 for k in every_other)

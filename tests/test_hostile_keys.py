@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from keyshard import keys
+from keyshard import keys, methods
 from keyshard.errors import KeyshardError
 
 from conftest import assert_user_error, fixed_secret, invoke, run_subprocess
@@ -269,7 +269,7 @@ def test_largest_valid_keys_load(tmp_path):
     m = keys.MAX_BLOCK_SIZE
     n = 3 * m * m
     perm = np.random.default_rng(0).permutation(n)
-    explicit = keys.Key("shf", m, fixed_secret(0), explicit=keys.KeyMaterial("shf", m, perm=perm))
+    explicit = keys.Key("shf", m, fixed_secret(0), explicit=methods.get("shf").Material(m, perm=perm))
     keys.save(explicit, tmp_path / "x.json")
     assert (tmp_path / "x.json").stat().st_size < keys.MAX_KEY_FILE_BYTES
     loaded = keys.load(tmp_path / "x.json")

@@ -14,7 +14,7 @@ import pyffx
 import pytest
 import torch
 
-from keyshard import keys
+from keyshard import keys, methods
 from keyshard.methods.masked import mask_size, rule_mask_size
 from keyshard.errors import KeyshardError
 
@@ -83,7 +83,7 @@ def test_rule_mask_size_is_what_each_derivation_selects(m):
             assert mask_size(key.material) == int(key.material.mask.sum()) == rule_mask_size(m, key.derivation)
     mask = np.zeros(n, dtype=bool)
     mask[:1] = True  # an explicit (imported) key may hold any mask
-    explicit = keys.Key("np", m, FIXED_SECRET, explicit=keys.KeyMaterial("np", m, mask=mask))
+    explicit = keys.Key("np", m, FIXED_SECRET, explicit=methods.get("np").Material(m, mask=mask))
     assert mask_size(explicit.material) == 1 and explicit.keyspace_count() == n
     with pytest.raises(ValueError):
         mask_size(keys.Key("shf", m, FIXED_SECRET).material)

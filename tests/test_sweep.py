@@ -144,7 +144,7 @@ def test_key_seed_keys_and_cli_checks(toy, tmp_path):
     assert key.secret == sweep_mod.sweep_secret(3, "ffx", 4) and key.password == b"paper"
     assert runner.key_for("ffx", 4, tmp_path / "s" / "key.json").secret == key.secret  # reused, not replaced
     other = sweep_mod.Sweep(sweep_mod.SweepConfig(**{**cfg.__dict__, "key_seed": 4}), log=lambda m: None)
-    with pytest.raises(Exception, match="not derived from --key-seed 4"):
+    with pytest.raises(Exception, match="not derived from `key_seed=4`"):  # the command shows --key-seed 4
         other.key_for("ffx", 4, tmp_path / "s" / "key.json")
     assert_user_error(invoke("sweep", "--voc", toy, "--output", tmp_path / "x", "--methods", "np",
                              "--ffx-password", "pw", "--image-size", 16, "--block-sizes", 4), "no ffx")

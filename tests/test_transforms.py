@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from keyshard import keys
-from keyshard.keys import KeyMaterial
+from keyshard.methods import Material
 from keyshard.transforms import compile_plan
 
 BLOCK_SIZES = [2, 4, 8, 16, 32, 64, 128, 256]
 
 
-def slow_encrypt(img: np.ndarray, mat: KeyMaterial) -> np.ndarray:
+def slow_encrypt(img: np.ndarray, mat: Material) -> np.ndarray:
     """Obviously-correct reference: cut blocks, flatten (row, col, channel), transform, put back."""
     m = mat.block_size
     h, w, _ = img.shape
