@@ -60,7 +60,8 @@ def known_plaintext(plain_dir, enc_dir, output, true_key):
                    "exactly and the PSNR of the decrypted images.")
 @click.option("--checkpoint", "ckpt", type=click.Path(dir_okay=False), default=None,
               help="The stolen model: its score with the estimated key (and the --key's); where there are "
-                   "several candidates (NP: a mask and its complement) it picks one. Needs --test.")
+                   "several candidates (NP: masks and their complements; SHF: the six namings of the channels) it "
+                   "picks one. Needs --test.")
 @click.option("--test", "test_dir", type=click.Path(), default=None,
               help="PLAIN shards with a test split, to score --checkpoint on.")
 @click.option("--ffx-password-file", type=click.Path(dir_okay=False), default=None,
@@ -75,7 +76,7 @@ def ciphertext_only(enc_dir, split, n_images, prior_dir, output, true_key, ckpt,
 
     One key maps every block of every image, so natural-image statistics (an image prior of
     unrelated photographs) estimate it: NP's mask up to its complement, FFX's mask and table,
-    SHF's permutation.  Writes the estimate as an explicit key file, as `attack known-plaintext`
+    SHF's permutation and the names of its channels.  Writes the estimate as an explicit key file, as `attack known-plaintext`
     does; `evaluate --ignore-fingerprint` accepts it.
     """
     from keyshard import keys

@@ -7,12 +7,13 @@ position-wise map; natural-image statistics (an image prior of unrelated photogr
 estimate as an explicit key (the format ``attack known-plaintext`` writes) and scores it:
 
 * against the true key (auditors): the share of the key material that is right
-  (``Method.estimate_score``; NP also up to complement), the share of pixels that decrypt
+  (``Method.estimate_score``; NP also up to complement, SHF up to channel naming), the share of pixels that decrypt
   exactly, and the PSNR of the images decrypted with the estimate (beside the PSNR of the keyed
   images themselves, as they are);
 * against a stolen model: its score (mIoU or top-1) on plain test shards encrypted with the
-  estimate, beside the correct key's — where the estimator returns several candidates (NP: a
-  mask and its complement), the model's score picks one.
+  estimate, beside the correct key's — where the estimator returns several candidates (NP:
+  masks and their complements; SHF: the six namings of the channels), the model's score picks
+  one.
 
 ``audit_row`` is the same attack run inside ``keyshard evaluate --ciphertext-only N`` on the
 first N test images encrypted with the audited key.

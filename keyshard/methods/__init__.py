@@ -84,7 +84,7 @@ class Fold(NamedTuple):
 
 class Estimate(NamedTuple):
     """A ciphertext-only estimate (``Method.estimate``): the candidate materials, the preferred
-    first (NP: a mask and its complement, which the data cannot tell apart), and notes for the
+    first (NP: masks and their complements, which the data cannot tell apart), and notes for the
     report (how it was found, what decided between candidates)."""
 
     candidates: tuple
