@@ -88,6 +88,9 @@ def ciphertext_only(enc_dir, split, n_images, prior_dir, output, true_key, ckpt,
     password = keys.ffx_password_from(None, ffx_password_file, use_env=False)[0] if ffx_password_file else None
     truth = keys.load(true_key) if true_key else None
     manifest, est, report = co.attack(enc_dir, split, n_images, prior_dir, password, seed, progress=not quiet)
+    if len(est.images) < n_images:
+        click.echo(f"warning: {enc_dir} holds {len(est.images)} keyed sample(s)"
+                   + (f" of split {split!r}" if split else "") + f", not {n_images}: estimated from those", err=True)
     if ckpt is not None:
         report["model"] = co.model_scores(est, ckpt, test_dir, truth, progress=not quiet)
     report["chosen_by"] = est.chosen_by
@@ -97,9 +100,9 @@ def ciphertext_only(enc_dir, split, n_images, prior_dir, output, true_key, ckpt,
     make_parent(output)
     keys.save(key, output)
     report["estimated_key_fingerprint"] = key.fingerprint
-    click.echo(json.dumps(report, indent=2))
+    click.echo(json.dumps(report, indent=2))  # stdout is the JSON report alone; the summary goes to stderr
     click.echo(f"estimated {est.method} M={est.block_size} key from {len(est.images)} keyed image(s) in "
-               f"{est.seconds:.1f} s (candidate chosen by {est.chosen_by}); wrote {output}")
+               f"{est.seconds:.1f} s (candidate chosen by {est.chosen_by}); wrote {output}", err=True)
 
 
 @attack.command("search")

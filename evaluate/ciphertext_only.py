@@ -105,7 +105,9 @@ def open_keyed(enc_dir, split: str | None) -> tuple[Manifest, list]:
     check_estimable(enc.method)
     chosen = [s for s in manifest.shards if s.replica == 0 and (split is None or s.split == split)]
     if not chosen:
-        raise KeyshardError(f"{enc_dir}: holds no keyed shards" + (f" of split {split!r}" if split else ""))
+        present = ", ".join(dict.fromkeys(s.split for s in manifest.shards)) or "none"
+        raise KeyshardError(f"{enc_dir}: holds no keyed shards" + (f" of split {split!r} (its splits: {present})"
+                                                                   if split else ""))
     return manifest, chosen
 
 

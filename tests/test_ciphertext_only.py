@@ -179,6 +179,20 @@ def test_the_estimated_key_file_loads_and_decrypts(photo_shards, tmp_path, metho
     assert share >= (0.9 if method == "shf" else 0.99), share
 
 
+def test_stdout_is_the_report_and_a_short_shard_set_is_said(photo_shards, tmp_path):
+    """stdout is the JSON report alone (the summary line is on stderr), and asking for more
+    keyed samples than the shards hold says how many were used."""
+    enc, _ = photo_shards["np"]
+    res = invoke("attack", "ciphertext-only", "--encrypted", enc, "--split", "test", "--images", 50,
+                 "-o", tmp_path / "e.json", "-q")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    held = report["images"]
+    assert 1 <= held < 50
+    assert f"warning: {enc} holds {held} keyed sample(s) of split 'test', not 50: estimated from those" in res.stderr
+    assert f"key from {held} keyed image(s)" in res.stderr
+
+
 def test_key_scores_match_an_independent_computation(photo_shards, tmp_path):
     """--key's numbers, recomputed here from the key files and the shards."""
     enc, true_key = photo_shards["ffx"]
@@ -264,7 +278,7 @@ def test_bad_inputs_are_one_line(photo_shards, np_run, tmp_path):
                       "holds plain shards")
     enc, _ = photo_shards["np"]
     assert_user_error(invoke("attack", "ciphertext-only", "--encrypted", enc, "--split", "val", "-o", out),
-                      "no keyed shards of split 'val'")
+                      "no keyed shards of split 'val' (its splits: train, holdout, test)")
     assert_user_error(invoke("attack", "ciphertext-only", "--encrypted", enc, "--images", 5000, "-o", out),
                       "--images 5000")
     assert_user_error(invoke("attack", "ciphertext-only", "--encrypted", enc, "--checkpoint", "x.pt", "-o", out),
