@@ -12,14 +12,16 @@ in two folds — the crops of one fold are the targets and the image prior is bu
 other fold's photographs, so the prior never holds a target's own photograph.  The folds hold
 3 and 2 photographs, so crops at random places overlap: N = 16 and 64 see fewer distinct pixels
 than 16 or 64 unrelated photos would.  ``--image-dir DIR``: crops of your own photographs (the
-shipped prior is used; it is built from scikit-image's photographs, unrelated to yours).
+shipped prior is used; it is built from scikit-image's photographs, unrelated to yours);
+with ``--resized``, each photograph whole, its halves and their mirror images, resized to 256²
+as ``encrypt`` stores a dataset's images.
 
 Writes a CSV and a plot (default: docs/assets/ciphertext-only.csv, .png), prints a markdown
 table with the hardware, and with ``--write-table`` the table behind key-info's and encrypt's
 warnings (keyshard/methods/ciphertext_only.json: each (method, M) whose keys fall, ≥ 99 % of
 pixels exact, to at most 16 images, and the fewest images that did it).
 
-    python benchmarks/bench_ciphertext_only.py                       # everything, ~20-30 min on 2 cores
+    python benchmarks/bench_ciphertext_only.py                       # everything, ~3 min on 2 cores
     python benchmarks/bench_ciphertext_only.py --methods np --block-sizes 2,4 --images 1,4 --trials 1
 """
 
@@ -65,9 +67,34 @@ def crops(images: list, n: int, seed: int) -> list[np.ndarray]:
     return out
 
 
-def image_sets(image_dir) -> list[tuple[list, object]]:
+def whole(images: list, n: int, seed: int) -> list[np.ndarray]:
+    """n of the (already SIZE²) images, drawn without repeats as long as there are enough."""
+    rng = np.random.default_rng(seed)
+    order = np.concatenate([rng.permutation(len(images)) for _ in range(-(-n // len(images)))])
+    return [images[i] for i in order[:n]]
+
+
+def resized_views(images: list) -> list[np.ndarray]:
+    """Each photograph whole, its four halves (left, right, top, bottom) and the mirror image of
+    each, every one resized to SIZE² as ``encrypt`` stores an image: ten images a photograph,
+    like a dataset's own images rather than crops of a few large ones."""
+    import torch
+
+    from keyshard.images import stored_pixels
+
+    out = []
+    for img in images:
+        t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+        h, w = t.shape[-2:]
+        for view in (t, t[..., :w // 2], t[..., w // 2:], t[:, :h // 2], t[:, h // 2:]):
+            for v in (view, view.flip(-1)):
+                out.append(stored_pixels(v.contiguous(), SIZE).numpy())
+    return out
+
+
+def image_sets(image_dir, resized: bool = False) -> list[tuple[list, object]]:
     """[(target photographs, prior)]: the two scikit-image folds, or the user's photos with the
-    shipped prior."""
+    shipped prior (``resized``: their resized views instead of the photographs)."""
     if image_dir is None:
         photos = co.skimage_photos()
         return [([photos[n] for n in fold], co.skimage_prior(tuple(p for f in FOLDS if f is not fold for p in f)))
@@ -79,13 +106,14 @@ def image_sets(image_dir) -> list[tuple[list, object]]:
     images = [x for x in images if min(x.shape[:2]) >= SIZE]
     if not images:
         sys.exit(f"{image_dir}: no photographs of at least {SIZE}×{SIZE}")
-    return [(images, image_prior.load())]
+    return [(resized_views(images) if resized else images, image_prior.load())]
 
 
-def one(method: str, m: int, n: int, trial: int, sets) -> dict:
-    """One estimate from n keyed crops, scored against its key."""
+def one(method: str, m: int, n: int, trial: int, sets, draw=crops) -> dict:
+    """One estimate from n keyed images (``draw``: crops, or whole resized images), scored
+    against its key."""
     targets, prior = sets[trial % len(sets)]
-    plain = crops(targets, n, seed=1000 * trial + n)
+    plain = draw(targets, n, seed=1000 * trial + n)
     key = keys.Key(method, m, secret(method, m, trial))
     plan = compile_plan(key.material, SIZE, SIZE)
     est = co.estimate(method, m, [plan.encrypt(x) for x in plain], prior, seed=trial)
@@ -144,7 +172,7 @@ def model_rows(sweep_dirs, counts, trials: int) -> list[dict]:
     directories (toy models; ``benchmarks/bench_mini_sweep.py`` makes them), the key estimated
     from N keyed test images alone with the shipped prior, as ``evaluate --ciphertext-only N``
     does (the model picks among the candidates), beside the cell's audit (correct key, plain
-    images, wrong keys)."""
+    images, wrong keys).  Each cell has one key, its own, so ``trials`` only reseeds the search."""
     from keyshard.manifest import read
     from keyshard.train.checkpoint import load_model
 
@@ -274,6 +302,9 @@ def warning_table(summary: list[dict], hardware: str) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--image-dir", default=None, help="Your own photographs (default: scikit-image's).")
+    ap.add_argument("--resized", action="store_true",
+                    help="With --image-dir: whole photographs and their halves resized to 256² as encrypt stores "
+                         "images, instead of 256² crops.")
     ap.add_argument("--methods", default="shf,np,ffx")
     ap.add_argument("--block-sizes", default="2,4,8,16")
     ap.add_argument("--images", default="1,4,16,64", help="N: keyed images per estimate.")
@@ -294,7 +325,9 @@ def main():
     from cpu import cpu_model
 
     hardware = f"{cpu_model()} ({platform.machine()}), {len(os.sched_getaffinity(0))} cores (numpy/scipy, no GPU)"
-    sets = image_sets(args.image_dir)
+    if args.resized and args.image_dir is None:
+        sys.exit("--resized needs --image-dir")
+    sets = image_sets(args.image_dir, args.resized)
     if args.ablation:
         print(f"Hardware: {hardware}.\n\n" + "\n".join(ablation((8, 16), (1, 4), args.trials, sets)))
         return
@@ -307,13 +340,13 @@ def main():
 
 
 def estimates(args, sets, hardware: str) -> None:
-    """The crops' table: every method, M, N and trial; CSV, plot, markdown (and the warnings' table)."""
+    """The images' table: every method, M, N and trial; CSV, plot, markdown (and the warnings' table)."""
     rows, started = [], time.perf_counter()
     for method in args.methods.split(","):
         for m in map(int, args.block_sizes.split(",")):
             for n in map(int, args.images.split(",")):
                 for trial in range(args.trials):
-                    rows.append(one(method, m, n, trial, sets))
+                    rows.append(one(method, m, n, trial, sets, whole if args.resized else crops))
                     r = rows[-1]
                     print(f"{method} M={m} N={n} trial {trial}: key {r['key_fraction']:.3f}, pixels "
                           f"{r['pixels_exact']:.4f}, {r['seconds']:.1f} s", file=sys.stderr, flush=True)

@@ -231,7 +231,7 @@ class FolderDataset:
         params.check_split_rule(self.splits_from, self.val_fraction, required=True)
         lut, how, record = build_lut(k, v, self.label_map, self.reduce_zero_label)
         names = read_class_names(self.class_names, k)
-        dataset = {"kind": "folders", "num_classes": k, "ignore_index": v, "class_names": names}
+        dataset = {"kind": FolderSource.dataset_kind, "num_classes": k, "ignore_index": v, "class_names": names}
         return LabelSpec(k, v, lut, how), dataset, record
 
     def open(self, seed: int) -> FolderSource:

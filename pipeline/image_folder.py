@@ -169,7 +169,7 @@ class ImageFolderDataset:
         """(worker label spec: none, the class is in each ref; manifest ``dataset`` entry; extra ``source`` fields)."""
         params.check_split_rule(self.splits_from, self.val_fraction, required=False)
         names = class_names(Path(self.root))
-        return None, {"kind": "image-folder", "num_classes": len(names), "ignore_index": None,
+        return None, {"kind": ImageFolderSource.dataset_kind, "num_classes": len(names), "ignore_index": None,
                       "class_names": names}, {}
 
     def open(self, seed: int) -> ImageFolderSource:

@@ -75,6 +75,20 @@ def test_np_and_ffx_keys_fall_to_four_images(photos, prior, method, m):
         assert est.candidates[0].mask.tolist() == key.material.mask.tolist()  # read off the codes
 
 
+def test_np_keeps_complements_together_when_polarities_tie(photos, prior):
+    """A constant blue channel carries no polarity: two polarities fit equally well, and each
+    candidate's complement must still follow it (the ordering sorts pairs, not masks)."""
+    plain = [x.copy() for x in crops(photos, TARGETS, 2, seed=3)]
+    for x in plain:
+        x[..., 2] = 90
+    key, images = keyed("np", 4, plain, secret=6)
+    est = co.estimate("np", 4, images, prior)
+    assert len(est.candidates) == 8
+    for a, b in zip(est.candidates[::2], est.candidates[1::2]):
+        assert a.mask.tolist() == (~b.mask).tolist()
+    assert len(est.notes["polarity_agreement"]) == 4
+
+
 def test_ffx_with_a_known_password_takes_its_table(photos, prior):
     plain = crops(photos, TARGETS, 1, seed=2)
     key, images = keyed("ffx", 4, plain, secret=3)

@@ -16,13 +16,13 @@ The registry maps names to method instances:
   entry point.
 
 The defaults (demo method, sweep's list, the paper's Table 1) live in :mod:`.defaults`.  Written
-after litdata's ``streaming/compression.py``: an abstract class and a dictionary.
+after litdata's ``streaming/compression.py``: an abstract class and a registry
+(:class:`keyshard.registry.Registry`, shared with the tasks).
 """
 
 from __future__ import annotations
 
 import abc
-import importlib
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
@@ -32,7 +32,6 @@ from keyshard.registry import Registry
 
 ENTRY_POINT_GROUP = "keyshard.methods"
 _BUILTIN_MODULES = ("shf", "np", "ffx")  # the order of keyshard's built-in methods everywhere
-
 
 
 @dataclass(frozen=True, eq=False)

@@ -50,5 +50,5 @@ def ciphertext_only_warning(method: str, block_size: int) -> str | None:
     if entry is None:
         return None
     return (f"ciphertext-only: keyed images give {method} M={block_size} keys away — from {entry['images']} keyed "
-            f"image(s) the benchmark decrypted {100 * entry['pixels_exact']:.1f} % of pixels exactly without the key; "
+            f"image(s) the benchmark decrypted {100 * entry['pixels_exact']:.1f} % of pixel values exactly without the key; "
             "keep every keyed image (shards, queries to a model) as secret as the key")

@@ -93,22 +93,23 @@ class Np(MaskMethod):
         signs = [np.where(_leading_vector(z, cols) < 0, -1.0, 1.0) for cols in _channel_columns(block_size)]
         agreement = _polarity_agreement(z, signs, block_size)
         h, w = images[0].shape[:2]
-        ranked = []
+        pairs = []  # (fit, [(colour distance, candidate), its complement's]) per relative polarity
         for flips in ((1, 1, 1), (1, 1, -1), (1, -1, 1), (1, -1, -1)):
             mask = np.empty(3 * block_size * block_size, dtype=bool)
             for cols, sign, flip in zip(_channel_columns(block_size), signs, flips):
                 mask[cols] = sign * flip < 0
             fit = sum(agreement[a, b] * flips[a] * flips[b] for a, b in ((0, 1), (0, 2), (1, 2)))
-            for candidate in (NpMaterial(block_size, mask), NpMaterial(block_size, ~mask)):
-                colour = prior.colour_distance([self.compile(candidate, h, w).decrypt(x) for x in images[:16]])
-                ranked.append((-fit, colour, candidate))
-        ranked.sort(key=lambda t: (t[0], t[1]))
-        return Estimate(tuple(c for _, _, c in ranked), {
+            pair = [(prior.colour_distance([self.compile(c, h, w).decrypt(x) for x in images[:16]]), c)
+                    for c in (NpMaterial(block_size, mask), NpMaterial(block_size, ~mask))]
+            pairs.append((fit, sorted(pair, key=lambda t: t[0])))
+        pairs.sort(key=lambda t: -t[0])  # stable: equal fits keep their order, each pair stays together
+        ranked = [t for _, pair in pairs for t in pair]
+        return Estimate(tuple(c for _, c in ranked), {
             "candidates": "each channel's flips under the four relative polarities of the channels, and their "
                           "complements (the data cannot tell a mask from its complement)",
             "chosen_by": "cross-channel correlation, then the colour prior",
-            "polarity_agreement": [round(-f, 3) for f, _, _ in ranked[::2]],
-            "colour_distance": [round(c, 3) for _, c, _ in ranked]})
+            "polarity_agreement": [round(f, 3) for f, _ in pairs],
+            "colour_distance": [round(d, 3) for d, _ in ranked]})
 
     def estimate_score(self, estimated, truth):
         """Positions right, and right up to complement (what the data alone can give)."""

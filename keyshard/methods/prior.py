@@ -36,9 +36,10 @@ REACH = 31  # largest pixel offset measured: enough for SHF's block templates up
 COLOUR_FEATURES = ("mean_r", "mean_g", "mean_b", "std_r", "std_g", "std_b", "corr_rg", "corr_rb", "corr_gb")
 CROP = 256  # the colour features' spread is measured over crops of this size
 # The least spread of each colour feature (0..255 means and deviations, correlations): a prior
-# from a few photos understates how much colours vary.  With these floors the true channel order
-# of single 256² crops of scikit-image's photos scored best in 80 % of crops (a prior from the
-# other photos), against 72 % without them (SHF's channels are now named by structure instead).
+# from a few photos understates how much colours vary, and one feature far outside a narrow
+# spread would otherwise decide alone between an NP mask and its complement.  (Chosen when the
+# colour features also named SHF's channels: with them the true channel order of single 256²
+# crops of scikit-image's photos scored best in 80 % of crops, against 72 % without.)
 COLOUR_FLOOR = np.array([25.0] * 6 + [0.2] * 3)
 
 

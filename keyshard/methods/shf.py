@@ -170,6 +170,7 @@ class Shf(Method):
         pairs = list(zip(cipher, template))
         perm, notes = qap.solve(pairs, starts, rng, progress)
         named = _channel_namings(perm, block_size, pairs)
+        notes["objective"] = round(named[0][1], 4)  # the chosen naming's (the search's own may name them otherwise)
         return Estimate(tuple(ShfMaterial(block_size, p) for p, _ in named), {
             **notes, "candidates": "the permutation under each of the six namings of the channels",
             "chosen_by": "the structure objective", "objective_per_naming": [round(f, 4) for _, f in named]})
@@ -178,9 +179,7 @@ class Shf(Method):
         """The fraction of block positions whose source the estimate names right, and the same
         up to a renaming of the channels (the estimate's positions, whatever it called the channels)."""
         right = float(np.mean(estimated.perm == truth.perm))
-        r, c, ch = block_coords(estimated.perm, estimated.block_size)
-        renamed = [float(np.mean(block_index(r, c, np.asarray(names)[ch], estimated.block_size) == truth.perm))
-                   for names in itertools.permutations(range(CHANNELS))]
+        renamed = [float(np.mean(p == truth.perm)) for p in _renamings(estimated.perm, estimated.block_size)]
         return {"key_fraction": right, "key_fraction_up_to_channel_naming": max(renamed)}
 
     def fold(self, material, size):
@@ -239,9 +238,13 @@ def _channel_namings(perm: np.ndarray, m: int, pairs) -> list[tuple[np.ndarray, 
     six stay candidates, for a stolen model (or a person) to overrule."""
     from keyshard.methods import qap
 
+    return sorted(((p, qap.objective(p, pairs)) for p in _renamings(perm, m)), key=lambda t: -t[1])
+
+
+def _renamings(perm: np.ndarray, m: int) -> list[np.ndarray]:
+    """The permutation with its source channels renamed each of the six ways (itself first)."""
     r, c, ch = block_coords(perm, m)
-    renamed = [block_index(r, c, np.asarray(names)[ch], m) for names in itertools.permutations(range(CHANNELS))]
-    return sorted(((p, qap.objective(p, pairs)) for p in renamed), key=lambda t: -t[1])
+    return [block_index(r, c, np.asarray(names)[ch], m) for names in itertools.permutations(range(CHANNELS))]
 
 
 METHOD = Shf()

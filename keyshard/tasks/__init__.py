@@ -37,7 +37,6 @@ DEFAULT = "segmentation"  # what a manifest without a dataset entry and an audit
 _BUILTIN_MODULES = ("segmentation", "classification")  # registry order: the report's section order
 
 
-
 class Task(abc.ABC):
     """One task: what its samples carry, how a model for it is built, trained and scored, and how
     its audits and report rows read.  Subclasses set the class attributes and implement the
