@@ -25,7 +25,8 @@ import numpy as np
 from keyshard.methods import Estimate, Fold, Material
 from keyshard.methods.masked import (MASK_SCHEMA, MaskMethod, changed_positions, derive_mask, mask_fraction,
                                      mask_to_json)
-from keyshard.transforms import IMAGENET_MEAN, IMAGENET_STD, Plan, expand, patch_positions, to_blocks
+from keyshard.keys import CHANNELS
+from keyshard.transforms import IMAGENET_MEAN, IMAGENET_STD, Plan, block_coords, expand, patch_positions, to_blocks
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,13 +91,14 @@ class Np(MaskMethod):
         polarity the cross-channel correlations favour first, each complement pair ordered by
         how photo-like the decrypted colours are."""
         z = _standardised_blocks(images, block_size)
-        signs = [np.where(_leading_vector(z, cols) < 0, -1.0, 1.0) for cols in _channel_columns(block_size)]
-        agreement = _polarity_agreement(z, signs, block_size)
+        columns = _channel_columns(block_size)
+        signs = [np.where(_leading_vector(z, cols) < 0, -1.0, 1.0) for cols in columns]
+        agreement = _polarity_agreement(z, columns, signs)
         h, w = images[0].shape[:2]
         pairs = []  # (fit, [(colour distance, candidate), its complement's]) per relative polarity
         for flips in ((1, 1, 1), (1, 1, -1), (1, -1, 1), (1, -1, -1)):
-            mask = np.empty(3 * block_size * block_size, dtype=bool)
-            for cols, sign, flip in zip(_channel_columns(block_size), signs, flips):
+            mask = np.empty(CHANNELS * block_size * block_size, dtype=bool)
+            for cols, sign, flip in zip(columns, signs, flips):
                 mask[cols] = sign * flip < 0
             fit = sum(agreement[a, b] * flips[a] * flips[b] for a, b in ((0, 1), (0, 2), (1, 2)))
             pair = [(prior.colour_distance([self.compile(c, h, w).decrypt(x) for x in images[:16]]), c)
@@ -135,8 +137,9 @@ class Np(MaskMethod):
 
 
 def _channel_columns(m: int) -> list[np.ndarray]:
-    """The block positions of each channel (flattening order of ``keyshard.transforms``)."""
-    return [np.arange(c, 3 * m * m, 3) for c in range(3)]
+    """The block positions of each channel, in the flattening order of ``keyshard.transforms``."""
+    channel = block_coords(np.arange(CHANNELS * m * m), m)[2]
+    return [np.flatnonzero(channel == c) for c in range(CHANNELS)]
 
 
 def _standardised_blocks(images, m: int) -> list[np.ndarray]:
@@ -160,11 +163,11 @@ def _leading_vector(z: list[np.ndarray], cols: np.ndarray, iterations: int = 60)
     return v if v.sum() >= 0 else -v
 
 
-def _polarity_agreement(z: list[np.ndarray], signs: list[np.ndarray], m: int) -> np.ndarray:
-    """agreement[a, b]: how strongly channel a's positions, each turned by its sign, move with
-    channel b's (the summed correlation of the two channels' sign-corrected block sums)."""
-    cols = _channel_columns(m)
-    sums = [np.concatenate([zi[:, c] @ s.astype(np.float32) for zi in z]).astype(np.float64) for c, s in zip(cols, signs)]
+def _polarity_agreement(z: list[np.ndarray], columns: list[np.ndarray], signs: list[np.ndarray]) -> np.ndarray:
+    """agreement[a, b]: how strongly channel a's positions (``columns[a]``), each turned by its
+    sign, move with channel b's (the correlation of the two channels' sign-corrected block sums)."""
+    sums = [np.concatenate([zi[:, c] @ s.astype(np.float32) for zi in z]).astype(np.float64)
+            for c, s in zip(columns, signs)]
     return np.array([[float(np.mean(a * b)) for b in sums] for a in sums])
 
 
