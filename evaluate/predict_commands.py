@@ -10,7 +10,6 @@ import click
 
 from keyshard import options, params
 from keyshard.errors import KeyshardError
-from keyshard.images import MAX_PIXELS
 
 
 @click.command("predict")
@@ -39,9 +38,8 @@ from keyshard.images import MAX_PIXELS
               help="Skip images that cannot be read and list them in OUT/failed.jsonl instead of stopping.")
 @click.option("--resume", is_flag=True,
               help="Continue an earlier run in OUT: images already in OUT/predictions.jsonl are skipped.")
-@click.option("--max-pixels", type=click.IntRange(min=1), default=MAX_PIXELS, show_default=True,
-              help="Largest image (width x height, read from its header before decoding) accepted, as in "
-                   "`encrypt`; larger ones are unreadable images.")
+@options.max_pixels_option(help="Largest image (width x height, read from its header before decoding) accepted, "
+                                "as in `encrypt`; larger ones are unreadable images.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @params.names_flags
 def predict(files, checkpoint, key, plain, ignore_fingerprint, input_dir, shards, output, batch_size, workers,

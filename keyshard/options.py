@@ -188,3 +188,11 @@ def output_option(**attrs):
 def image_size_option(**attrs):
     """``--image-size``, with ``--size`` as its hidden deprecated alias (encrypt, demo)."""
     return option("--image-size", "image_size", alias="--size", type=IMAGE_SIZE, **attrs)
+
+
+def max_pixels_option(help: str):
+    """``--max-pixels``: the largest image (width × height, read from its header before decoding)
+    a command accepts; the default is ``keyshard.images.MAX_PIXELS`` (encrypt, predict)."""
+    from keyshard.images import MAX_PIXELS
+
+    return click.option("--max-pixels", type=click.IntRange(min=1), default=MAX_PIXELS, show_default=True, help=help)

@@ -11,7 +11,6 @@ import click
 from keyshard import keys, options, params, signing, sources
 from keyshard.errors import KeyshardError
 from keyshard.methods import defaults
-from keyshard.pipeline import MAX_PIXELS
 from keyshard.pipeline.splits import SPLITS
 from keyshard.pipeline.workers import BACKENDS, DEFAULT_BACKEND
 
@@ -114,9 +113,8 @@ def toy_voc(out, images, voc_sizes, make_tar, seed, min_side, max_side, classes)
               help="Holdout size (default: round(n x 146/1464), at least 1).")
 @click.option("--skip-bad", is_flag=True,
               help="Skip unreadable samples and list them in the manifest instead of stopping.")
-@click.option("--max-pixels", type=click.IntRange(min=1), default=MAX_PIXELS, show_default=True,
-              help="Largest image or label map (width x height, read from its header before decoding) "
-                   "accepted; larger ones are bad samples. Default: Pillow's limit.")
+@options.max_pixels_option(help="Largest image or label map (width x height, read from its header before "
+                                "decoding) accepted; larger ones are bad samples. Default: Pillow's limit.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in OUTPUT (same settings required).")
 @click.option("--sign-with", "sign_with", type=click.Path(dir_okay=False), default=None, metavar="NAME",
               help="Ed25519 signing key from `keyshard signing-key -o NAME`: also write manifest.json.sig, "
